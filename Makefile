@@ -1,0 +1,46 @@
+# gptflax: `make help` lists the targets. Every target sets up .venv first, from scratch if need be.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Labs in reading order: the JAX primer first, then chapters 2-7, then appendices D and E.
+LAB_ORDER := A 2 3 4 5 6 7 D E
+LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test lint format labs clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+	@echo "labs here:    $(LABS)"
+
+setup: $(STAMP) ## create .venv and install gptflax with its test and lint tools (idempotent)
+
+# Re-installs only when pyproject.toml changes; `pip install -e` keeps the code live.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+test: setup ## run the test suite (every lab too, in quick mode)
+	$(PY) -m pytest
+
+lint: setup ## check style with ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+labs: ## run every lab in reading order
+	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
+
+lab-%: ## run lab N (chapter 2-7, or appendix A, D, E) with the book's settings, then its tests
+	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
+	@$(MAKE) --no-print-directory setup
+	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)
+	$(PY) -m pytest -q -m lab$*
+
+clean: ## remove .venv, caches and runs/ (never data/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs *.egg-info

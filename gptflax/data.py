@@ -1,0 +1,84 @@
+"""Input/target pairs and batching (Book §2.6), as numpy arrays ready for `jax.device_put`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
+
+
+def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of `max_length` ids every `stride` ids, and the same shifted by one: (N, T) each."""
+    ids = np.asarray(token_ids, dtype=np.int32)
+    if len(ids) <= max_length:
+        raise ValueError(
+            f"{len(ids)} tokens are too few for max_length={max_length}: "
+            f"need at least {max_length + 1}; use a longer text or a smaller max_length"
+        )
+    starts = np.arange(0, len(ids) - max_length, stride)  # Book §2.6: range(0, len - T, stride)
+    idx = starts[:, None] + np.arange(max_length)  # (N, T)
+    return ids[idx], ids[idx + 1]
+
+
+class DataLoader:
+    """Batches of equally long arrays; seeded shuffling (a fresh order each epoch) and drop_last.
+
+    Iterating yields tuples of numpy arrays, one row per example. The order of epoch k depends only
+    on (seed, k), so a resumed run can continue with `set_epoch(k)` and see the same batches.
+    """
+
+    def __init__(
+        self,
+        *arrays: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = True,
+        seed: int = 0,
+    ):
+        if len({len(a) for a in arrays}) != 1:
+            raise ValueError(f"arrays differ in length: {[len(a) for a in arrays]}")
+        self.arrays, self.batch_size = arrays, batch_size
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.arrays[0])
+
+    def __len__(self) -> int:
+        n, b = self.num_examples, self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        n = self.num_examples
+        order = np.arange(n)
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(n)
+        self.epoch += 1
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield tuple(a[idx] for a in self.arrays)
+
+
+def create_dataloader_v1(
+    txt: str,
+    batch_size: int = 4,
+    max_length: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    seed: int = 0,
+    tokenizer=None,
+) -> DataLoader:
+    """GPT-2-tokenize `txt` and batch its sliding windows: (B, T) inputs and targets (Book §2.6)."""
+    ids = text_to_token_ids(txt, tokenizer or gpt2_tokenizer())
+    inputs, targets = sliding_windows(ids, max_length, stride)
+    return DataLoader(
+        inputs, targets, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed
+    )

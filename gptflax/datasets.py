@@ -1,0 +1,219 @@
+"""The files the book downloads, and where to find them: cache, then mirrors, then the web.
+
+`resolve("the-verdict.txt")` returns a local path to a verified copy of a named file. It looks in
+  1. the local cache: `cache_dir`, else $GPTFLAX_DATA, else `data/` in the repository;
+  2. mirror folders: `mirrors`, else $GPTFLAX_MIRROR (folders separated by os.pathsep), else
+     `../shared/data` beside the repository when that folder exists;
+  3. the file's canonical URL(s), downloaded with a progress bar into a temporary file in the cache
+     that is verified and only then renamed into place (never when $GPTFLAX_OFFLINE=1).
+Every copy is checked against the file's byte size and sha256 where they are known; a copy that
+fails the check is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A named file: its path under a data folder, where it comes from, and what it must hash to."""
+
+    name: str  # path relative to the cache or a mirror folder
+    urls: tuple[str, ...]
+    sha256: str | None = None
+    size: int | None = None
+    member: str | None = None  # when the URL is a zip archive: the member to extract
+    about: str = ""
+
+
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
+_HF = "https://huggingface.co/openai-community"
+
+# GPT-2 sizes as the book names them (§5.5) -> Hugging Face repository names.
+GPT2_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+FILES: dict[str, DataFile] = {
+    f.name: f
+    for f in [
+        DataFile(
+            "the-verdict.txt",
+            (f"{_RASBT}/ch02/01_main-chapter-code/the-verdict.txt",),
+            "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+            20_479,
+            about="Edith Wharton's short story, the book's ch. 2 and ch. 5 corpus",
+        ),
+        DataFile(
+            "instruction-data.json",
+            (f"{_RASBT}/ch07/01_main-chapter-code/instruction-data.json",),
+            "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+            203_524,
+            about="1,100 Alpaca-style instruction entries, the book's ch. 7 data",
+        ),
+        DataFile(
+            "sms_spam_collection/SMSSpamCollection.tsv",
+            ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",),
+            "edc1f2ca36319ca36c6f80fede2f6ae5f81335289352485f3924df077ec20266",
+            477_906,
+            member="SMSSpamCollection",
+            about="the UCI SMS Spam Collection, the book's ch. 6 data",
+        ),
+        DataFile(
+            "gpt2.tiktoken",
+            ("https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",),
+            "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+            835_554,
+            about="GPT-2's BPE merge ranks in tiktoken format (tiktoken's r50k_base)",
+        ),
+        *(
+            DataFile(
+                f"gpt2/{size}/model.safetensors",
+                (f"{_HF}/{repo}/resolve/main/model.safetensors",),
+                about=f"OpenAI's GPT-2 {size} weights, Hugging Face safetensors",
+            )
+            for size, repo in GPT2_REPOS.items()
+        ),
+    ]
+}
+
+
+class DataFileError(FileNotFoundError):
+    """No usable copy of a data file was found."""
+
+
+class ChecksumError(DataFileError):
+    """A copy of a data file does not have the expected size or sha256."""
+
+
+def default_cache_dir() -> Path:
+    """$GPTFLAX_DATA, else `data/` in a source checkout, else ~/.cache/gptflax."""
+    if env := os.environ.get("GPTFLAX_DATA"):
+        return Path(env)
+    if (REPO_ROOT / "pyproject.toml").exists():
+        return REPO_ROOT / "data"
+    return Path.home() / ".cache" / "gptflax"
+
+
+def default_mirrors() -> list[Path]:
+    """$GPTFLAX_MIRROR (os.pathsep-separated), else ../shared/data beside the repo if it exists."""
+    if env := os.environ.get("GPTFLAX_MIRROR"):
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    shared = REPO_ROOT.parent / "shared" / "data"
+    return [shared] if shared.is_dir() else []
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, spec: DataFile) -> None:
+    """Raise ChecksumError unless `path` has the size and sha256 that `spec` names."""
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        raise ChecksumError(f"{path}: {size:,} bytes, expected {spec.size:,}")
+    if spec.sha256 is not None and (got := sha256_of(path)) != spec.sha256:
+        raise ChecksumError(f"{path}: sha256 {got}, expected {spec.sha256}")
+
+
+def resolve(
+    name: str | DataFile,
+    *,
+    cache_dir: str | Path | None = None,
+    mirrors: list[str | Path] | None = None,
+    download: bool | None = None,
+) -> Path:
+    """Return the path of a verified local copy of a data file, downloading it if need be."""
+    spec = name if isinstance(name, DataFile) else _lookup(name)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folders = [Path(m) for m in mirrors] if mirrors is not None else default_mirrors()
+    if download is None:
+        download = os.environ.get("GPTFLAX_OFFLINE", "") in ("", "0")
+    tried: list[str] = []
+    for kind, folder in [("cache", cache)] + [("mirror", m) for m in folders]:
+        path = folder / spec.name
+        if not path.is_file():
+            tried.append(f"{kind} {path}: not there")
+            continue
+        try:
+            verify(path, spec)
+            return path
+        except ChecksumError as e:
+            tried.append(f"{kind} {e} (not used; delete or replace it)")
+    for url in spec.urls if download else ():
+        try:
+            return _download(url, spec, cache / spec.name)
+        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            tried.append(f"download {url}: {e}")
+    if not download:
+        tried.append("download: skipped (offline: $GPTFLAX_OFFLINE is set or download=False)")
+    raise DataFileError(_not_found_message(spec, cache, tried))
+
+
+def _lookup(name: str) -> DataFile:
+    if name not in FILES:
+        raise KeyError(f"unknown data file {name!r}; known files: {', '.join(FILES)}")
+    return FILES[name]
+
+
+def _not_found_message(spec: DataFile, cache: Path, tried: list[str]) -> str:
+    expect = [f"{spec.size:,} bytes"] * bool(spec.size) + [f"sha256 {spec.sha256}"] * bool(
+        spec.sha256
+    )
+    source = f" from {spec.urls[0]}" if spec.urls else ""
+    if spec.member:
+        source += f" (the member {spec.member!r} of that zip archive)"
+    return (
+        f"no usable copy of data file {spec.name!r} ({spec.about}).\n"
+        + "".join(f"  tried {t}\n" for t in tried)
+        + f"To fix: get it{source} and put it at {cache / spec.name}"
+        + (f" ({', '.join(expect)})" if expect else "")
+        + ", or name a folder that holds it in $GPTFLAX_MIRROR."
+    )
+
+
+def _download(url: str, spec: DataFile, dest: Path) -> Path:
+    """Download `url` to a temporary file beside `dest`, verify it, then rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if spec.member is not None:
+            _extract_member(tmp, spec.member)
+        verify(tmp, spec)
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _extract_member(archive: Path, member: str) -> None:
+    """Replace the zip file at `archive` by its member `member`."""
+    extracted = archive.with_suffix(".member")
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(extracted, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(extracted, archive)
+    finally:
+        extracted.unlink(missing_ok=True)

@@ -1,0 +1,63 @@
+"""Stateless building blocks over plain dicts of arrays: embeddings, linear, layer norm, GELU.
+
+Initialisers follow PyTorch's defaults, as the book's models use them: N(0, 1) embeddings and
+U(-1/sqrt(d_in), 1/sqrt(d_in)) linear weights and biases. Kernels are (d_in, d_out): y = x @ W + b.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def init_embedding(key: jax.Array, num: int, dim: int) -> dict:
+    """An embedding table {"embedding": (num, dim)} drawn from N(0, 1)."""
+    return {"embedding": jax.random.normal(key, (num, dim))}
+
+
+def embedding(params: dict, ids: jax.Array) -> jax.Array:
+    """Look up rows of the table: ids (...,) -> (..., dim) (Book §2.7)."""
+    return jnp.take(params["embedding"], ids, axis=0)
+
+
+def init_linear(key: jax.Array, d_in: int, d_out: int, bias: bool = True) -> dict:
+    """{"kernel": (d_in, d_out), "bias": (d_out,)} drawn from U(-1/sqrt(d_in), 1/sqrt(d_in))."""
+    k_w, k_b = jax.random.split(key)
+    bound = 1.0 / math.sqrt(d_in)
+    params = {"kernel": jax.random.uniform(k_w, (d_in, d_out), minval=-bound, maxval=bound)}
+    if bias:
+        params["bias"] = jax.random.uniform(k_b, (d_out,), minval=-bound, maxval=bound)
+    return params
+
+
+def linear(params: dict, x: jax.Array) -> jax.Array:
+    """x (..., d_in) -> (..., d_out); adds the bias when the params have one."""
+    y = x @ params["kernel"]
+    return y + params["bias"] if "bias" in params else y
+
+
+def init_layer_norm(dim: int) -> dict:
+    """Layer-norm params: scale ones, shift zeros (Book §4.2)."""
+    return {"scale": jnp.ones((dim,)), "shift": jnp.zeros((dim,))}
+
+
+def layer_norm(params: dict, x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Normalise the last axis with the biased variance, then scale and shift (Book §4.2)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)  # biased, like torch's unbiased=False
+    return params["scale"] * (x - mean) / jnp.sqrt(var + eps) + params["shift"]
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU, the tanh approximation GPT-2 used (Book §4.3)."""
+    return 0.5 * x * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x**3)))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Zero elements with probability `rate`, scale the rest by 1/(1-rate); key None: identity."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)

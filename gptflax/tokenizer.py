@@ -1,0 +1,93 @@
+"""Tokenizers of chapter 2: the book's simple regex tokenizers and GPT-2's BPE through tiktoken."""
+
+from __future__ import annotations
+
+import base64
+import re
+from functools import cache
+from pathlib import Path
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
+
+from gptflax import datasets
+
+UNK, EOT = "<|unk|>", "<|endoftext|>"
+EOT_ID = 50256  # GPT-2's id of <|endoftext|>
+
+SPLIT_PATTERN = r'([,.:;?_!"()\']|--|\s)'  # Book §2.2
+_SPACE_BEFORE_PUNCT = r'\s+([,.?!"()\'])'
+
+
+def split_text(text: str) -> list[str]:
+    """Split text into words and punctuation, dropping whitespace (Book §2.2)."""
+    return [item.strip() for item in re.split(SPLIT_PATTERN, text) if item.strip()]
+
+
+def build_vocab(text: str, special_tokens: tuple[str, ...] = ()) -> dict[str, int]:
+    """Map each distinct token of `text`, sorted, then `special_tokens`, to an id (Book §2.3)."""
+    words = sorted(set(split_text(text))) + list(special_tokens)
+    return {token: i for i, token in enumerate(words)}
+
+
+class SimpleTokenizerV1:
+    """Regex tokenizer over a fixed vocabulary; unknown words are an error (Book §2.3)."""
+
+    def __init__(self, vocab: dict[str, int]):
+        self.str_to_int = vocab
+        self.int_to_str = {i: s for s, i in vocab.items()}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.str_to_int[s] for s in self._tokens(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        text = " ".join(self.int_to_str[i] for i in ids)
+        return re.sub(_SPACE_BEFORE_PUNCT, r"\1", text)
+
+    def _tokens(self, text: str) -> list[str]:
+        return split_text(text)
+
+
+class SimpleTokenizerV2(SimpleTokenizerV1):
+    """V1 that maps unknown words to <|unk|> (Book §2.4); the vocab must hold <|unk|>."""
+
+    def __init__(self, vocab: dict[str, int]):
+        if UNK not in vocab:
+            raise ValueError(f"SimpleTokenizerV2 needs {UNK!r} in its vocabulary")
+        super().__init__(vocab)
+
+    def _tokens(self, text: str) -> list[str]:
+        return [s if s in self.str_to_int else UNK for s in split_text(text)]
+
+
+def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
+    """Read a tiktoken ranks file: one `base64(token) rank` pair a line."""
+    ranks = {}
+    for line in Path(path).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@cache
+def gpt2_tokenizer(ranks_path: str | None = None) -> tiktoken.Encoding:
+    """GPT-2's BPE tokenizer (Book §2.5), built from a local ranks file, never a download."""
+    path = ranks_path or datasets.resolve("gpt2.tiktoken")
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=load_bpe_ranks(path),
+        special_tokens={EOT: EOT_ID},
+        explicit_n_vocab=50257,
+    )
+
+
+def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding) -> list[int]:
+    """Encode text, allowing <|endoftext|> (Book §5.1)."""
+    return tokenizer.encode(text, allowed_special={EOT})
+
+
+def token_ids_to_text(ids, tokenizer: tiktoken.Encoding) -> str:
+    """Decode a flat sequence of ids (a list or a 1-D array) back to text (Book §5.1)."""
+    return tokenizer.decode([int(i) for i in ids])

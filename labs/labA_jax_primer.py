@@ -1,0 +1,191 @@
+# %% [markdown]
+# # Lab A: a JAX primer (appendix A, in JAX instead of PyTorch)
+#
+# The book's appendix A teaches just enough PyTorch to build an LLM. This lab covers the same
+# ground in JAX: arrays, automatic differentiation with `grad`, compilation with `jit`,
+# vectorisation with `vmap`, explicit random keys, pytrees, and then the appendix's small
+# classifier trained twice: once as pure functions over a params pytree (the style of
+# `gptflax/`), once as a Flax NNX module (the style closest to `torch.nn.Module`).
+
+# %% A.2 Arrays: JAX's tensors
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gptflax import nn
+
+tensor0d = jnp.array(1)
+tensor1d = jnp.array([1, 2, 3])
+tensor2d = jnp.array([[1, 2], [3, 4]])
+tensor3d = jnp.array([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])
+print(tensor1d.dtype, jnp.array([1.0, 2.0, 3.0]).dtype)  # int32 float32: JAX defaults to 32 bits
+t = jnp.array([[1, 2, 3], [4, 5, 6]])
+print(t.shape, t.reshape(3, 2).shape, t.T.shape)
+print(t @ t.T)  # (2, 3) @ (3, 2) -> (2, 2)
+# JAX arrays are immutable: instead of t[0, 0] = 9, write an updated copy.
+t9 = t.at[0, 0].set(9)
+print(t[0, 0], t9[0, 0])
+
+# %% A.3-A.4 A computation graph, and its gradients with `jax.grad`
+# The appendix's logistic-regression forward pass: z = x1 * w1 + b, a = sigmoid(z).
+y, x1 = 1.0, 1.1
+
+
+def logistic_loss(w1, b):
+    a = jax.nn.sigmoid(x1 * w1 + b)
+    return -(y * jnp.log(a) + (1 - y) * jnp.log(1 - a))  # binary cross-entropy
+
+
+w1, b = 2.2, 0.0
+grad_w1, grad_b = jax.grad(logistic_loss, argnums=(0, 1))(w1, b)
+print(f"loss {logistic_loss(w1, b):.4f}  dL/dw1 {grad_w1:.4f}  dL/db {grad_b:.4f}")
+# By hand: dL/dz = a - y, so dL/dw1 = (a - y) * x1 and dL/db = a - y.
+a = jax.nn.sigmoid(x1 * w1 + b)
+print(f"by hand:        dL/dw1 {(a - y) * x1:.4f}  dL/db {a - y:.4f}")
+
+
+# %% `jit` compiles a whole function with XLA; `vmap` maps a function over a batch axis
+@jax.jit
+def affine(w, x, b):
+    return w @ x + b
+
+
+w = jax.random.normal(jax.random.key(0), (3, 4))
+xs = jax.random.normal(jax.random.key(1), (5, 4))
+batched = jax.vmap(affine, in_axes=(None, 0, None))(w, xs, 1.0)  # one call per row of xs
+print("vmap:", batched.shape, "equals xs @ w.T + 1:", bool(jnp.allclose(batched, xs @ w.T + 1.0)))
+
+# %% Random numbers: explicit, typed keys instead of a global seed
+key = jax.random.key(123)
+k1, k2 = jax.random.split(key)  # never reuse a key: split it into new ones
+print(jax.random.uniform(k1, (3,)), jax.random.uniform(k1, (3,)))  # same key -> same numbers
+print(jax.random.uniform(k2, (3,)))  # a different key -> different numbers
+
+# %% Pytrees: nested dicts/lists/tuples of arrays, the way JAX holds model parameters
+tree = {"layer1": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}, "scale": jnp.ones(())}
+print(jax.tree.map(jnp.shape, tree))
+print("leaves:", len(jax.tree.leaves(tree)), "numbers:", sum(x.size for x in jax.tree.leaves(tree)))
+
+# %% A.5 A multilayer network as pure functions over a params pytree
+# NeuralNetwork(num_inputs, num_outputs): 2 hidden layers of 30 and 20 units with ReLU.
+SIZES = (30, 20)
+
+
+def init_mlp(key, num_inputs, num_outputs):
+    dims = (num_inputs, *SIZES, num_outputs)
+    keys = jax.random.split(key, len(dims) - 1)
+    return [
+        nn.init_linear(k, d_in, d_out)
+        for k, d_in, d_out in zip(keys, dims[:-1], dims[1:], strict=True)
+    ]
+
+
+def mlp(params, x):  # (B, num_inputs) -> (B, num_outputs) logits
+    for layer in params[:-1]:
+        x = jax.nn.relu(nn.linear(layer, x))
+    return nn.linear(params[-1], x)
+
+
+def count_params(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+params_50_3 = init_mlp(jax.random.key(123), 50, 3)
+print("NeuralNetwork(50, 3) trainable parameters:", count_params(params_50_3))
+print("output for one random input:", mlp(params_50_3, jax.random.uniform(k1, (1, 50))))
+
+
+# %% A.5 The same network as a Flax NNX module: objects that own their parameters
+class NeuralNetwork(nnx.Module):
+    def __init__(self, num_inputs: int, num_outputs: int, *, rngs: nnx.Rngs):
+        self.layers = nnx.Sequential(
+            nnx.Linear(num_inputs, 30, rngs=rngs),
+            jax.nn.relu,
+            nnx.Linear(30, 20, rngs=rngs),
+            jax.nn.relu,
+            nnx.Linear(20, num_outputs, rngs=rngs),
+        )
+
+    def __call__(self, x):
+        return self.layers(x)
+
+
+nnx_50_3 = NeuralNetwork(50, 3, rngs=nnx.Rngs(123))
+nnx_count = sum(p.size for p in jax.tree.leaves(nnx.state(nnx_50_3, nnx.Param)))
+print("NNX NeuralNetwork(50, 3) trainable parameters:", nnx_count)
+
+# %% A.6 The appendix's toy data and a seeded loader
+from gptflax.data import DataLoader
+
+X_train = np.array([[-1.2, 3.1], [-0.9, 2.9], [-0.5, 2.6], [2.3, -1.1], [2.7, -1.5]], np.float32)
+y_train = np.array([0, 0, 0, 1, 1])
+X_test = np.array([[-0.8, 2.8], [2.6, -1.6]], np.float32)
+y_test = np.array([0, 1])
+train_loader = DataLoader(X_train, y_train, batch_size=2, shuffle=True, drop_last=True, seed=123)
+print("batches per epoch:", len(train_loader))  # 5 examples, batch 2, drop_last -> 2
+
+# %% A.7 Training, functional style: jit a pure step, optax updates the params
+NUM_EPOCHS, LR = 3, 0.5
+tx = optax.sgd(LR)
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@jax.jit
+def train_step(params, opt_state, x, labels):
+    loss, grads = jax.value_and_grad(lambda p: cross_entropy(mlp(p, x), labels))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+params = init_mlp(jax.random.key(123), 2, 2)
+opt_state = tx.init(params)
+for epoch in range(NUM_EPOCHS):
+    for features, labels in train_loader:
+        params, opt_state, loss = train_step(params, opt_state, features, labels)
+    print(f"functional epoch {epoch + 1}/{NUM_EPOCHS}  last batch loss {loss:.2f}")
+
+
+def accuracy(predict, X, y):
+    return float((predict(X).argmax(-1) == y).mean())
+
+
+acc_fn = (
+    accuracy(lambda x: mlp(params, x), X_train, y_train),
+    accuracy(lambda x: mlp(params, x), X_test, y_test),
+)
+print("functional accuracy train/test:", acc_fn)
+
+# %% A.7 Training, NNX style: the optimizer updates the module in place
+model = NeuralNetwork(2, 2, rngs=nnx.Rngs(123))
+optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
+
+
+@nnx.jit
+def nnx_train_step(model, optimizer, x, labels):
+    loss, grads = nnx.value_and_grad(lambda m: cross_entropy(m(x), labels))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+train_loader.set_epoch(0)  # the same batches in the same order as above
+for epoch in range(NUM_EPOCHS):
+    for features, labels in train_loader:
+        loss = nnx_train_step(model, optimizer, features, labels)
+    print(f"NNX epoch {epoch + 1}/{NUM_EPOCHS}  last batch loss {loss:.2f}")
+acc_nnx = accuracy(model, X_train, y_train), accuracy(model, X_test, y_test)
+print("NNX accuracy train/test:", acc_nnx)
+
+# %% Checks
+assert tensor3d.shape == (2, 2, 2) and t9[0, 0] == 9 and t[0, 0] == 1
+assert abs(grad_w1 - (a - y) * x1) < 1e-6 and abs(grad_b - (a - y)) < 1e-6
+assert round(float(grad_w1), 4) == -0.0898 and round(float(grad_b), 4) == -0.0817  # appendix A.4
+assert count_params(params_50_3) == 2213 and nnx_count == 2213  # appendix A.5
+assert len(train_loader) == 2
+assert acc_fn == (1.0, 1.0), acc_fn  # appendix A.7: every train and test example right
+assert acc_nnx == (1.0, 1.0), acc_nnx
+print("lab A: all checks passed")

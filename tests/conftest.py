@@ -1,0 +1,34 @@
+"""Test setup: offline data resolution, 4 simulated CPU devices, exact matmuls, a tiny config."""
+
+import os
+
+os.environ["GPTFLAX_OFFLINE"] = "1"  # no test touches the network
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)  # before any JAX call: multi-device tests
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from gptflax import datasets  # noqa: E402
+from gptflax.config import TINY  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() == "cpu":
+        skip = pytest.mark.skip(reason="needs a GPU; this run has only the CPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def verdict_text() -> str:
+    """The book's ch. 2/5 corpus, from the mirror (tests run offline)."""
+    return datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return TINY

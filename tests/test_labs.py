@@ -1,0 +1,28 @@
+"""Every lab runs top to bottom in quick mode and passes its own checks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LABS = Path(__file__).resolve().parents[1] / "labs"
+
+
+def run_lab(name: str) -> str:
+    (script,) = LABS.glob(f"lab{name}_*.py")
+    env = {**os.environ, "GPTFLAX_QUICK": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=getattr(pytest.mark, f"lab{n}")) for n in ["A", "2"]],
+)
+def test_lab_runs_and_passes_its_checks(name):
+    assert run_lab(name).rstrip().endswith(f"lab {name}: all checks passed")
