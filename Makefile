@@ -8,7 +8,7 @@ LAB_ORDER := A 2 3 4 5 6 7 D E
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format labs clean
+.PHONY: help setup setup-torch test lint format labs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -20,6 +20,16 @@ setup: $(STAMP) ## create .venv and install gptflax with its test and lint tools
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# The book's own PyTorch code, for the parity tests: torch's CPU build, and llms-from-scratch
+# without its dependencies (it would pull in TensorFlow and JupyterLab).
+TORCH_STAMP := $(VENV)/.torch-stamp
+setup-torch: $(TORCH_STAMP) ## also install torch (CPU) and the book's code, for the parity tests
+
+$(TORCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llms-from-scratch==1.0.19
 	@touch $@
 
 test: setup ## run the test suite (every lab too, in quick mode)

@@ -32,3 +32,9 @@ def verdict_text() -> str:
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return TINY
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    """TINY with a 97-token vocabulary: for tests that need no real text, compiles fast."""
+    return TINY.replace(vocab_size=97)

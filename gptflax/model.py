@@ -1,0 +1,120 @@
+"""The GPT model of chapter 4 as pure functions over a params pytree.
+
+Params use the book's names: `tok_emb`, `pos_emb`, `trf_blocks` (`att`, `ff`, `norm1`, `norm2`),
+`final_norm`, `out_head`. The transformer blocks are stacked: every leaf under `trf_blocks` has a
+leading axis of length `n_layers`, and `forward` runs them with `jax.lax.scan`, which compiles one
+block instead of n_layers copies (see DESIGN.md for the measured compile and step times).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gptflax import nn
+from gptflax.attention import init_multi_head_attention, multi_head_attention
+from gptflax.config import GPTConfig
+
+
+def init_feed_forward(key: jax.Array, emb_dim: int) -> dict:
+    """Two linear layers, D -> 4D -> D: the book's ff.layers[0] and ff.layers[2]."""
+    k1, k2 = jax.random.split(key)
+    return {
+        "fc1": nn.init_linear(k1, emb_dim, 4 * emb_dim),
+        "fc2": nn.init_linear(k2, 4 * emb_dim, emb_dim),
+    }
+
+
+def feed_forward(params: dict, x: jax.Array) -> jax.Array:
+    """Expand, GELU, contract: (B, T, D) -> (B, T, D) (Book §4.3)."""
+    return nn.linear(params["fc2"], nn.gelu(nn.linear(params["fc1"], x)))  # via (B, T, 4D)
+
+
+def init_block(key: jax.Array, cfg: GPTConfig) -> dict:
+    """Params of one transformer block (Book §4.5)."""
+    k_att, k_ff = jax.random.split(key)
+    return {
+        "att": init_multi_head_attention(k_att, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias),
+        "ff": init_feed_forward(k_ff, cfg.emb_dim),
+        "norm1": nn.init_layer_norm(cfg.emb_dim),
+        "norm2": nn.init_layer_norm(cfg.emb_dim),
+    }
+
+
+def init_params(key: jax.Array, cfg: GPTConfig) -> dict:
+    """Fresh GPT params with the blocks stacked along a leading n_layers axis (Book §4.6)."""
+    k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
+    block_keys = jax.random.split(k_blocks, cfg.n_layers)
+    return {
+        "tok_emb": nn.init_embedding(k_tok, cfg.vocab_size, cfg.emb_dim),
+        "pos_emb": nn.init_embedding(k_pos, cfg.context_length, cfg.emb_dim),
+        "trf_blocks": jax.vmap(lambda k: init_block(k, cfg))(block_keys),
+        "final_norm": nn.init_layer_norm(cfg.emb_dim),
+        "out_head": nn.init_linear(k_head, cfg.emb_dim, cfg.vocab_size, bias=False),
+    }
+
+
+def block_params(params: dict, i: int) -> dict:
+    """The params of block i, un-stacked from `trf_blocks`."""
+    return jax.tree.map(lambda leaf: leaf[i], params["trf_blocks"])
+
+
+def count_params(params) -> int:
+    """Number of scalars in a params pytree (works on `jax.eval_shape` output too)."""
+    return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def _split(key: jax.Array | None, n: int) -> list:
+    return list(jax.random.split(key, n)) if key is not None else [None] * n
+
+
+def block(params: dict, x: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None) -> jax.Array:
+    """Pre-norm transformer block with shortcut connections: (B, T, D) -> (B, T, D) (Book §4.5)."""
+    k_att, k_drop1, k_drop2 = _split(key, 3)
+    shortcut = x
+    x = nn.layer_norm(params["norm1"], x)
+    x = multi_head_attention(params["att"], x, cfg.n_heads, drop_rate=cfg.drop_rate, key=k_att)
+    x = nn.dropout(x, cfg.drop_rate, k_drop1) + shortcut
+    shortcut = x
+    x = feed_forward(params["ff"], nn.layer_norm(params["norm2"], x))
+    return nn.dropout(x, cfg.drop_rate, k_drop2) + shortcut
+
+
+def embed(
+    params: dict, tokens: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None
+) -> jax.Array:
+    """Token plus positional embeddings, then dropout: (B, T) ids -> (B, T, D) (Book §4.6)."""
+    num_tokens = tokens.shape[-1]
+    if num_tokens > cfg.context_length:
+        raise ValueError(
+            f"{num_tokens} tokens exceed the context length of {cfg.context_length}: "
+            "keep only the last context_length tokens (e.g. tokens[:, -context_length:])"
+        )
+    tok_embeds = nn.embedding(params["tok_emb"], tokens)  # (B, T, D)
+    pos_embeds = nn.embedding(params["pos_emb"], jnp.arange(num_tokens))  # (T, D)
+    return nn.dropout(tok_embeds + pos_embeds, cfg.drop_rate, key)
+
+
+def forward(
+    params: dict, tokens: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None
+) -> jax.Array:
+    """The GPT model: (B, T) ids -> (B, T, V) logits; a `key` turns dropout on (Book §4.6)."""
+    k_emb, k_blocks = _split(key, 2)
+    x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
+    block_keys = jax.random.split(k_blocks, cfg.n_layers) if key is not None else None
+
+    def step(x, layer):
+        layer_params, layer_key = layer
+        return block(layer_params, x, cfg, key=layer_key), None
+
+    x, _ = jax.lax.scan(step, x, (params["trf_blocks"], block_keys))
+    x = nn.layer_norm(params["final_norm"], x)
+    return nn.linear(params["out_head"], x)  # (B, T, V)
+
+
+def forward_loop(params: dict, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
+    """Eval-mode `forward` with a Python loop over the blocks, as the book writes it (Book §4.6)."""
+    x = embed(params, tokens, cfg)
+    for i in range(cfg.n_layers):
+        x = block(block_params(params, i), x, cfg)
+    return nn.linear(params["out_head"], nn.layer_norm(params["final_norm"], x))

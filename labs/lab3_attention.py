@@ -1,0 +1,121 @@
+# %% [markdown]
+# # Lab 3: coding attention mechanisms (chapter 3)
+#
+# From a weighted average of word vectors to the causal multi-head attention inside GPT, one step
+# at a time on the chapter's six-token sentence "Your journey starts with one step". Each step is
+# first derived inline, then called from `gptflax.attention`, and the two must agree.
+
+# %% §3.3.1 A simple self-attention mechanism without trainable weights
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptflax import attention as A
+from gptflax import nn
+
+inputs = jnp.array(
+    [
+        [0.43, 0.15, 0.89],  # Your     (x^1)
+        [0.55, 0.87, 0.66],  # journey  (x^2)
+        [0.57, 0.85, 0.64],  # starts   (x^3)
+        [0.22, 0.58, 0.33],  # with     (x^4)
+        [0.77, 0.25, 0.10],  # one      (x^5)
+        [0.05, 0.80, 0.55],  # step     (x^6)
+    ]
+)
+query = inputs[1]  # the second token, "journey"
+attn_scores_2 = jnp.array([jnp.dot(x_i, query) for x_i in inputs])
+print("attention scores for query 2:", attn_scores_2)
+naive_softmax = jnp.exp(attn_scores_2) / jnp.exp(attn_scores_2).sum()
+attn_weights_2 = jax.nn.softmax(attn_scores_2)
+print("attention weights:", attn_weights_2, "sum:", attn_weights_2.sum())
+context_vec_2 = sum(attn_weights_2[i] * x_i for i, x_i in enumerate(inputs))
+print("context vector 2:", context_vec_2)
+
+# %% §3.3.2 Attention weights for all inputs at once: two matrix products
+attn_scores = inputs @ inputs.T  # (6, 6)
+all_context_vecs, attn_weights = A.simple_self_attention(inputs)
+print(attn_weights.round(4))
+print("row sums:", attn_weights.sum(axis=-1))
+print(all_context_vecs)
+
+# %% §3.4 Self-attention with trainable weights: queries, keys and values
+d_in, d_out = inputs.shape[1], 2
+key = jax.random.key(123)
+v1_params = A.init_self_attention_v1(key, d_in, d_out)  # raw U(0, 1) matrices, like the book's
+query_2 = inputs[1] @ v1_params["W_query"]
+keys = inputs @ v1_params["W_key"]
+values = inputs @ v1_params["W_value"]
+attn_scores_2 = query_2 @ keys.T  # the second query against every key
+attn_weights_2 = jax.nn.softmax(attn_scores_2 / keys.shape[-1] ** 0.5)  # scaled by sqrt(d_k)
+context_vec_2 = attn_weights_2 @ values
+print("trainable-weight context vector 2:", context_vec_2)
+v1_out = A.self_attention_v1(v1_params, inputs)
+print("SelfAttention_v1:\n", v1_out)
+
+# %% §3.4.2 v2: linear layers (better initialisation); v1 with v2's weights gives v2's output
+v2_params = A.init_qkv(jax.random.key(789), d_in, d_out)
+v2_out = A.self_attention_v2(v2_params, inputs)
+v1_with_v2_weights = A.self_attention_v1({k: p["kernel"] for k, p in v2_params.items()}, inputs)
+print("SelfAttention_v2:\n", v2_out)
+
+# %% §3.5.1 Causal attention: hide future words, two ways
+queries, keys, _ = A.qkv(v2_params, inputs)
+scores = queries @ keys.T / keys.shape[-1] ** 0.5
+weights_renorm = A.renormalized_causal_weights(scores)  # softmax, zero the future, renormalise
+weights_neg_inf = A.causal_softmax(scores)  # -inf above the diagonal, then softmax
+print(weights_neg_inf.round(4))
+
+# %% §3.5.2 Dropout on the attention weights: drop half, scale the rest by 2
+example = jnp.ones((6, 6))
+dropped = nn.dropout(example, 0.5, jax.random.key(123))
+print(dropped)
+print("dropped attention weights:\n", nn.dropout(weights_neg_inf, 0.5, jax.random.key(123)))
+
+# %% §3.5.3 A compact causal attention over a batch
+batch = jnp.stack([inputs, inputs])  # (2, 6, 3)
+ca_params = A.init_qkv(jax.random.key(123), d_in, d_out)
+context_vecs = A.causal_attention(ca_params, batch, drop_rate=0.0)
+print("causal attention:", context_vecs.shape)  # (2, 6, 2)
+
+# %% §3.6.1 Stacking single heads: the multi-head wrapper
+num_heads = 2
+heads = [A.init_qkv(k, d_in, d_out) for k in jax.random.split(jax.random.key(123), num_heads)]
+wrapper_out = A.multi_head_attention_wrapper(heads, batch)
+print("wrapper:", wrapper_out.shape)  # (2, 6, 4): the heads side by side
+
+# %% §3.6.2 Multi-head attention with weight splits: one matmul per projection for all heads
+# Put the wrapper's heads side by side in one matrix per projection and skip the output
+# projection (identity): the fused version must reproduce the wrapper exactly.
+fused = {
+    name: {"kernel": jnp.concatenate([h[name]["kernel"] for h in heads], axis=1)}
+    for name in ("W_query", "W_key", "W_value")
+}
+fused["out_proj"] = {"kernel": jnp.eye(num_heads * d_out), "bias": jnp.zeros(num_heads * d_out)}
+fused_out = A.multi_head_attention(fused, batch, num_heads)
+mha_params = A.init_multi_head_attention(jax.random.key(123), d_in, d_out)
+mha_out = A.multi_head_attention(mha_params, batch, n_heads=2)
+print("multi-head attention:", mha_out.shape)  # (2, 6, 2)
+# A step further: the heads of the 124M GPT, 12 heads of 64 dims.
+gpt_mha = A.init_multi_head_attention(jax.random.key(0), 768, 768)
+print("GPT-2 sized attention:", A.multi_head_attention(gpt_mha, jnp.ones((1, 1024, 768)), 12).shape)
+
+# %% Checks: the book's values, and each derivation agrees with the library
+np.testing.assert_allclose(
+    inputs @ query, [0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865], atol=5e-5
+)
+np.testing.assert_allclose(
+    attn_weights[1], [0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581], atol=5e-5
+)
+np.testing.assert_allclose(naive_softmax, attn_weights[1], rtol=1e-6)
+np.testing.assert_allclose(all_context_vecs[1], [0.4419, 0.6515, 0.5683], atol=5e-5)
+np.testing.assert_allclose(attn_weights.sum(-1), 1.0, rtol=1e-6)
+np.testing.assert_allclose(context_vec_2, v1_out[1], rtol=1e-6)
+np.testing.assert_allclose(v1_with_v2_weights, v2_out, rtol=1e-6)
+np.testing.assert_allclose(weights_renorm, weights_neg_inf, rtol=1e-6, atol=1e-7)
+assert bool(jnp.all(jnp.triu(weights_neg_inf, 1) == 0))
+assert set(np.unique(np.asarray(dropped)).tolist()) <= {0.0, 2.0}
+assert context_vecs.shape == (2, 6, 2) and wrapper_out.shape == (2, 6, 4)
+np.testing.assert_allclose(fused_out, wrapper_out, rtol=1e-5, atol=1e-7)
+assert mha_out.shape == (2, 6, 2)
+print("lab 3: all checks passed")

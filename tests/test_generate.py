@@ -1,0 +1,43 @@
+"""Greedy generation (Book §4.7): the book's loop, without recompiling for every length."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptflax import model
+from gptflax.generate import generate_text_simple, next_token_logits, window_width
+
+pytestmark = pytest.mark.lab4
+
+
+def naive_greedy(params, idx, max_new_tokens, context_size, cfg):
+    """The book's loop as written: the whole growing sequence through the model every step."""
+    for _ in range(max_new_tokens):
+        logits = jax.jit(model.forward)(params, idx[:, -context_size:], cfg)[:, -1, :]
+        idx = jnp.concatenate([idx, jnp.argmax(logits, -1, keepdims=True)], axis=1)
+    return idx
+
+
+def test_window_widths_are_few():
+    widths = {window_width(n, 1024) for n in range(1, 1025)}
+    assert widths == {8, 16, 32, 64, 128, 256, 512, 1024}
+    assert window_width(20, 24) == 24 and window_width(3, 1024) == 8
+
+
+@pytest.mark.parametrize("context_size", [32, 12])
+def test_greedy_tokens_equal_the_naive_loop(small_cfg, context_size):
+    params = model.init_params(jax.random.key(0), small_cfg)
+    idx = jax.random.randint(jax.random.key(1), (2, 5), 0, small_cfg.vocab_size)
+    ours = generate_text_simple(params, idx, 12, context_size, small_cfg)
+    assert ours.shape == (2, 17)
+    np.testing.assert_array_equal(ours, naive_greedy(params, idx, 12, context_size, small_cfg))
+
+
+def test_generation_compiles_once_per_window_width(small_cfg):
+    params = model.init_params(jax.random.key(0), small_cfg)
+    before = next_token_logits._cache_size()
+    generate_text_simple(
+        params, np.zeros((3, 1), np.int32), 31, small_cfg.context_length, small_cfg
+    )
+    assert next_token_logits._cache_size() - before <= 3  # widths 8, 16, 32: not 31 compilations

@@ -1,0 +1,107 @@
+"""The GPT model (Book ch. 4): the book's parameter counts, and invariants of the forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptflax import model, nn
+from gptflax.config import GPT2_PRESETS, GPT_CONFIG_124M, GPTConfig
+
+pytestmark = pytest.mark.lab4
+
+
+def shapes(cfg):
+    return jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+
+
+@pytest.mark.parametrize(
+    "size,total,without_head",
+    [
+        ("124M", 163_009_536, 124_412_160),
+        ("355M", 406_212_608, 354_749_440),
+        ("774M", 838_220_800, 773_891_840),
+        ("1558M", 1_637_792_000, 1_557_380_800),
+    ],
+)
+def test_parameter_counts_match_the_book(size, total, without_head):
+    params = shapes(GPT2_PRESETS[size])
+    assert model.count_params(params) == total
+    assert model.count_params(params) - model.count_params(params["out_head"]) == without_head
+
+
+def test_gpt2_weight_layout_and_memory_size():
+    assert model.count_params(shapes(GPT_CONFIG_124M.replace(qkv_bias=True))) == 163_037_184
+    assert round(model.count_params(shapes(GPT_CONFIG_124M)) * 4 / 1024**2, 2) == 621.83
+
+
+def test_blocks_are_stacked(tiny_cfg):
+    params = shapes(tiny_cfg)
+    leaves = jax.tree.leaves(params["trf_blocks"])
+    assert leaves and all(leaf.shape[0] == tiny_cfg.n_layers for leaf in leaves)
+    assert params["trf_blocks"]["att"]["W_query"]["kernel"].shape == (2, 32, 32)
+
+
+def test_layer_norm_and_gelu_against_independent_formulas():
+    x = jax.random.normal(jax.random.key(0), (2, 5)) * 3 + 1
+    out = nn.layer_norm(nn.init_layer_norm(5), x)
+    np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(out.var(-1), 1.0, rtol=1e-4)  # biased variance, eps 1e-5
+    np.testing.assert_allclose(nn.gelu(x), jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def tiny_params(small_cfg):
+    return model.init_params(jax.random.key(123), small_cfg)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+
+
+def test_scan_equals_the_books_loop_over_blocks(tiny_params, tokens, small_cfg):
+    logits = model.forward(tiny_params, tokens, small_cfg)
+    assert logits.shape == (2, 16, 97)
+    np.testing.assert_allclose(
+        logits, model.forward_loop(tiny_params, tokens, small_cfg), atol=1e-5
+    )
+
+
+def test_jit_takes_the_config_as_an_argument(tiny_params, tokens, small_cfg):
+    jitted = jax.jit(model.forward)(tiny_params, tokens, small_cfg)
+    np.testing.assert_allclose(jitted, model.forward(tiny_params, tokens, small_cfg), atol=1e-5)
+
+
+def test_the_model_is_causal(tiny_params, tokens, small_cfg):
+    changed = tokens.at[:, 10:].set(0)
+    a, b = (
+        model.forward(tiny_params, tokens, small_cfg),
+        model.forward(tiny_params, changed, small_cfg),
+    )
+    np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-5)
+    assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_eval_is_deterministic_and_dropout_follows_the_key(tiny_params, tokens):
+    cfg = GPTConfig(
+        vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1
+    )
+    forward = jax.jit(model.forward)
+    evals = [forward(tiny_params, tokens, cfg) for _ in range(2)]
+    np.testing.assert_array_equal(*evals)
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    train1 = forward(tiny_params, tokens, cfg, key=k1)
+    np.testing.assert_array_equal(train1, forward(tiny_params, tokens, cfg, key=k1))
+    assert not np.allclose(train1, forward(tiny_params, tokens, cfg, key=k2))
+    assert not np.allclose(train1, evals[0])
+    no_drop = cfg.replace(drop_rate=0.0)
+    np.testing.assert_array_equal(
+        forward(tiny_params, tokens, no_drop, key=k1),
+        forward(tiny_params, tokens, no_drop),
+    )
+
+
+def test_too_long_an_input_is_a_clear_error(tiny_params, small_cfg):
+    with pytest.raises(ValueError, match="exceed the context length of 32"):
+        model.forward(tiny_params, jnp.zeros((1, 33), jnp.int32), small_cfg)
