@@ -55,15 +55,22 @@ class DataLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+    def batches(
+        self, epoch: int, num_batches: int | None = None
+    ) -> Iterator[tuple[np.ndarray, ...]]:
+        """The (first num_batches) batches of epoch `epoch`, without touching the epoch counter."""
         n = self.num_examples
-        order = np.arange(n)
-        if self.shuffle:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(n)
-        self.epoch += 1
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else None
+        for i in range(len(self) if num_batches is None else min(num_batches, len(self))):
+            idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if order is not None:
+                idx = order[idx]
             yield tuple(a[idx] for a in self.arrays)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        """Iterate over the next epoch's batches."""
+        self.epoch += 1
+        return self.batches(self.epoch - 1)
 
 
 def create_dataloader_v1(

@@ -172,9 +172,11 @@ def _lookup(name: str) -> DataFile:
 
 
 def _not_found_message(spec: DataFile, cache: Path, tried: list[str]) -> str:
-    expect = [f"{spec.size:,} bytes"] * bool(spec.size) + [f"sha256 {spec.sha256}"] * bool(
-        spec.sha256
-    )
+    expect = []
+    if spec.size is not None:
+        expect.append(f"{spec.size:,} bytes")
+    if spec.sha256 is not None:
+        expect.append(f"sha256 {spec.sha256}")
     source = f" from {spec.urls[0]}" if spec.urls else ""
     if spec.member:
         source += f" (the member {spec.member!r} of that zip archive)"

@@ -1,4 +1,4 @@
-"""Text generation (Book §4.7).
+"""Text generation: greedy (Book §4.7), then temperature, top-k and end-of-text (Book §5.3).
 
 Under `jax.jit` every new input shape compiles anew, so the naive loop, whose input grows by one
 token a step, would compile once per token. Here the tokens sit in a window whose width is rounded
@@ -48,12 +48,100 @@ def generate_text_simple(
 ) -> np.ndarray:
     """Greedy decoding: append the most likely next token, max_new_tokens times (Book §4.7).
 
-    idx: (B, T) token ids -> (B, T + max_new_tokens).
+    idx: (B, T) token ids -> (B, T + max_new_tokens). The same as `generate` at temperature 0.
+    """
+    return generate(params, idx, max_new_tokens, context_size, cfg)
+
+
+def softmax_with_temperature(logits: jax.Array, temperature: float) -> jax.Array:
+    """Probabilities from logits divided by the temperature: < 1 sharpens, > 1 flattens (§5.3.1)."""
+    return jax.nn.softmax(logits / temperature, axis=-1)
+
+
+def top_k_logits(logits: jax.Array, top_k: int) -> jax.Array:
+    """Keep the k largest logits of each row, set the rest to -inf (Book §5.3.2): (..., V)."""
+    kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # (..., 1)
+    return jnp.where(logits < kth_largest, -jnp.inf, logits)
+
+
+def sample_next_token(
+    logits: jax.Array, key: jax.Array | None, temperature: float = 0.0, top_k: int | None = None
+) -> jax.Array:
+    """(B, V) logits -> (B,) ids: top-k filter, then greedy (temperature 0) or sampling (§5.3.3)."""
+    if top_k is not None:
+        logits = top_k_logits(logits, top_k)
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    if key is None:
+        raise ValueError("sampling with temperature > 0 needs a PRNG key (key=jax.random.key(...))")
+    return jax.random.categorical(key, logits / temperature, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k"))
+def _next_token(params, window, length, key, cfg, temperature, top_k):
+    logits = next_token_logits(params, window, length, cfg)  # (B, V)
+    return sample_next_token(logits, key, temperature, top_k)
+
+
+def generate(
+    params: dict,
+    idx,
+    max_new_tokens: int,
+    context_size: int,
+    cfg: GPTConfig,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+) -> np.ndarray:
+    """Generate up to max_new_tokens after idx (B, T) (Book §5.3.3) -> (B, T + n).
+
+    Token i is drawn with `jax.random.fold_in(key, i)`, so a fixed key reproduces the text. With
+    `eos_id`, a row that emits it is finished: it gets eos_id from then on, and generation stops
+    once every row has finished (the eos tokens stay in the output; `trim_at_eos` cuts them).
     """
     idx = np.asarray(idx, dtype=np.int32)
-    for _ in range(max_new_tokens):
+    done = np.zeros(idx.shape[0], dtype=bool)
+    for i in range(max_new_tokens):
         window, num_tokens = padded_window(idx, context_size)
-        logits = next_token_logits(params, jnp.asarray(window), num_tokens, cfg)  # (B, V)
-        idx_next = np.asarray(jnp.argmax(logits, axis=-1))[:, None]  # (B, 1)
-        idx = np.concatenate([idx, idx_next.astype(np.int32)], axis=1)
+        step_key = jax.random.fold_in(key, i) if key is not None else None
+        next_ids = np.asarray(
+            _next_token(params, jnp.asarray(window), num_tokens, step_key, cfg, temperature, top_k)
+        ).astype(np.int32)
+        if eos_id is not None:
+            next_ids = np.where(done, eos_id, next_ids)
+            done |= next_ids == eos_id
+        idx = np.concatenate([idx, next_ids[:, None]], axis=1)
+        if done.all():
+            break
     return idx
+
+
+def trim_at_eos(ids, eos_id: int) -> list[int]:
+    """The ids of one row up to, not including, its first eos_id."""
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def sample_text(
+    params: dict,
+    tokenizer,
+    start_context: str,
+    cfg: GPTConfig,
+    max_new_tokens: int = 50,
+    **decoding,
+) -> str:
+    """Continue start_context, return the text on one line (the book's generate_and_print_sample).
+
+    `decoding` takes `generate`'s options: temperature, top_k, eos_id, key.
+    """
+    encoded = np.array([tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})])
+    out = generate(params, encoded, max_new_tokens, cfg.context_length, cfg, **decoding)
+    return tokenizer.decode(out[0].tolist()).replace("\n", " ")
+
+
+if __name__ == "__main__":
+    from gptflax.cli import generate_main
+
+    raise SystemExit(generate_main())

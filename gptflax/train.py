@@ -1,11 +1,27 @@
-"""Losses and training (Book ch. 5)."""
+"""Losses, the jit-compiled train step and the training loop (Book ch. 5 and appendix D).
+
+`python -m gptflax.train --help` trains on any text file from the command line.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
 
+from gptflax import checkpoint
 from gptflax.config import GPTConfig
+from gptflax.data import DataLoader
 from gptflax.model import forward
 
 IGNORE_INDEX = -100
@@ -20,7 +36,7 @@ def cross_entropy(
     counted in the mean (Book §7.3).
     """
     valid = targets != ignore_index
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[
         ..., 0
     ]
@@ -37,3 +53,208 @@ def loss_fn(
 ) -> jax.Array:
     """Loss of one batch: (B, T) inputs and targets -> scalar (the book's calc_loss_batch, §5.1)."""
     return cross_entropy(forward(params, inputs, cfg, key=key), targets)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss): the effective number of tokens the model hesitates between (Book §5.1.2)."""
+    return math.exp(loss)
+
+
+# --- the optimizer (Book §5.2) and appendix D's schedule and clipping -----------------------------
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule = 4e-4,
+    weight_decay: float = 0.1,
+    *,
+    max_grad_norm: float | None = None,
+    clip_from_step: int = 0,
+) -> optax.GradientTransformation:
+    """AdamW with torch's defaults (b1 0.9, b2 0.999, eps 1e-8), decay on every parameter as the
+    book does; optionally gradient clipping to `max_grad_norm` from step `clip_from_step` (App. D).
+    """
+    adamw = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    if max_grad_norm is None:
+        return adamw
+    return optax.chain(clip_by_global_norm_from(clip_from_step, max_grad_norm), adamw)
+
+
+def warmup_cosine_schedule(
+    peak_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    initial_lr: float = 3e-5,
+    min_lr: float = 1e-6,
+) -> optax.Schedule:
+    """Linear warmup from initial_lr to peak_lr, then cosine decay to min_lr (App. D.1-D.2)."""
+    warmup = optax.linear_schedule(initial_lr, peak_lr, warmup_steps)
+    decay = optax.cosine_decay_schedule(peak_lr, total_steps - warmup_steps, alpha=min_lr / peak_lr)
+    return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
+
+
+class ClipFromState(NamedTuple):
+    count: jax.Array
+
+
+def clip_by_global_norm_from(start_step: int, max_norm: float) -> optax.GradientTransformation:
+    """Clip the gradients' global norm to max_norm at every step >= start_step (App. D.3).
+
+    The book clipped from the step after warmup_steps; its errata clips from warmup_steps itself.
+    """
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def init(params):
+        return ClipFromState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        clipped, _ = clip.update(updates, clip.init(updates))
+        on = state.count >= start_step
+        updates = jax.tree.map(lambda c, u: jnp.where(on, c, u), clipped, updates)
+        return updates, ClipFromState(count=state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+# --- the train step -------------------------------------------------------------------------------
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # optimizer steps taken (int32 scalar)
+    params: dict
+    opt_state: optax.OptState
+
+
+def init_train_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+
+
+def train_step(
+    state: TrainState, inputs: jax.Array, targets: jax.Array, key: jax.Array, *, cfg, tx
+) -> tuple[TrainState, dict]:
+    """One AdamW step on a (B, T) batch; dropout draws from fold_in(key, step) (Book §5.2)."""
+    dropout_key = jax.random.fold_in(key, state.step) if cfg.drop_rate > 0 else None
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs, targets, cfg, key=dropout_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+
+
+def calc_loss_loader(
+    loss_of_batch: Callable, loader: DataLoader, num_batches: int | None = None
+) -> float:
+    """Mean loss over the first num_batches batches of the loader's epoch-0 order (Book §5.1)."""
+    if len(loader) == 0:
+        return float("nan")
+    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
+    losses = [float(loss_of_batch(x, y)) for x, y, *_ in loader.batches(0, num_batches)]
+    return float(np.mean(losses))
+
+
+# --- the training loop ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class History:
+    """What `fit` records at every evaluation, and the samples it prints after each epoch."""
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    tokens_seen: list[int] = dataclasses.field(default_factory=list)
+    train_losses: list[float] = dataclasses.field(default_factory=list)
+    val_losses: list[float] = dataclasses.field(default_factory=list)
+    samples: list[str] = dataclasses.field(default_factory=list)
+    epochs_done: int = 0
+    total_tokens: int = 0
+
+
+def fit(
+    state: TrainState,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    cfg: GPTConfig,
+    tx: optax.GradientTransformation,
+    *,
+    num_epochs: int,
+    key: jax.Array,
+    eval_freq: int = 5,
+    eval_iter: int = 5,
+    sample_fn: Callable[[dict], str] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    history: History | None = None,
+) -> tuple[TrainState, History]:
+    """Train for num_epochs, evaluating every eval_freq steps (Book §5.2's train_model_simple).
+
+    With `checkpoint_dir`, saves after every epoch; pass the state and history of `resume(...)`
+    to continue an interrupted run: the result is the same as an uninterrupted run's.
+    """
+    history = history or History()
+    step_fn = jax.jit(partial(train_step, cfg=cfg, tx=tx), donate_argnums=0)
+    eval_fn = jax.jit(partial(loss_fn, cfg=cfg))
+    bar = tqdm(
+        total=num_epochs * len(train_loader), initial=int(state.step), unit="step", mininterval=1.0
+    )
+    for epoch in range(history.epochs_done, num_epochs):
+        for inputs, targets in train_loader.batches(epoch):
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, inputs, targets, key)
+            loss = float(metrics["loss"])  # waits for the step: honest timings
+            history.total_tokens += inputs.size
+            bar.update()
+            bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{inputs.size / (time.perf_counter() - t0):,.0f}"
+            )
+            step = int(state.step) - 1  # the book's global_step: 0 after the first update
+            if step % eval_freq == 0:
+                _evaluate(
+                    state.params, eval_fn, train_loader, val_loader, eval_iter, history, step, bar
+                )
+        history.epochs_done = epoch + 1
+        if sample_fn is not None:
+            history.samples.append(sample_fn(state.params))
+            bar.write(f"Ep {epoch + 1} sample: {history.samples[-1]!r}")
+        if checkpoint_dir is not None:
+            save_train_checkpoint(checkpoint_dir, state, cfg, history)
+    bar.close()
+    return state, history
+
+
+def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, step, bar) -> None:
+    def loss_of(x, y):
+        return eval_fn(params, x, y)
+
+    train_loss = calc_loss_loader(loss_of, train_loader, eval_iter)
+    val_loss = calc_loss_loader(loss_of, val_loader, eval_iter)
+    history.steps.append(step)
+    history.tokens_seen.append(history.total_tokens)
+    history.train_losses.append(train_loss)
+    history.val_losses.append(val_loss)
+    bar.write(
+        f"Ep {history.epochs_done + 1} (Step {step:06d}): "
+        f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+    )
+
+
+# --- checkpoints and resuming (Book §5.4) ---------------------------------------------------------
+
+
+def save_train_checkpoint(directory, state: TrainState, cfg: GPTConfig, history: History) -> Path:
+    """Save the params, optimizer state and history as checkpoint number history.epochs_done."""
+    train_state = {"step": state.step, "opt_state": state.opt_state}
+    meta = {"history": dataclasses.asdict(history)}
+    return checkpoint.save_checkpoint(
+        directory, history.epochs_done, state.params, cfg=cfg, train_state=train_state, meta=meta
+    )
+
+
+def resume(directory, state: TrainState, cfg: GPTConfig) -> tuple[TrainState, History]:
+    """The state and history of the latest checkpoint in `directory`, shaped like `state`."""
+    train_like = {"step": state.step, "opt_state": state.opt_state}
+    params, train, meta = checkpoint.load_checkpoint(
+        directory, cfg=cfg, params_like=state.params, train_like=train_like
+    )
+    return TrainState(train["step"], params, train["opt_state"]), History(**meta["history"])
+
+
+if __name__ == "__main__":
+    from gptflax.cli import train_main
+
+    raise SystemExit(train_main())

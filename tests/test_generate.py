@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptflax import generate as G
 from gptflax import model
-from gptflax.generate import generate_text_simple, next_token_logits, window_width
+from gptflax.generate import generate_text_simple, window_width
 
 pytestmark = pytest.mark.lab4
 
@@ -36,8 +37,8 @@ def test_greedy_tokens_equal_the_naive_loop(small_cfg, context_size):
 
 def test_generation_compiles_once_per_window_width(small_cfg):
     params = model.init_params(jax.random.key(0), small_cfg)
-    before = next_token_logits._cache_size()
+    before = G._next_token._cache_size()
     generate_text_simple(
         params, np.zeros((3, 1), np.int32), 31, small_cfg.context_length, small_cfg
     )
-    assert next_token_logits._cache_size() - before <= 3  # widths 8, 16, 32: not 31 compilations
+    assert G._next_token._cache_size() - before <= 3  # widths 8, 16, 32: not 31 compilations

@@ -22,7 +22,10 @@ def run_lab(name: str) -> str:
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=getattr(pytest.mark, f"lab{n}")) for n in ["A", "2", "3", "4"]],
+    [
+        pytest.param(n, marks=getattr(pytest.mark, f"lab{n}"))
+        for n in ["A", "2", "3", "4", "5", "D"]
+    ],
 )
 def test_lab_runs_and_passes_its_checks(name):
     assert run_lab(name).rstrip().endswith(f"lab {name}: all checks passed")

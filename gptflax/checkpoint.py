@@ -1,0 +1,140 @@
+"""Checkpoints with orbax (Book §5.4): params, optimizer state and a JSON record, saved atomically.
+
+A checkpoint directory holds one numbered sub-directory per save (the epoch, in `fit`). Each has
+three items: `params`, `train` (step and optimizer state) and `meta` (the model config and whatever
+the caller records, e.g. the loss history). Orbax writes a save into a temporary directory and
+renames it into place only when complete, so a save cut short is never listed or loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from gptflax.config import GPTConfig
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, or was saved for another model."""
+
+
+def _manager(directory: str | Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    params: dict,
+    *,
+    cfg: GPTConfig,
+    train_state: dict | None = None,
+    meta: dict | None = None,
+    max_to_keep: int | None = None,
+) -> Path:
+    """Save params (and optionally {"step", "opt_state"} and JSON `meta`) as checkpoint `step`."""
+    items = {
+        "params": ocp.args.StandardSave(params),
+        "meta": ocp.args.JsonSave({"config": dataclasses.asdict(cfg), **(meta or {})}),
+    }
+    if train_state is not None:
+        items["train"] = ocp.args.StandardSave(train_state)
+    with _manager(directory, max_to_keep) as mngr:
+        if step in mngr.all_steps():
+            raise CheckpointError(f"{directory} already has checkpoint {step}: not overwriting it")
+        mngr.save(step, args=ocp.args.Composite(**items))
+    return Path(directory) / str(step)
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete checkpoint in `directory`, or None."""
+    if not Path(directory).is_dir():
+        return None
+    with _manager(directory) as mngr:
+        return mngr.latest_step()
+
+
+def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of checkpoint `step` (default: the latest); meta["config"] is the GPTConfig."""
+    step = _existing_step(directory, step)
+    with _manager(directory) as mngr:
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # orbax raises many types for a broken file
+            raise _damaged(directory, step, e) from e
+    meta["config"] = GPTConfig(**meta["config"])
+    return step, meta
+
+
+def load_checkpoint(
+    directory: str | Path,
+    *,
+    cfg: GPTConfig,
+    params_like: dict,
+    train_like: dict | None = None,
+    step: int | None = None,
+) -> tuple[dict, dict | None, dict]:
+    """Restore (params, train_state or None, meta), checking the checkpoint was saved for `cfg`.
+
+    `params_like` / `train_like` give the structure, shapes and dtypes to restore into (arrays or
+    `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`).
+    """
+    step, meta = read_meta(directory, step)
+    if meta["config"] != cfg:
+        raise CheckpointError(
+            f"checkpoint {directory}/{step} was saved for {meta['config']}, "
+            f"not for {cfg}: load it with its own config (gptflax.checkpoint.read_meta tells it)"
+        )
+    items = {"params": ocp.args.StandardRestore(_abstract(params_like))}
+    if train_like is not None:
+        items["train"] = ocp.args.StandardRestore(_abstract(train_like))
+    with _manager(directory) as mngr:
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise _damaged(directory, step, e) from e
+    # Orbax hands back plain tuples for optax's named tuples: rebuild the exact structures.
+    params = _like(params_like, restored.params)
+    train = _like(train_like, restored.train) if train_like is not None else None
+    return params, train, meta
+
+
+def _existing_step(directory: str | Path, step: int | None) -> int:
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"no checkpoint directory {directory}")
+    with _manager(directory) as mngr:
+        steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"{directory} holds no complete checkpoint")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise CheckpointError(f"{directory} has no checkpoint {step}; it has {sorted(steps)}")
+    return step
+
+
+def _damaged(directory, step, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {directory}/{step} is damaged or incomplete ({type(error).__name__}: "
+        f"{str(error)[:300]}); delete that folder and resume from an earlier checkpoint"
+    )
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _like(template, restored):
+    leaves = jax.tree.leaves(restored)
+    treedef = jax.tree.structure(template)
+    if treedef.num_leaves != len(leaves):
+        raise CheckpointError(
+            f"checkpoint holds {len(leaves)} arrays, expected {treedef.num_leaves}"
+        )
+    return jax.tree.unflatten(treedef, leaves)

@@ -1,0 +1,49 @@
+"""Plots people would rather see than read: loss and accuracy curves, learning rates (PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path: str | Path) -> Path:
+    """Training and validation loss against epochs, with tokens seen on a second axis (§5.2)."""
+    return plot_values(epochs_seen, tokens_seen, train_losses, val_losses, path, label="loss")
+
+
+def plot_values(
+    epochs_seen, examples_seen, train_values, val_values, path: str | Path, label: str = "loss"
+) -> Path:
+    """Train and validation curves of `label` against epochs, with a second x-axis (Book §6.7)."""
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend(loc="upper right")
+    ax2 = ax1.twiny()  # a second x-axis sharing the y-axis
+    ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the ticks
+    ax2.set_xlabel("Tokens seen" if label == "loss" else "Examples seen")
+    return _save(fig, path)
+
+
+def plot_learning_rate(learning_rates, path: str | Path) -> Path:
+    """The learning rate at every step (Appendix D)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(len(learning_rates)), learning_rates)
+    ax.set_xlabel("Step")
+    ax.set_ylabel("Learning rate")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,69 @@
+"""Decoding strategies (Book §5.3): temperature, top-k, sampling with keys, eos for batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptflax import generate as G
+from gptflax import model
+
+pytestmark = pytest.mark.lab5
+
+TOY_LOGITS = jnp.array([4.51, 0.89, -1.90, 6.75, 1.63, -1.62, -1.89, 6.28, 1.79])
+
+
+def test_book_toy_values():
+    assert int(jnp.argmax(TOY_LOGITS)) == 3  # "forward"
+    top3 = G.top_k_logits(TOY_LOGITS, 3)
+    assert np.isfinite(np.asarray(top3)).nonzero()[0].tolist() == [0, 3, 7]
+    probas = jax.nn.softmax(top3)
+    np.testing.assert_allclose(probas[jnp.array([3, 7, 0])], [0.5775, 0.3610, 0.0615], atol=5e-5)
+    sharp, flat = (G.softmax_with_temperature(TOY_LOGITS, t) for t in (0.1, 5.0))
+    assert sharp.max() > 0.99 and flat.max() < 0.25
+
+
+def test_sampling_follows_the_filtered_softmax_and_the_key():
+    logits = jnp.tile(TOY_LOGITS, (4000, 1))
+    draws = G.sample_next_token(logits, jax.random.key(0), temperature=1.0, top_k=3)
+    freqs = np.bincount(np.asarray(draws), minlength=9) / 4000
+    np.testing.assert_allclose(freqs, jax.nn.softmax(G.top_k_logits(TOY_LOGITS, 3)), atol=0.03)
+    assert set(np.unique(np.asarray(draws)).tolist()) <= {0, 3, 7}
+    again = G.sample_next_token(logits, jax.random.key(0), temperature=1.0, top_k=3)
+    np.testing.assert_array_equal(draws, again)
+    with pytest.raises(ValueError, match="PRNG key"):
+        G.sample_next_token(logits, None, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def params(small_cfg):
+    return model.init_params(jax.random.key(0), small_cfg)
+
+
+def test_generation_is_reproducible_for_a_key(params, small_cfg):
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    run = lambda k: G.generate(params, prompt, 10, 32, small_cfg, temperature=1.5, top_k=20, key=k)  # noqa: E731
+    np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
+    assert not np.array_equal(run(jax.random.key(1)), run(jax.random.key(2)))
+
+
+def test_eos_finishes_each_row_of_a_batch_on_its_own(params, small_cfg):
+    prompt = np.array([[1, 2, 3], [40, 50, 60]])
+    free = G.generate(params, prompt, 12, 32, small_cfg)
+    row0, row1 = free[0, 3:].tolist(), free[1, 3:].tolist()
+    eos = next(t for t in row0[2:] if t not in row1[:3])  # row 0 emits it at step >= 2
+    out = G.generate(params, prompt, 12, 32, small_cfg, eos_id=eos)
+    for row_free, row in zip(free, out, strict=True):
+        gen, gen_free = row[3:].tolist(), row_free[3:].tolist()
+        cut = gen.index(eos) if eos in gen else len(gen)
+        assert gen[:cut] == gen_free[:cut]  # the same tokens up to its own eos
+        assert all(t == eos for t in gen[cut:])  # then only eos
+        assert G.trim_at_eos(row[3:], eos) == gen_free[:cut]
+    if all(eos in r[3:].tolist() for r in out):
+        assert out.shape[1] < free.shape[1]  # stopped early once every row finished
+
+
+def test_generate_compiles_per_window_width_not_per_token(params, small_cfg):
+    before = G._next_token._cache_size()
+    G.generate(params, np.zeros((1, 1)), 30, 32, small_cfg, temperature=1.0, key=jax.random.key(0))
+    assert G._next_token._cache_size() - before <= 3
