@@ -11,7 +11,7 @@ import numpy as np
 
 from gptflax import checkpoint, datasets, model
 from gptflax.config import GPT2_PRESETS, TINY, GPTConfig
-from gptflax.data import create_dataloader_v1
+from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, trim_at_eos
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, text_to_token_ids
@@ -82,13 +82,10 @@ def train_main(argv: list[str] | None = None) -> int:
         sys.exit(f"no text file {path}")
     text = path.read_text(encoding="utf-8")
     cfg = PRESETS[args.model].replace(context_length=args.context_length, drop_rate=args.drop_rate)
-    split = int(args.train_ratio * len(text))
-    loader = dict(
-        batch_size=args.batch_size, max_length=cfg.context_length, stride=cfg.context_length
-    )
     try:
-        train_loader = create_dataloader_v1(text[:split], **loader, shuffle=True, seed=args.seed)
-        val_loader = create_dataloader_v1(text[split:], **loader, shuffle=False, drop_last=False)
+        train_loader, val_loader = train_val_loaders(
+            text, cfg.context_length, args.batch_size, args.train_ratio, args.seed
+        )
     except ValueError as e:
         sys.exit(f"{path}: {e} (or lower --context-length, or change --train-ratio)")
     total_steps = args.epochs * len(train_loader)

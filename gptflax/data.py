@@ -94,6 +94,21 @@ def create_dataloader_v1(
     )
 
 
+def train_val_loaders(
+    text: str, context_length: int, batch_size: int = 2, train_ratio: float = 0.9, seed: int = 123
+) -> tuple[DataLoader, DataLoader]:
+    """Split text by characters, then window each part with stride = context (Book §5.1.3).
+
+    The training loader shuffles and drops the last partial batch; the validation loader keeps
+    its order and every window.
+    """
+    split = int(train_ratio * len(text))
+    args = dict(batch_size=batch_size, max_length=context_length, stride=context_length)
+    train = create_dataloader_v1(text[:split], **args, shuffle=True, seed=seed)
+    val = create_dataloader_v1(text[split:], **args, shuffle=False, drop_last=False)
+    return train, val
+
+
 # --- chapter 6: the SMS spam collection ----------------------------------------------------------
 
 

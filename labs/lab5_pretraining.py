@@ -17,7 +17,7 @@ import numpy as np
 
 from gptflax import checkpoint, datasets, model
 from gptflax.config import GPT_CONFIG_124M, TINY
-from gptflax.data import create_dataloader_v1
+from gptflax.data import train_val_loaders
 from gptflax.generate import (
     generate,
     generate_text_simple,
@@ -67,12 +67,7 @@ print(f"perplexity: {perplexity(loss):,.0f} (of a vocabulary of 50,257)")
 
 # %% §5.1.3 Training and validation losses on "The Verdict", split 90/10 by characters
 text_data = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
-split_idx = int(0.90 * len(text_data))
-loader_args = dict(max_length=cfg.context_length, stride=cfg.context_length, batch_size=2)
-train_loader = create_dataloader_v1(text_data[:split_idx], **loader_args, shuffle=True, seed=123)
-val_loader = create_dataloader_v1(
-    text_data[split_idx:], **loader_args, shuffle=False, drop_last=False
-)
+train_loader, val_loader = train_val_loaders(text_data, cfg.context_length, batch_size=2)
 train_tokens = sum(x.size for x, _ in train_loader.batches(0))
 val_tokens = sum(x.size for x, _ in val_loader.batches(0))
 print(f"characters {len(text_data):,}; tokens: train {train_tokens:,}, validation {val_tokens:,}")

@@ -17,7 +17,7 @@ import optax
 
 from gptflax import datasets, model
 from gptflax.config import GPT_CONFIG_124M, TINY
-from gptflax.data import create_dataloader_v1
+from gptflax.data import train_val_loaders
 from gptflax.generate import sample_text
 from gptflax.plots import plot_learning_rate, plot_losses
 from gptflax.tokenizer import gpt2_tokenizer
@@ -36,12 +36,7 @@ RUNS = "runs/labD"
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 n_epochs = 3 if QUICK else 15
 text_data = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
-split_idx = int(0.90 * len(text_data))
-loader_args = dict(max_length=cfg.context_length, stride=cfg.context_length, batch_size=2)
-train_loader = create_dataloader_v1(text_data[:split_idx], **loader_args, shuffle=True, seed=123)
-val_loader = create_dataloader_v1(
-    text_data[split_idx:], **loader_args, shuffle=False, drop_last=False
-)
+train_loader, val_loader = train_val_loaders(text_data, cfg.context_length, batch_size=2)
 
 # The appendix's numbers are for the 124M run: 9 batches per epoch, 15 epochs.
 book_total_steps = 9 * 15

@@ -10,7 +10,7 @@ import pytest
 
 from gptflax import model
 from gptflax.config import TINY
-from gptflax.data import DataLoader, create_dataloader_v1
+from gptflax.data import DataLoader, train_val_loaders
 from gptflax.train import (
     calc_loss_loader,
     clip_by_global_norm_from,
@@ -43,10 +43,7 @@ def test_cross_entropy_equals_optax_on_random_batches():
 
 
 def test_fresh_model_loss_is_near_uniform_and_book_split_sizes(verdict_text):
-    split = int(0.9 * len(verdict_text))
-    args = dict(batch_size=2, max_length=256, stride=256)
-    train = create_dataloader_v1(verdict_text[:split], **args, shuffle=True)
-    val = create_dataloader_v1(verdict_text[split:], **args, shuffle=False, drop_last=False)
+    train, val = train_val_loaders(verdict_text, context_length=256, batch_size=2)
     assert sum(x.size for x, _ in train.batches(0)) == 4_608
     assert sum(x.size for x, _ in val.batches(0)) == 512
     params = model.init_params(jax.random.key(0), TINY)
