@@ -160,3 +160,18 @@ def encode_padded(
     for row, ids in zip(out, encoded, strict=True):
         row[: len(ids)] = ids
     return out
+
+
+def spam_loaders(tokenizer, batch_size: int = 8, seed: int = 123) -> tuple[DataLoader, ...]:
+    """The book's spam loaders (§6.3): balanced, split 70/10/20, padded to the longest training
+    text; the training loader shuffles and drops its last partial batch. Returns (train, val,
+    test); each yields (B, T) token ids and (B,) labels, spam = 1."""
+    splits = random_split(*balanced_spam(load_sms_spam(), seed), 0.7, 0.1, seed)
+    x_train = encode_padded(splits[0][0], tokenizer)
+    max_length = x_train.shape[1]
+    x_val, x_test = (encode_padded(texts, tokenizer, max_length) for texts, _ in splits[1:])
+    return (
+        DataLoader(x_train, splits[0][1], batch_size=batch_size, shuffle=True, seed=seed),
+        DataLoader(x_val, splits[1][1], batch_size=batch_size, drop_last=False),
+        DataLoader(x_test, splits[2][1], batch_size=batch_size, drop_last=False),
+    )

@@ -3,14 +3,18 @@ prediction read from the last token (or the last real token, before the padding)
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from gptflax import nn
+from gptflax import checkpoint, datasets, nn
 from gptflax.config import GPTConfig
-from gptflax.model import forward
+from gptflax.model import embed, init_params, output_logits, run_blocks
+from gptflax.tokenizer import EOT_ID
 from gptflax.train import cross_entropy
+from gptflax.weights import load_gpt2
 
 
 def replace_out_head(params: dict, key: jax.Array, num_classes: int = 2) -> dict:
@@ -52,6 +56,26 @@ def freeze(mask: dict) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def classifier_forward(
+    params: dict,
+    tokens: jax.Array,
+    cfg: GPTConfig,
+    *,
+    key: jax.Array | None = None,
+    frozen_blocks: int = 0,
+) -> jax.Array:
+    """`model.forward`, with no gradient through the embeddings and the first `frozen_blocks`
+    blocks, so that their backward pass is never computed: (B, T) ids -> (B, T, C)."""
+    k_emb, k_frozen, k_rest = jax.random.split(key, 3) if key is not None else (None,) * 3
+    x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
+    blocks = params["trf_blocks"]
+    if frozen_blocks:
+        first = jax.tree.map(lambda leaf: leaf[:frozen_blocks], blocks)
+        x = jax.lax.stop_gradient(run_blocks(first, x, cfg, key=k_frozen))
+        blocks = jax.tree.map(lambda leaf: leaf[frozen_blocks:], blocks)
+    return output_logits(params, run_blocks(blocks, x, cfg, key=k_rest))
+
+
 def classification_logits(
     params: dict,
     tokens: jax.Array,
@@ -59,23 +83,70 @@ def classification_logits(
     *,
     key: jax.Array | None = None,
     pad_token_id: int | None = None,
+    frozen_blocks: int = 0,
 ) -> jax.Array:
     """Class logits (B, C) read at the last position (the book, §6.6), or, with pad_token_id, at
     each row's last token before its right padding."""
-    logits = forward(params, tokens, cfg, key=key)  # (B, T, C)
+    logits = classifier_forward(params, tokens, cfg, key=key, frozen_blocks=frozen_blocks)
     if pad_token_id is None:
         return logits[:, -1, :]
     last = jnp.maximum((tokens != pad_token_id).sum(axis=1) - 1, 0)  # (B,)
     return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]
 
 
-def classification_loss(params, tokens, labels, cfg, *, key=None, pad_token_id=None) -> jax.Array:
+def classification_loss(
+    params, tokens, labels, cfg, *, key=None, pad_token_id=None, frozen_blocks=0
+) -> jax.Array:
     """Cross-entropy of the class logits against (B,) labels (Book §6.6's calc_loss_batch)."""
-    logits = classification_logits(params, tokens, cfg, key=key, pad_token_id=pad_token_id)
+    logits = classification_logits(
+        params, tokens, cfg, key=key, pad_token_id=pad_token_id, frozen_blocks=frozen_blocks
+    )
     return cross_entropy(logits, labels)
 
 
-def accuracy(params, tokens, labels, cfg, *, pad_token_id=None) -> jax.Array:
-    """Share of (B,) labels predicted right, in eval mode (Book §6.6's calc_accuracy_loader)."""
+def calc_accuracy_loader(
+    params: dict,
+    loader,
+    cfg: GPTConfig,
+    num_batches: int | None = None,
+    pad_token_id: int | None = None,
+) -> float:
+    """Correct predictions / examples over the (first num_batches) batches (Book §6.6)."""
+    correct = examples = 0
+    for tokens, labels in loader.batches(0, num_batches):
+        correct += int(_num_correct(params, tokens, labels, cfg, pad_token_id))
+        examples += len(labels)
+    return correct / examples
+
+
+@partial(jax.jit, static_argnames="pad_token_id")
+def _num_correct(params, tokens, labels, cfg, pad_token_id):
     logits = classification_logits(params, tokens, cfg, pad_token_id=pad_token_id)
-    return (logits.argmax(axis=-1) == labels).mean()
+    return (logits.argmax(axis=-1) == labels).sum()
+
+
+def classify_review(
+    text: str, params: dict, tokenizer, cfg: GPTConfig, max_length: int, pad_token_id: int = EOT_ID
+) -> str:
+    """ "spam" or "not spam" for one text, padded like the training data (Book §6.8)."""
+    ids = tokenizer.encode(text)[: min(max_length, cfg.context_length)]
+    tokens = jnp.array([ids + [pad_token_id] * (max_length - len(ids))])
+    logits = classification_logits(params, tokens, cfg)
+    return "spam" if int(logits.argmax(axis=-1)[0]) == 1 else "not spam"
+
+
+def load_pretrained(checkpoint_dir: str | None = None) -> tuple[str, GPTConfig, dict] | None:
+    """(what, config, params) to fine-tune from: OpenAI's GPT-2 124M when its weights resolve,
+    else the latest checkpoint in `checkpoint_dir` (e.g. lab 5's pretrained model), else None."""
+    try:
+        cfg, params = load_gpt2("124M")
+        return "OpenAI's GPT-2 124M", cfg, params
+    except datasets.DataFileError as e:
+        print(f"GPT-2 124M weights not available: {str(e).splitlines()[0]}")
+    if checkpoint_dir is None or checkpoint.latest_step(checkpoint_dir) is None:
+        return None
+    _, meta = checkpoint.read_meta(checkpoint_dir)
+    cfg = meta["config"]
+    like = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+    params, _, _ = checkpoint.load_checkpoint(checkpoint_dir, cfg=cfg, params_like=like)
+    return f"the checkpoint in {checkpoint_dir}", cfg, params

@@ -95,21 +95,34 @@ def embed(
     return nn.dropout(tok_embeds + pos_embeds, cfg.drop_rate, key)
 
 
+def run_blocks(
+    blocks: dict, x: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None
+) -> jax.Array:
+    """Run stacked transformer blocks in order with `lax.scan`: (B, T, D) -> (B, T, D)."""
+    n_layers = jax.tree.leaves(blocks)[0].shape[0]
+    layer_keys = jax.random.split(key, n_layers) if key is not None else None
+
+    def step(x, layer):
+        layer_params, layer_key = layer
+        return block(layer_params, x, cfg, key=layer_key), None
+
+    x, _ = jax.lax.scan(step, x, (blocks, layer_keys))
+    return x
+
+
+def output_logits(params: dict, x: jax.Array) -> jax.Array:
+    """Final layer norm and output head: (B, T, D) -> (B, T, V)."""
+    return nn.linear(params["out_head"], nn.layer_norm(params["final_norm"], x))
+
+
 def forward(
     params: dict, tokens: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None
 ) -> jax.Array:
     """The GPT model: (B, T) ids -> (B, T, V) logits; a `key` turns dropout on (Book §4.6)."""
     k_emb, k_blocks = _split(key, 2)
     x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
-    block_keys = jax.random.split(k_blocks, cfg.n_layers) if key is not None else None
-
-    def step(x, layer):
-        layer_params, layer_key = layer
-        return block(layer_params, x, cfg, key=layer_key), None
-
-    x, _ = jax.lax.scan(step, x, (params["trf_blocks"], block_keys))
-    x = nn.layer_norm(params["final_norm"], x)
-    return nn.linear(params["out_head"], x)  # (B, T, V)
+    x = run_blocks(params["trf_blocks"], x, cfg, key=k_blocks)
+    return output_logits(params, x)  # (B, T, V)
 
 
 def forward_loop(params: dict, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
@@ -117,4 +130,4 @@ def forward_loop(params: dict, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
     x = embed(params, tokens, cfg)
     for i in range(cfg.n_layers):
         x = block(block_params(params, i), x, cfg)
-    return nn.linear(params["out_head"], nn.layer_norm(params["final_norm"], x))
+    return output_logits(params, x)

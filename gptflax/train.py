@@ -129,14 +129,16 @@ def init_train_state(params: dict, tx: optax.GradientTransformation) -> TrainSta
 
 
 def train_step(
-    state: TrainState, inputs: jax.Array, targets: jax.Array, key: jax.Array, *, cfg, tx
+    state: TrainState, batch: tuple, key: jax.Array, *, loss: Callable, tx
 ) -> tuple[TrainState, dict]:
-    """One AdamW step on a (B, T) batch; dropout draws from fold_in(key, step) (Book §5.2)."""
-    dropout_key = jax.random.fold_in(key, state.step) if cfg.drop_rate > 0 else None
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs, targets, cfg, key=dropout_key)
+    """One optimizer step: `loss(params, *batch, key=k)` differentiated w.r.t. the params, with
+    dropout drawing from k = fold_in(key, step) (Book §5.2). For pretraining, batch is the (B, T)
+    inputs and targets and loss is `partial(loss_fn, cfg=cfg)`."""
+    dropout_key = jax.random.fold_in(key, state.step)
+    value, grads = jax.value_and_grad(loss)(state.params, *batch, key=dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+    return TrainState(state.step + 1, params, opt_state), {"loss": value}
 
 
 def calc_loss_loader(
@@ -161,9 +163,12 @@ class History:
     tokens_seen: list[int] = dataclasses.field(default_factory=list)
     train_losses: list[float] = dataclasses.field(default_factory=list)
     val_losses: list[float] = dataclasses.field(default_factory=list)
+    examples_seen: list[int] = dataclasses.field(default_factory=list)
     samples: list[str] = dataclasses.field(default_factory=list)
+    epoch_metrics: list[dict] = dataclasses.field(default_factory=list)
     epochs_done: int = 0
     total_tokens: int = 0
+    total_examples: int = 0
 
 
 def fit(
@@ -177,30 +182,39 @@ def fit(
     key: jax.Array,
     eval_freq: int = 5,
     eval_iter: int = 5,
+    loss: Callable | None = None,
     sample_fn: Callable[[dict], str] | None = None,
+    epoch_metrics: Callable[[dict], dict] | None = None,
     checkpoint_dir: str | Path | None = None,
     history: History | None = None,
 ) -> tuple[TrainState, History]:
     """Train for num_epochs, evaluating every eval_freq steps (Book §5.2's train_model_simple).
 
-    With `checkpoint_dir`, saves after every epoch; pass the state and history of `resume(...)`
-    to continue an interrupted run: the result is the same as an uninterrupted run's.
+    `loss(params, *batch, key=None)` defaults to next-token cross-entropy; chapter 6 passes a
+    classification loss. After each epoch, `sample_fn(params)` text and `epoch_metrics(params)`
+    (e.g. accuracies, §6.7) are recorded. With `checkpoint_dir`, saves after every epoch; pass
+    the state and history of `resume(...)` to continue an interrupted run: the result is the
+    same as an uninterrupted run's. Each step donates its state to save memory, so the arrays
+    of the `state` passed in are consumed: use the returned state, or copy first.
     """
     history = history or History()
-    step_fn = jax.jit(partial(train_step, cfg=cfg, tx=tx), donate_argnums=0)
-    eval_fn = jax.jit(partial(loss_fn, cfg=cfg))
+    loss = loss or partial(loss_fn, cfg=cfg)
+    step_fn = jax.jit(partial(train_step, loss=loss, tx=tx), donate_argnums=0)
+    eval_fn = jax.jit(loss)
     bar = tqdm(
         total=num_epochs * len(train_loader), initial=int(state.step), unit="step", mininterval=1.0
     )
     for epoch in range(history.epochs_done, num_epochs):
-        for inputs, targets in train_loader.batches(epoch):
+        for batch in train_loader.batches(epoch):
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, inputs, targets, key)
-            loss = float(metrics["loss"])  # waits for the step: honest timings
-            history.total_tokens += inputs.size
+            state, metrics = step_fn(state, batch, key)
+            value = float(metrics["loss"])  # waits for the step: honest timings
+            tokens = batch[0].size
+            history.total_tokens += tokens
+            history.total_examples += len(batch[0])
             bar.update()
             bar.set_postfix(
-                loss=f"{loss:.3f}", tok_s=f"{inputs.size / (time.perf_counter() - t0):,.0f}"
+                loss=f"{value:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}"
             )
             step = int(state.step) - 1  # the book's global_step: 0 after the first update
             if step % eval_freq == 0:
@@ -211,6 +225,12 @@ def fit(
         if sample_fn is not None:
             history.samples.append(sample_fn(state.params))
             bar.write(f"Ep {epoch + 1} sample: {history.samples[-1]!r}")
+        if epoch_metrics is not None:
+            history.epoch_metrics.append(epoch_metrics(state.params))
+            bar.write(
+                f"Ep {epoch + 1}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in history.epoch_metrics[-1].items())
+            )
         if checkpoint_dir is not None:
             save_train_checkpoint(checkpoint_dir, state, cfg, history)
     bar.close()
@@ -225,6 +245,7 @@ def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, ste
     val_loss = calc_loss_loader(loss_of, val_loader, eval_iter)
     history.steps.append(step)
     history.tokens_seen.append(history.total_tokens)
+    history.examples_seen.append(history.total_examples)
     history.train_losses.append(train_loss)
     history.val_losses.append(val_loss)
     bar.write(

@@ -1,5 +1,7 @@
 """Classification fine-tuning pieces (Book §6.4-6.6): head surgery, freezing, last-token logits."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,12 @@ from flax import nnx
 
 from gptflax import model
 from gptflax.config import GPT_CONFIG_124M
+from gptflax.data import DataLoader
 from gptflax.finetune import (
-    accuracy,
+    calc_accuracy_loader,
     classification_logits,
+    classification_loss,
+    classifier_forward,
     count_trainable,
     freeze,
     replace_out_head,
@@ -76,6 +81,25 @@ def test_last_real_token_logits_ignore_the_padding(small_cfg):
     book = classification_logits(params, tokens, small_cfg)  # the last position, padding and all
     np.testing.assert_allclose(book[0], at_last_real[0], rtol=1e-6)
     assert not np.allclose(book[1], at_last_real[1])
-    labels = at_last_real.argmax(-1)
-    assert float(accuracy(params, tokens, labels, small_cfg, pad_token_id=pad)) == 1.0
-    assert float(accuracy(params, tokens, 1 - labels, small_cfg, pad_token_id=pad)) == 0.0
+    labels = np.asarray(at_last_real.argmax(-1))
+    right, wrong = (DataLoader(np.asarray(tokens), y, batch_size=1) for y in (labels, 1 - labels))
+    assert calc_accuracy_loader(params, right, small_cfg, pad_token_id=pad) == 1.0
+    assert calc_accuracy_loader(params, wrong, small_cfg, pad_token_id=pad) == 0.0
+
+
+def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg):
+    cfg = small_cfg.replace(n_layers=3)
+    params = replace_out_head(model.init_params(jax.random.key(0), cfg), jax.random.key(1))
+    tokens, labels = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]]), jnp.array([0, 1])
+    np.testing.assert_allclose(
+        classifier_forward(params, tokens, cfg, frozen_blocks=2),
+        model.forward(params, tokens, cfg),
+        rtol=1e-6,
+    )
+    full = jax.grad(classification_loss)(params, tokens, labels, cfg)
+    part = jax.grad(partial(classification_loss, frozen_blocks=2))(params, tokens, labels, cfg)
+    w_full, w_part = (g["trf_blocks"]["ff"]["fc1"]["kernel"] for g in (full, part))
+    assert not np.any(w_part[:2]) and np.abs(w_full[:2]).max() > 0
+    np.testing.assert_allclose(w_part[2], w_full[2], rtol=1e-5, atol=1e-7)
+    assert not np.any(part["tok_emb"]["embedding"])
+    np.testing.assert_allclose(part["out_head"]["kernel"], full["out_head"]["kernel"], rtol=1e-5)

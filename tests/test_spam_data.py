@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from gptflax.data import DataLoader, balanced_spam, encode_padded, load_sms_spam, random_split
+from gptflax.data import (
+    DataLoader,
+    balanced_spam,
+    encode_padded,
+    load_sms_spam,
+    random_split,
+    spam_loaders,
+)
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 
 pytestmark = pytest.mark.lab6
@@ -57,3 +64,12 @@ def test_longer_texts_are_cut_to_max_length():
     tok = gpt2_tokenizer()
     out = encode_padded(["one two three four five", "six"], tok, max_length=3)
     assert out.tolist() == [tok.encode("one two three"), tok.encode("six") + [EOT_ID, EOT_ID]]
+
+
+def test_spam_loaders_are_the_book_loaders(splits):
+    tok = gpt2_tokenizer()
+    train, val, test = spam_loaders(tok)
+    assert [len(loader) for loader in (train, val, test)] == [130, 19, 38]
+    assert train.shuffle and train.drop_last and not val.shuffle and not test.drop_last
+    np.testing.assert_array_equal(test.arrays[0], encode_padded(splits[2][0], tok, 120))
+    np.testing.assert_array_equal(test.arrays[1], splits[2][1])

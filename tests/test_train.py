@@ -1,6 +1,7 @@
 """Losses, the train step, appendix D's schedule and clipping, and resuming (Book ch. 5, App. D)."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def test_train_step_lowers_the_loss_and_dropout_is_seeded(small_cfg):
     cfg = small_cfg.replace(drop_rate=0.1)
     tx = make_optimizer(1e-3)
     x, y = next(iter(random_loader(cfg)))
-    step = jax.jit(lambda s, k: train_step(s, x, y, k, cfg=cfg, tx=tx))
+    step = jax.jit(lambda s, k: train_step(s, (x, y), k, loss=partial(loss_fn, cfg=cfg), tx=tx))
     state = init_train_state(model.init_params(jax.random.key(0), cfg), tx)
     first = float(step(state, jax.random.key(1))[1]["loss"])
     again = float(step(state, jax.random.key(1))[1]["loss"])

@@ -1,0 +1,67 @@
+"""Low-rank adaptation (appendix E): train A (in, r) and B (r, out) beside each frozen linear
+kernel W, so that the layer computes x @ W + (alpha / rank) * x @ A @ B.
+
+The LoRA params mirror the model's: every `kernel` (all attention and feed-forward linears, and
+the output head, as the appendix replaces every nn.Linear) gets {"A", "B"} of the same leading
+(layer) axes. B starts at zero, so a fresh adaptation leaves the model's outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def init_lora(key: jax.Array, params: dict, rank: int) -> dict:
+    """A ~ U(-1/sqrt(rank), 1/sqrt(rank)) (torch's kaiming_uniform_(a=sqrt(5)) on an (in, rank)
+    tensor, as appendix E draws it) and B = 0, for every linear kernel in `params`."""
+    if "kernel" in params:
+        *lead, d_in, d_out = params["kernel"].shape
+        bound = 1.0 / math.sqrt(rank)
+        a = jax.random.uniform(key, (*lead, d_in, rank), minval=-bound, maxval=bound)
+        return {"A": a, "B": jnp.zeros((*lead, rank, d_out))}
+    children = {name: sub for name, sub in params.items() if isinstance(sub, dict)}
+    keys = jax.random.split(key, max(len(children), 1))
+    lora = {
+        name: init_lora(k, sub, rank)
+        for k, (name, sub) in zip(keys, children.items(), strict=False)
+    }
+    return {name: sub for name, sub in lora.items() if sub}
+
+
+def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
+    """Params whose kernels include the low-rank update: W + (alpha / rank) * A @ B."""
+    merged = dict(params)
+    for name, sub in lora.items():
+        if "A" in sub:
+            update = (alpha / rank) * (sub["A"] @ sub["B"])  # (..., in, out)
+            merged[name] = {**params[name], "kernel": params[name]["kernel"] + update}
+        else:
+            merged[name] = merge_lora(params[name], sub, alpha, rank)
+    return merged
+
+
+def lora_loss(loss, alpha: float, rank: int):
+    """Turn `loss(params, *batch, key=)` into a loss over {"base": params, "lora": lora} that
+    differentiates only the LoRA params (the base gets no gradient computed at all)."""
+
+    def wrapped(both: dict, *batch, key=None):
+        base = jax.lax.stop_gradient(both["base"])
+        return loss(merge_lora(base, both["lora"], alpha, rank), *batch, key=key)
+
+    return wrapped
+
+
+def lora_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` for the "lora" params; the "base" params never change and keep no optimizer state."""
+
+    def labels(both):
+        return {
+            "base": jax.tree.map(lambda _: "frozen", both["base"]),
+            "lora": jax.tree.map(lambda _: "train", both["lora"]),
+        }
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,0 +1,212 @@
+# %% [markdown]
+# # Lab 6: fine-tuning for classification (chapter 6)
+#
+# Turn a GPT into a spam classifier: balance and split the SMS Spam Collection, pad the texts,
+# swap the 50,257-way output head for a 2-way one, freeze everything but the last block, the final
+# norm and the head, train, and classify new messages.
+#
+# Starting weights, in order of preference: OpenAI's GPT-2 124M (the book's setting: AdamW 5e-5,
+# 5 epochs, test accuracy >= 95%), else the model lab 5 pretrained on "The Verdict", else a fresh
+# random model. GPTFLAX_QUICK=1 always uses a fresh tiny model and trains it for 2 epochs.
+
+# %% §6.2 The dataset: balanced, then split 70/10/20
+import os
+from functools import partial
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from gptflax import checkpoint, model
+from gptflax.config import GPT_CONFIG_124M, TINY
+from gptflax.data import (
+    DataLoader,
+    balanced_spam,
+    encode_padded,
+    load_sms_spam,
+    random_split,
+    spam_loaders,
+)
+from gptflax.finetune import (
+    calc_accuracy_loader,
+    classification_logits,
+    classification_loss,
+    classify_review,
+    count_trainable,
+    freeze,
+    load_pretrained,
+    replace_out_head,
+    trainable_mask,
+)
+from gptflax.nnx_model import GPTModel
+from gptflax.plots import plot_values
+from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
+from gptflax.train import fit, init_train_state, make_optimizer
+
+QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
+RUNS = "runs/lab6"
+rows = load_sms_spam()
+print(f"{len(rows):,} messages:", {k: sum(r[0] == k for r in rows) for k in ("ham", "spam")})
+texts, labels = balanced_spam(rows)
+splits = random_split(texts, labels, 0.7, 0.1)
+test_texts = splits[2][0]
+sizes = [len(t) for t, _ in splits]
+print(f"balanced: {len(texts):,}; train / val / test: {sizes}")
+
+# %% §6.3 Data loaders: pad every text with <|endoftext|> to the longest training text
+tokenizer = gpt2_tokenizer()
+train_loader, val_loader, test_loader = spam_loaders(tokenizer, batch_size=8)
+x_test, y_test = test_loader.arrays
+max_length = x_test.shape[1]
+num_batches = [len(loader) for loader in (train_loader, val_loader, test_loader)]
+print(f"padded to {max_length} tokens; batches: {num_batches}")
+
+
+# %% §6.4 The starting weights
+def starting_point():
+    if QUICK:
+        return "a fresh tiny model (quick mode)", TINY.replace(context_length=128), None
+    found = load_pretrained(os.path.abspath("runs/lab5/checkpoints"))
+    if found is not None:
+        return found
+    fresh = GPT_CONFIG_124M.replace(context_length=256)
+    return "a fresh 124M model (run `make lab-5` first for a pretrained one)", fresh, None
+
+
+source, cfg, params = starting_point()
+cfg = cfg.replace(drop_rate=0.0)  # the book fine-tunes without dropout
+if params is None:
+    params = model.init_params(jax.random.key(123), cfg)
+print(f"starting point: {source}\n{cfg}")
+assert max_length <= cfg.context_length
+
+# %% §6.5 A classification head, and freezing all but the last block, final norm and head
+params = replace_out_head(params, jax.random.key(123), num_classes=2)
+mask = trainable_mask(params, n_last_blocks=1)
+n_trainable = count_trainable(params, mask)
+print(f"trainable: {n_trainable:,} of {model.count_params(params):,} parameters")
+# The NNX way: swap the module, then pick the trainable parameters with a filter.
+twin = nnx.eval_shape(lambda: GPTModel(cfg, rngs=nnx.Rngs(0)))
+twin.out_head = nnx.eval_shape(lambda: nnx.Linear(cfg.emb_dim, 2, rngs=nnx.Rngs(0)))
+trainable_filter = nnx.All(
+    nnx.Param,
+    nnx.Any(
+        nnx.PathContains(cfg.n_layers - 1),
+        nnx.PathContains("final_norm"),
+        nnx.PathContains("out_head"),
+    ),
+)
+n_trainable_nnx = sum(x.size for x in jax.tree.leaves(nnx.state(twin, trainable_filter)))
+print(f"NNX filter selects {n_trainable_nnx:,} trainable parameters")
+
+# %% §6.6 Loss and accuracy before fine-tuning: about a coin flip
+before = {
+    name: calc_accuracy_loader(params, loader, cfg, num_batches=10)
+    for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
+}
+print("accuracy before fine-tuning (10 batches):", before)
+
+# %% §6.7 Fine-tuning: AdamW 5e-5, weight decay 0.1, gradients only where the mask allows
+num_epochs = 2 if QUICK else 5
+lr = 1e-3 if QUICK else 5e-5  # a tiny random model needs a larger step to learn in 2 epochs
+tx = optax.chain(make_optimizer(lr, weight_decay=0.1), freeze(mask))
+loss = partial(classification_loss, cfg=cfg, frozen_blocks=cfg.n_layers - 1)
+
+
+def epoch_accuracies(p):
+    return {
+        "train_acc": calc_accuracy_loader(p, train_loader, cfg, num_batches=5),
+        "val_acc": calc_accuracy_loader(p, val_loader, cfg, num_batches=5),
+    }
+
+
+state, history = fit(
+    init_train_state(params, tx),
+    train_loader,
+    val_loader,
+    cfg,
+    tx,
+    num_epochs=num_epochs,
+    key=jax.random.key(0),
+    loss=loss,
+    eval_freq=50,
+    eval_iter=5,
+    epoch_metrics=epoch_accuracies,
+)
+tuned = state.params
+epochs_seen = np.linspace(0, num_epochs, len(history.train_losses))
+train_losses, val_losses = history.train_losses, history.val_losses
+plot_values(epochs_seen, history.examples_seen, train_losses, val_losses, f"{RUNS}/loss.png")
+train_accs = [a["train_acc"] for a in history.epoch_metrics]
+val_accs = [a["val_acc"] for a in history.epoch_metrics]
+examples = [len(train_loader) * 8 * (e + 1) for e in range(num_epochs)]
+epochs = np.arange(1, num_epochs + 1)
+plot_values(epochs, examples, train_accs, val_accs, f"{RUNS}/accuracy.png", label="accuracy")
+
+# %% §6.8 Accuracy on the whole splits, and classifying new messages
+after = {
+    name: calc_accuracy_loader(tuned, loader, cfg)
+    for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
+}
+print("accuracy after fine-tuning:", after)
+spam_text = (
+    "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
+)
+ham_text = "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
+verdicts = [classify_review(t, tuned, tokenizer, cfg, max_length) for t in (spam_text, ham_text)]
+print(verdicts)
+
+# %% Last position, or last real token? The book reads the prediction at the last position, which
+# is padding for every text shorter than 120 tokens, so the answer can depend on how much padding
+# follows the text. Pad the test texts to 128 instead of 120 and count changed predictions:
+x_test_128 = encode_padded(test_texts, tokenizer, max_length=128)
+
+
+def predictions(x, pad_token_id=None):
+    loader = DataLoader(x, y_test, batch_size=len(x))
+    logits = [classification_logits(tuned, t, cfg, pad_token_id=pad_token_id) for t, _ in loader]
+    return np.asarray(logits[0].argmax(-1))
+
+
+changed_last = int((predictions(x_test) != predictions(x_test_128)).sum())
+changed_real = int((predictions(x_test, EOT_ID) != predictions(x_test_128, EOT_ID)).sum())
+print(
+    f"predictions changed by 8 more padding tokens: last position {changed_last} of 300, "
+    f"last real token {changed_real} of 300"
+)
+test_last_real = calc_accuracy_loader(tuned, test_loader, cfg, pad_token_id=EOT_ID)
+print(
+    f"test accuracy read at the last real token: {test_last_real:.4f} (the head was trained on "
+    "the last position; train with pad_token_id=50256 to read real tokens throughout)"
+)
+
+# %% Saving and loading the classifier
+ckpt_dir = os.path.abspath(f"{RUNS}/classifier")
+if checkpoint.latest_step(ckpt_dir) is not None:
+    import shutil
+
+    shutil.rmtree(ckpt_dir)  # this lab's own previous run
+checkpoint.save_checkpoint(ckpt_dir, num_epochs, tuned, cfg=cfg, meta={"max_length": max_length})
+reloaded, _, meta = checkpoint.load_checkpoint(ckpt_dir, cfg=cfg, params_like=tuned)
+reloaded_acc = calc_accuracy_loader(reloaded, test_loader, cfg)
+print(f"reloaded classifier: test accuracy {reloaded_acc:.4f}, max_length {meta['max_length']}")
+
+# %% Checks
+assert len(rows) == 5_572 and len(texts) == 1_494
+assert sizes == [1_045, 149, 300]
+assert max_length == 120 and (len(train_loader), len(val_loader), len(test_loader)) == (130, 19, 38)
+assert n_trainable == n_trainable_nnx
+blocks = tuned["trf_blocks"]  # (fit consumed the `params` it was given)
+assert (
+    n_trainable
+    == model.count_params(blocks) // cfg.n_layers + 2 * cfg.emb_dim + cfg.emb_dim * 2 + 2
+)
+assert reloaded_acc == after["test"]
+assert changed_real == 0  # causal attention: the padding after a text cannot change its token
+if source.startswith("OpenAI"):  # the book's band (§6.8: 95.67% test accuracy)
+    assert after["test"] >= 0.95 and verdicts == ["spam", "not spam"]
+else:  # measured bounds, far above the 50% of a balanced coin flip; see the note in the README
+    assert after["test"] >= (0.70 if QUICK else 0.80), after
+    assert after["val"] >= (0.70 if QUICK else 0.80), after
+print(f"lab 6: all checks passed (starting point: {source})")
