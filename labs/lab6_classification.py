@@ -206,7 +206,8 @@ assert reloaded_acc == after["test"]
 assert changed_real == 0  # causal attention: the padding after a text cannot change its token
 if source.startswith("OpenAI"):  # the book's band (§6.8: 95.67% test accuracy)
     assert after["test"] >= 0.95 and verdicts == ["spam", "not spam"]
-else:  # measured bounds, far above the 50% of a balanced coin flip; see the note in the README
+else:  # measured: quick 84.3% test / 85.2% val; from lab 5's model (2 epochs) 85.3% / 83.9%;
+    # either way far above the 50% of a coin flip on the balanced data
     assert after["test"] >= (0.70 if QUICK else 0.80), after
     assert after["val"] >= (0.70 if QUICK else 0.80), after
 print(f"lab 6: all checks passed (starting point: {source})")
