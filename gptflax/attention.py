@@ -138,3 +138,28 @@ def multi_head_attention(
     attn_weights = nn.dropout(attn_weights, drop_rate, key)
     context = merge_heads(attn_weights @ values)  # (B, T, D)
     return nn.linear(params["out_proj"], context)
+
+
+def multi_head_attention_cached(
+    params: dict, x: jax.Array, n_heads: int, cache: tuple, positions: jax.Array
+) -> tuple[jax.Array, tuple]:
+    """`multi_head_attention` for new tokens only, reading earlier keys and values from a cache.
+
+    x (B, S, D) holds the tokens at `positions` (B, S); cache is (keys, values), each
+    (B, T_max, H, Dh), one slot per position. The new keys and values are written into their
+    slots, and each query attends to every slot at or before its own position: the same causal
+    attention, without recomputing the past. Returns (B, S, D) and the updated cache.
+    """
+    queries, keys, values = (split_heads(y, n_heads) for y in qkv(params, x))  # (B, H, S, Dh)
+    rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
+    cache_k, cache_v = (
+        c.at[rows, positions].set(y.transpose(0, 2, 1, 3))  # (B, S, H, Dh) into (B, T_max, H, Dh)
+        for c, y in zip(cache, (keys, values), strict=True)
+    )
+    attn_scores = jnp.einsum("bhsd,bthd->bhst", queries, cache_k)  # (B, H, S, T_max)
+    slots = jnp.arange(cache_k.shape[1])  # (T_max,)
+    visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, S, T_max)
+    masked = jnp.where(visible, attn_scores / keys.shape[-1] ** 0.5, -jnp.inf)
+    attn_weights = jax.nn.softmax(masked, axis=-1)
+    context = jnp.einsum("bhst,bthd->bhsd", attn_weights, cache_v)  # (B, H, S, Dh)
+    return nn.linear(params["out_proj"], merge_heads(context)), (cache_k, cache_v)

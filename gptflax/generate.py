@@ -1,9 +1,16 @@
 """Text generation: greedy (Book §4.7), then temperature, top-k and end-of-text (Book §5.3).
 
-Under `jax.jit` every new input shape compiles anew, so the naive loop, whose input grows by one
-token a step, would compile once per token. Here the tokens sit in a window whose width is rounded
-up to a power of two (at most the context length), so a whole run compiles only a few times.
-Causal attention makes the padding harmless: position t never sees positions after it.
+Two ways to decode, giving the same tokens:
+- The book's loop runs the whole sequence through the model for every new token. Under `jax.jit`
+  every new input shape compiles anew, so here the tokens sit in a window whose width is rounded
+  up to a power of two (at most the context length): a run compiles only a few times. Causal
+  attention makes the padding harmless: position t never sees positions after it.
+- With a KV cache (`generate_cached`), the prompt runs once (prefill) and each new token runs
+  alone, reading the keys and values of earlier positions from the cache. The whole loop is one
+  jitted `lax.while_loop`, compiled once per prompt window width.
+
+`generate` uses the cache whenever prompt and new tokens fit in the context; beyond it the book's
+sliding window needs every position recomputed, so it falls back to the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptflax.config import GPTConfig
-from gptflax.model import forward
+from gptflax.model import forward, forward_cached, init_cache
 
 MIN_WINDOW = 8
 
@@ -94,14 +101,21 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     key: jax.Array | None = None,
+    use_cache: bool = True,
 ) -> np.ndarray:
     """Generate up to max_new_tokens after idx (B, T) (Book §5.3.3) -> (B, T + n).
 
     Token i is drawn with `jax.random.fold_in(key, i)`, so a fixed key reproduces the text. With
     `eos_id`, a row that emits it is finished: it gets eos_id from then on, and generation stops
     once every row has finished (the eos tokens stay in the output; `trim_at_eos` cuts them).
+    The KV cache is used when T + max_new_tokens <= context_size and `use_cache` is on.
     """
     idx = np.asarray(idx, dtype=np.int32)
+    if use_cache and idx.shape[1] + max_new_tokens <= context_size:
+        decoding = dict(temperature=temperature, top_k=top_k, eos_id=eos_id, key=key)
+        return np.concatenate(
+            [idx, generate_cached(params, idx, max_new_tokens, cfg, **decoding)], 1
+        )
     done = np.zeros(idx.shape[0], dtype=bool)
     for i in range(max_new_tokens):
         window, num_tokens = padded_window(idx, context_size)
@@ -116,6 +130,74 @@ def generate(
         if done.all():
             break
     return idx
+
+
+@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k"))
+def _decode_with_cache(
+    params, window, lengths, max_new_tokens, eos_id, key, cfg, temperature, top_k
+):
+    """Prefill the right-padded prompts window (B, W) of `lengths` (B,), then decode in a
+    `lax.while_loop` -> (B, context_length) buffer of new ids and how many steps ran.
+    Padding slots in the cache are overwritten by new tokens before any query can see them.
+    """
+    batch = window.shape[0]
+    cache = init_cache(cfg, batch, params["tok_emb"]["embedding"].dtype)
+    logits, cache = forward_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
+    last_logits = logits[jnp.arange(batch), lengths - 1]  # (B, V)
+    out = jnp.zeros((batch, cfg.context_length), jnp.int32)
+
+    def unfinished(state):
+        i, _, _, _, done = state
+        return (i < max_new_tokens) & ~done.all()
+
+    def decode_step(state):
+        i, cache, last_logits, out, done = state
+        step_key = jax.random.fold_in(key, i) if key is not None else None
+        next_ids = sample_next_token(last_logits, step_key, temperature, top_k).astype(jnp.int32)
+        next_ids = jnp.where(done, eos_id, next_ids)  # (B,)
+        done = done | (next_ids == eos_id)
+        logits, cache = forward_cached(params, next_ids[:, None], cache, lengths + i, cfg)
+        return i + 1, cache, logits[:, 0], out.at[:, i].set(next_ids), done
+
+    start = (jnp.int32(0), cache, last_logits, out, jnp.zeros(batch, bool))
+    steps, _, _, out, _ = jax.lax.while_loop(unfinished, decode_step, start)
+    return out, steps
+
+
+def generate_cached(
+    params: dict,
+    prompts,
+    max_new_tokens: int,
+    cfg: GPTConfig,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+) -> np.ndarray:
+    """KV-cached decoding of a batch of prompts -> (B, n) new ids, n <= max_new_tokens.
+
+    prompts: a (B, T) array, or a list of id lists of different lengths (decoded together; row b
+    continues its own prompt). Options as in `generate`; greedy rows equal one-row `generate`.
+    """
+    rows = [np.asarray(p, dtype=np.int32).reshape(-1) for p in prompts]
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)
+    if lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    if lengths.max() + max_new_tokens > cfg.context_length:
+        raise ValueError(
+            f"a prompt of {lengths.max()} tokens plus {max_new_tokens} new tokens exceeds the "
+            f"context length of {cfg.context_length}: shorten the prompt, ask for fewer tokens, "
+            "or use generate(..., use_cache=False), which slides the window"
+        )
+    window = np.zeros((len(rows), window_width(int(lengths.max()), cfg.context_length)), np.int32)
+    for b, r in enumerate(rows):
+        window[b, : len(r)] = r
+    out, steps = _decode_with_cache(
+        params, window, lengths, max_new_tokens, -1 if eos_id is None else eos_id, key,
+        cfg, temperature, top_k,
+    )  # fmt: skip
+    return np.asarray(out)[:, : int(steps)]
 
 
 def trim_at_eos(ids, eos_id: int) -> list[int]:

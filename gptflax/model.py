@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import nn
-from gptflax.attention import init_multi_head_attention, multi_head_attention
+from gptflax.attention import (
+    init_multi_head_attention,
+    multi_head_attention,
+    multi_head_attention_cached,
+)
 from gptflax.config import GPTConfig
 
 
@@ -123,6 +127,40 @@ def forward(
     x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
     x = run_blocks(params["trf_blocks"], x, cfg, key=k_blocks)
     return output_logits(params, x)  # (B, T, V)
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, dtype=jnp.float32) -> tuple:
+    """An empty KV cache: keys and values of every layer and position, (L, B, T_max, H, Dh) each."""
+    shape = (cfg.n_layers, batch_size, cfg.context_length, cfg.n_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def block_cached(
+    params: dict, x: jax.Array, cfg: GPTConfig, cache: tuple, positions: jax.Array
+) -> tuple[jax.Array, tuple]:
+    """`block` in eval mode for new tokens at `positions` (B, S), with this layer's KV cache."""
+    x_norm = nn.layer_norm(params["norm1"], x)
+    att, cache = multi_head_attention_cached(params["att"], x_norm, cfg.n_heads, cache, positions)
+    x = x + att
+    return x + feed_forward(params["ff"], nn.layer_norm(params["norm2"], x)), cache
+
+
+def forward_cached(
+    params: dict, tokens: jax.Array, cache: tuple, start: jax.Array, cfg: GPTConfig
+) -> tuple[jax.Array, tuple]:
+    """Eval-mode `forward` for new tokens only: row b of tokens (B, S) sits at positions start[b],
+    start[b] + 1, ...; earlier positions come from the cache (`init_cache`), which is returned
+    updated. Prefill with start = 0, then feed one token at a time: (B, S, V) logits.
+    """
+    positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
+    x = nn.embedding(params["tok_emb"], tokens) + nn.embedding(params["pos_emb"], positions)
+
+    def step(x, layer):
+        layer_params, layer_cache = layer
+        return block_cached(layer_params, x, cfg, layer_cache, positions)
+
+    x, cache = jax.lax.scan(step, x, (params["trf_blocks"], cache))  # x: (B, S, D)
+    return output_logits(params, x), cache
 
 
 def forward_loop(params: dict, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:

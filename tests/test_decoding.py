@@ -40,19 +40,22 @@ def params(small_cfg):
     return model.init_params(jax.random.key(0), small_cfg)
 
 
-def test_generation_is_reproducible_for_a_key(params, small_cfg):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_is_reproducible_for_a_key(params, small_cfg, use_cache):
     prompt = np.array([[1, 2, 3], [4, 5, 6]])
-    run = lambda k: G.generate(params, prompt, 10, 32, small_cfg, temperature=1.5, top_k=20, key=k)  # noqa: E731
+    options = dict(temperature=1.5, top_k=20, use_cache=use_cache)
+    run = lambda k: G.generate(params, prompt, 10, 32, small_cfg, key=k, **options)  # noqa: E731
     np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
     assert not np.array_equal(run(jax.random.key(1)), run(jax.random.key(2)))
 
 
-def test_eos_finishes_each_row_of_a_batch_on_its_own(params, small_cfg):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_finishes_each_row_of_a_batch_on_its_own(params, small_cfg, use_cache):
     prompt = np.array([[1, 2, 3], [40, 50, 60]])
-    free = G.generate(params, prompt, 12, 32, small_cfg)
+    free = G.generate(params, prompt, 12, 32, small_cfg, use_cache=use_cache)
     row0, row1 = free[0, 3:].tolist(), free[1, 3:].tolist()
     eos = next(t for t in row0[2:] if t not in row1[:3])  # row 0 emits it at step >= 2
-    out = G.generate(params, prompt, 12, 32, small_cfg, eos_id=eos)
+    out = G.generate(params, prompt, 12, 32, small_cfg, eos_id=eos, use_cache=use_cache)
     for row_free, row in zip(free, out, strict=True):
         gen, gen_free = row[3:].tolist(), row_free[3:].tolist()
         cut = gen.index(eos) if eos in gen else len(gen)
@@ -65,5 +68,6 @@ def test_eos_finishes_each_row_of_a_batch_on_its_own(params, small_cfg):
 
 def test_generate_compiles_per_window_width_not_per_token(params, small_cfg):
     before = G._next_token._cache_size()
-    G.generate(params, np.zeros((1, 1)), 30, 32, small_cfg, temperature=1.0, key=jax.random.key(0))
-    assert G._next_token._cache_size() - before <= 3
+    options = dict(temperature=1.0, key=jax.random.key(0), use_cache=False)
+    G.generate(params, np.zeros((1, 1)), 30, 32, small_cfg, **options)
+    assert G._next_token._cache_size() - before <= 3  # widths 8, 16 and 32

@@ -1,0 +1,79 @@
+"""KV-cache decoding: the same logits and tokens as recomputing everything, few compilations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptflax import generate as G
+from gptflax import model
+
+pytestmark = pytest.mark.lab5
+
+
+@pytest.fixture(scope="module")
+def params(small_cfg):
+    return model.init_params(jax.random.key(0), small_cfg)
+
+
+def test_prefill_and_one_token_steps_give_the_forward_logits(params, small_cfg):
+    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, small_cfg.vocab_size)
+    reference = model.forward(params, tokens, small_cfg)  # (2, 20, V)
+    cache = model.init_cache(small_cfg, 2)
+    start = jnp.zeros(2, jnp.int32)
+    prefill, cache = model.forward_cached(params, tokens[:, :12], cache, start, small_cfg)
+    np.testing.assert_allclose(prefill, reference[:, :12], atol=1e-5)
+    for t in range(12, 20):
+        step, cache = model.forward_cached(
+            params, tokens[:, t : t + 1], cache, start + t, small_cfg
+        )
+        np.testing.assert_allclose(step[:, 0], reference[:, t], atol=1e-5)
+
+
+def test_cached_greedy_equals_the_uncached_loop(params, small_cfg):
+    prompt = np.asarray(jax.random.randint(jax.random.key(2), (3, 7), 0, small_cfg.vocab_size))
+    cached = G.generate(params, prompt, 20, 32, small_cfg)
+    uncached = G.generate(params, prompt, 20, 32, small_cfg, use_cache=False)
+    assert cached.shape == (3, 27)
+    np.testing.assert_array_equal(cached, uncached)
+
+
+def test_sampling_with_a_key_draws_the_same_tokens_with_and_without_cache(params, small_cfg):
+    prompt = np.array([[5, 6, 7], [8, 9, 10]])
+    options = dict(temperature=1.2, top_k=10, key=jax.random.key(3))
+    cached = G.generate(params, prompt, 15, 32, small_cfg, **options)
+    np.testing.assert_array_equal(
+        cached, G.generate(params, prompt, 15, 32, small_cfg, use_cache=False, **options)
+    )
+    assert len(np.unique(cached[:, 3:])) > 3  # really sampled, not one repeated token
+
+
+def test_prompts_of_different_lengths_decode_together(params, small_cfg):
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14]]
+    together = G.generate_cached(params, prompts, 10, small_cfg)
+    assert together.shape == (3, 10)
+    for prompt, row in zip(prompts, together, strict=True):
+        alone = G.generate(params, np.array([prompt]), 10, 32, small_cfg, use_cache=False)
+        assert row.tolist() == alone[0, len(prompt) :].tolist()
+
+
+def test_eos_stops_cached_decoding_early(params, small_cfg):
+    prompt = np.array([[1, 2, 3]])
+    free = G.generate_cached(params, prompt, 12, small_cfg)[0].tolist()
+    eos = free[4]
+    stopped = G.generate_cached(params, prompt, 12, small_cfg, eos_id=eos)[0].tolist()
+    assert stopped == free[: free.index(eos) + 1]  # up to and including the first eos
+
+
+def test_one_compilation_per_prompt_window_width(params, small_cfg):
+    before = G._decode_with_cache._cache_size()
+    for length, new in [(3, 20), (5, 10), (8, 1), (9, 12), (15, 2), (16, 16)]:
+        G.generate_cached(params, np.ones((2, length), np.int32), new, small_cfg)
+    assert G._decode_with_cache._cache_size() - before <= 2  # widths 8 and 16, any length or count
+
+
+def test_too_long_for_the_cache_is_a_clear_error(params, small_cfg):
+    with pytest.raises(ValueError, match="exceeds the context length of 32.*use_cache=False"):
+        G.generate_cached(params, np.ones((1, 30), np.int32), 5, small_cfg)
+    out = G.generate(params, np.ones((1, 30), np.int32), 5, 32, small_cfg)  # slides instead
+    assert out.shape == (1, 35)
