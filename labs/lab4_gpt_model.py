@@ -23,7 +23,7 @@ from gptflax.nnx_model import from_params
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/lab4"
+RUNS = "runs/quick/lab4" if QUICK else "runs/lab4"  # quick runs leave full runs alone
 os.makedirs(RUNS, exist_ok=True)
 cfg = TINY if QUICK else GPT_CONFIG_124M
 print(GPT_CONFIG_124M)

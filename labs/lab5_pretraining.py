@@ -39,7 +39,7 @@ from gptflax.train import (
 from gptflax.weights import load_gpt2
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/lab5"
+RUNS = "runs/quick/lab5" if QUICK else "runs/lab5"  # quick runs leave full runs alone
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 NUM_EPOCHS = 3 if QUICK else 10
 key_init, key_dropout, key_sample = jax.random.split(jax.random.key(123), 3)

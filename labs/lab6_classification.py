@@ -45,7 +45,7 @@ from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/lab6"
+RUNS = "runs/quick/lab6" if QUICK else "runs/lab6"  # quick runs leave full runs alone
 rows = load_sms_spam()
 print(f"{len(rows):,} messages:", {k: sum(r[0] == k for r in rows) for k in ("ham", "spam")})
 texts, labels = balanced_spam(rows)

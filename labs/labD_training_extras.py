@@ -32,7 +32,7 @@ from gptflax.train import (
 )
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/labD"
+RUNS = "runs/quick/labD" if QUICK else "runs/labD"  # quick runs leave full runs alone
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 n_epochs = 3 if QUICK else 15
 text_data = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
