@@ -162,11 +162,18 @@ def encode_padded(
     return out
 
 
-def spam_loaders(tokenizer, batch_size: int = 8, seed: int = 123) -> tuple[DataLoader, ...]:
-    """The book's spam loaders (§6.3): balanced, split 70/10/20, padded to the longest training
-    text; the training loader shuffles and drops its last partial batch. Returns (train, val,
-    test); each yields (B, T) token ids and (B,) labels, spam = 1."""
-    splits = random_split(*balanced_spam(load_sms_spam(), seed), 0.7, 0.1, seed)
+def spam_splits(seed: int = 123) -> list[tuple[list[str], np.ndarray]]:
+    """The book's balanced spam data split 70/10/20: [(texts, labels)] for train, val, test."""
+    return random_split(*balanced_spam(load_sms_spam(), seed), 0.7, 0.1, seed)
+
+
+def spam_loaders(
+    tokenizer, splits=None, batch_size: int = 8, seed: int = 123
+) -> tuple[DataLoader, ...]:
+    """The book's spam loaders (§6.3) over `splits` (default `spam_splits(seed)`), padded to the
+    longest training text; the training loader shuffles and drops its last partial batch.
+    Returns (train, val, test); each yields (B, T) token ids and (B,) labels, spam = 1."""
+    splits = splits or spam_splits(seed)
     x_train = encode_padded(splits[0][0], tokenizer)
     max_length = x_train.shape[1]
     x_val, x_test = (encode_padded(texts, tokenizer, max_length) for texts, _ in splits[1:])

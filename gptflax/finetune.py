@@ -4,14 +4,15 @@ prediction read from the last token (or the last real token, before the padding)
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from gptflax import checkpoint, datasets, nn
-from gptflax.config import GPTConfig
-from gptflax.model import embed, init_params, output_logits, run_blocks
+from gptflax.config import GPT_CONFIG_124M, GPTConfig
+from gptflax.model import count_params, embed, init_params, output_logits, run_blocks
 from gptflax.tokenizer import EOT_ID
 from gptflax.train import cross_entropy
 from gptflax.weights import load_gpt2
@@ -135,18 +136,32 @@ def classify_review(
     return "spam" if int(logits.argmax(axis=-1)[0]) == 1 else "not spam"
 
 
-def load_pretrained(checkpoint_dir: str | None = None) -> tuple[str, GPTConfig, dict] | None:
-    """(what, config, params) to fine-tune from: OpenAI's GPT-2 124M when its weights resolve,
-    else the latest checkpoint in `checkpoint_dir` (e.g. lab 5's pretrained model), else None."""
-    try:
-        cfg, params = load_gpt2("124M")
-        return "OpenAI's GPT-2 124M", cfg, params
-    except datasets.DataFileError as e:
-        print(f"GPT-2 124M weights not available: {str(e).splitlines()[0]}")
-    if checkpoint_dir is None or checkpoint.latest_step(checkpoint_dir) is None:
-        return None
-    _, meta = checkpoint.read_meta(checkpoint_dir)
-    cfg = meta["config"]
-    like = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
-    params, _, _ = checkpoint.load_checkpoint(checkpoint_dir, cfg=cfg, params_like=like)
-    return f"the checkpoint in {checkpoint_dir}", cfg, params
+FRESH_CFG = GPT_CONFIG_124M.replace(context_length=256)  # lab 5's model when none was saved
+
+
+def starting_point(
+    gpt2_sizes: tuple[str, ...] = ("124M",),
+    checkpoint_dir: str | Path | None = None,
+    fresh_cfg: GPTConfig = FRESH_CFG,
+) -> tuple[str, GPTConfig, dict]:
+    """(what, config, params) to fine-tune from, the first that exists of: OpenAI's GPT-2 in
+    `gpt2_sizes` order, the latest checkpoint in `checkpoint_dir` (e.g. lab 5's model), and
+    fresh random params of `fresh_cfg`. Dropout is switched off: the book fine-tunes without it.
+    """
+    for size in gpt2_sizes:
+        try:
+            cfg, params = load_gpt2(size)
+            return f"OpenAI's GPT-2 {size}", cfg.replace(drop_rate=0.0), params
+        except datasets.DataFileError as e:
+            print(f"GPT-2 {size} weights not available: {str(e).splitlines()[0]}")
+    if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
+        _, meta = checkpoint.read_meta(checkpoint_dir)
+        cfg = meta["config"]
+        like = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+        params, _, _ = checkpoint.load_checkpoint(checkpoint_dir, cfg=cfg, params_like=like)
+        return f"the checkpoint in {checkpoint_dir}", cfg.replace(drop_rate=0.0), params
+    params = init_params(jax.random.key(123), fresh_cfg)
+    fresh = f"fresh random weights ({count_params(params):,} parameters)"
+    if checkpoint_dir is not None:
+        fresh += f"; no checkpoint in {checkpoint_dir} (run its lab first for a pretrained one)"
+    return fresh, fresh_cfg.replace(drop_rate=0.0), params

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from gptflax import checkpoint, model
-from gptflax.config import GPT_CONFIG_124M, TINY
+from gptflax.config import TINY
 from gptflax.data import (
     DataLoader,
     balanced_spam,
@@ -35,8 +35,8 @@ from gptflax.finetune import (
     classify_review,
     count_trainable,
     freeze,
-    load_pretrained,
     replace_out_head,
+    starting_point,
     trainable_mask,
 )
 from gptflax.nnx_model import GPTModel
@@ -49,35 +49,25 @@ RUNS = "runs/quick/lab6" if QUICK else "runs/lab6"  # quick runs leave full runs
 rows = load_sms_spam()
 print(f"{len(rows):,} messages:", {k: sum(r[0] == k for r in rows) for k in ("ham", "spam")})
 texts, labels = balanced_spam(rows)
-splits = random_split(texts, labels, 0.7, 0.1)
+splits = random_split(texts, labels, 0.7, 0.1)  # = data.spam_splits()
 test_texts = splits[2][0]
 sizes = [len(t) for t, _ in splits]
 print(f"balanced: {len(texts):,}; train / val / test: {sizes}")
 
 # %% §6.3 Data loaders: pad every text with <|endoftext|> to the longest training text
 tokenizer = gpt2_tokenizer()
-train_loader, val_loader, test_loader = spam_loaders(tokenizer, batch_size=8)
+train_loader, val_loader, test_loader = spam_loaders(tokenizer, splits, batch_size=8)
 x_test, y_test = test_loader.arrays
 max_length = x_test.shape[1]
 num_batches = [len(loader) for loader in (train_loader, val_loader, test_loader)]
 print(f"padded to {max_length} tokens; batches: {num_batches}")
 
 
-# %% §6.4 The starting weights
-def starting_point():
-    if QUICK:
-        return "a fresh tiny model (quick mode)", TINY.replace(context_length=128), None
-    found = load_pretrained(os.path.abspath("runs/lab5/checkpoints"))
-    if found is not None:
-        return found
-    fresh = GPT_CONFIG_124M.replace(context_length=256)
-    return "a fresh 124M model (run `make lab-5` first for a pretrained one)", fresh, None
-
-
-source, cfg, params = starting_point()
-cfg = cfg.replace(drop_rate=0.0)  # the book fine-tunes without dropout
-if params is None:
-    params = model.init_params(jax.random.key(123), cfg)
+# %% §6.4 The starting weights: GPT-2 124M, else lab 5's model, else fresh (quick mode: tiny)
+if QUICK:
+    source, cfg, params = starting_point((), fresh_cfg=TINY.replace(context_length=128))
+else:
+    source, cfg, params = starting_point(("124M",), os.path.abspath("runs/lab5/checkpoints"))
 print(f"starting point: {source}\n{cfg}")
 assert max_length <= cfg.context_length
 

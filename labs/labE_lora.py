@@ -21,15 +21,15 @@ import numpy as np
 import optax
 
 from gptflax import model
-from gptflax.config import GPT_CONFIG_124M, TINY
+from gptflax.config import TINY
 from gptflax.data import spam_loaders
 from gptflax.finetune import (
     calc_accuracy_loader,
     classification_loss,
     count_trainable,
     freeze,
-    load_pretrained,
     replace_out_head,
+    starting_point,
     trainable_mask,
 )
 from gptflax.lora import init_lora, lora_loss, lora_optimizer, merge_lora
@@ -41,14 +41,9 @@ RANK, ALPHA = 16, 16
 train_loader, val_loader, test_loader = spam_loaders(gpt2_tokenizer(), batch_size=8)
 
 if QUICK:
-    source, cfg, params = "a fresh tiny model (quick mode)", TINY.replace(context_length=128), None
+    source, cfg, params = starting_point((), fresh_cfg=TINY.replace(context_length=128))
 else:
-    found = load_pretrained(os.path.abspath("runs/lab5/checkpoints"))
-    fresh = ("a fresh 124M model", GPT_CONFIG_124M.replace(context_length=256), None)
-    source, cfg, params = found or fresh
-cfg = cfg.replace(drop_rate=0.0)
-if params is None:
-    params = model.init_params(jax.random.key(123), cfg)
+    source, cfg, params = starting_point(("124M",), os.path.abspath("runs/lab5/checkpoints"))
 params = replace_out_head(params, jax.random.key(123), num_classes=2)
 print(f"starting point: {source}\n{cfg}")
 

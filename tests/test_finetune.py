@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gptflax import model
+from gptflax import checkpoint, model
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.data import DataLoader
 from gptflax.finetune import (
@@ -20,12 +20,14 @@ from gptflax.finetune import (
     count_trainable,
     freeze,
     replace_out_head,
+    starting_point,
     trainable_mask,
 )
 from gptflax.nnx_model import GPTModel
 from gptflax.train import make_optimizer
 
 pytestmark = pytest.mark.lab6
+KEY = jax.random.key(0)
 
 
 def test_the_124m_classifier_trains_the_last_block_final_norm_and_head():
@@ -103,3 +105,22 @@ def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg)
     np.testing.assert_allclose(w_part[2], w_full[2], rtol=1e-5, atol=1e-7)
     assert not np.any(part["tok_emb"]["embedding"])
     np.testing.assert_allclose(part["out_head"]["kernel"], full["out_head"]["kernel"], rtol=1e-5)
+
+
+def test_starting_point_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
+    tmp_path, monkeypatch, small_cfg
+):
+    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
+    monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
+    source, cfg, params = starting_point(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    assert source.startswith("fresh random weights") and "no checkpoint in" in source
+    assert cfg == small_cfg.replace(drop_rate=0.0)
+    assert model.count_params(params) == model.count_params(model.init_params(KEY, small_cfg))
+
+    saved_cfg = small_cfg.replace(drop_rate=0.1)
+    saved = model.init_params(jax.random.key(5), saved_cfg)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", 3, saved, cfg=saved_cfg)
+    source, cfg, params = starting_point(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    assert source == f"the checkpoint in {tmp_path / 'ckpt'}"
+    assert cfg == saved_cfg.replace(drop_rate=0.0)  # fine-tuning runs without dropout
+    jax.tree.map(np.testing.assert_array_equal, params, saved)

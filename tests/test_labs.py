@@ -34,5 +34,6 @@ def run_lab(name: str, cwd: Path) -> str:
     ],
 )
 def test_lab_runs_and_passes_its_checks(name, tmp_path):
-    assert run_lab(name, tmp_path).rstrip().endswith(f"lab {name}: all checks passed")
+    last_line = run_lab(name, tmp_path).rstrip().splitlines()[-1]
+    assert last_line.startswith(f"lab {name}: all checks passed"), last_line
     assert not (tmp_path / "runs" / f"lab{name}").exists()  # a full run's outputs stay untouched

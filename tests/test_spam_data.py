@@ -10,6 +10,7 @@ from gptflax.data import (
     load_sms_spam,
     random_split,
     spam_loaders,
+    spam_splits,
 )
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 
@@ -69,6 +70,7 @@ def test_longer_texts_are_cut_to_max_length():
 def test_spam_loaders_are_the_book_loaders(splits):
     tok = gpt2_tokenizer()
     train, val, test = spam_loaders(tok)
+    assert [texts for texts, _ in spam_splits()] == [texts for texts, _ in splits]
     assert [len(loader) for loader in (train, val, test)] == [130, 19, 38]
     assert train.shuffle and train.drop_last and not val.shuffle and not test.drop_last
     np.testing.assert_array_equal(test.arrays[0], encode_padded(splits[2][0], tok, 120))
