@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -29,8 +29,9 @@ def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray
 class DataLoader:
     """Batches of equally long arrays; seeded shuffling (a fresh order each epoch) and drop_last.
 
-    Iterating yields tuples of numpy arrays, one row per example. The order of epoch k depends only
-    on (seed, k), so a resumed run can continue with `set_epoch(k)` and see the same batches.
+    Iterating yields tuples of numpy arrays, one row per example, or `collate(*rows)` when given
+    (e.g. to pad variable-length examples, chapter 7). The order of epoch k depends only on
+    (seed, k), so a resumed run can continue with `set_epoch(k)` and see the same batches.
     """
 
     def __init__(
@@ -40,11 +41,13 @@ class DataLoader:
         shuffle: bool = False,
         drop_last: bool = True,
         seed: int = 0,
+        collate: Callable[..., tuple] | None = None,
     ):
         if len({len(a) for a in arrays}) != 1:
             raise ValueError(f"arrays differ in length: {[len(a) for a in arrays]}")
         self.arrays, self.batch_size = arrays, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.collate = collate
         self.epoch = 0
 
     @property
@@ -68,7 +71,8 @@ class DataLoader:
             idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if order is not None:
                 idx = order[idx]
-            yield tuple(a[idx] for a in self.arrays)
+            rows = tuple(a[idx] for a in self.arrays)
+            yield self.collate(*rows) if self.collate else rows
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """Iterate over the next epoch's batches."""

@@ -1,0 +1,267 @@
+"""Instruction fine-tuning (Book ch. 7): Alpaca-style prompts, the book's collation with -100
+targets, batched KV-cached responses, and scores for them (a local judge model through Ollama,
+and measures that need no server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from gptflax import datasets
+from gptflax.config import GPTConfig
+from gptflax.data import DataLoader
+from gptflax.generate import generate_cached, trim_at_eos
+from gptflax.tokenizer import EOT_ID
+from gptflax.train import IGNORE_INDEX
+
+INTRO = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+# --- data (Book §7.2) -----------------------------------------------------------------------------
+
+
+def load_instruction_data(path=None) -> list[dict]:
+    """The book's 1,100 entries, each with "instruction", "input" (maybe "") and "output"."""
+    path = path or datasets.resolve("instruction-data.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def format_input(entry: dict) -> str:
+    """The Alpaca-style prompt: intro, instruction, and the input when there is one (§7.2)."""
+    text = f"{INTRO}\n\n### Instruction:\n{entry['instruction']}"
+    return text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
+
+
+def split_instruction_data(data: list, train_frac=0.85, test_frac=0.10) -> tuple[list, list, list]:
+    """The book's split, in file order (no shuffling): 85% train, 10% test, the rest validation
+    -> (train, val, test); 935 / 55 / 110 entries for the book's file."""
+    train_end = int(len(data) * train_frac)
+    test_end = train_end + int(len(data) * test_frac)
+    return data[:train_end], data[test_end:], data[train_end:test_end]
+
+
+def encode_entries(entries: list[dict], tokenizer) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of prompt + response for each entry (the book's InstructionDataset), and each
+    prompt's length in tokens (to mask the instruction from the loss, exercise 7.2)."""
+    prompts = [tokenizer.encode(format_input(e) + RESPONSE_HEADER) for e in entries]
+    full = [tokenizer.encode(format_input(e) + RESPONSE_HEADER + e["output"]) for e in entries]
+    return full, np.array([len(p) for p in prompts], dtype=np.int32)
+
+
+# --- batches (Book §7.3) --------------------------------------------------------------------------
+
+
+def custom_collate_fn(
+    batch,
+    prompt_lengths=None,
+    *,
+    pad_token_id: int = EOT_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    pad_to_multiple: int = 1,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists -> (B, T) inputs and targets, as the book collates them (§7.3).
+
+    Each item gets one end-of-text token, which its target keeps (the model must learn to stop);
+    the padding after it is pad_token_id in the inputs and ignore_index in the targets, which the
+    loss skips. T is the longest item, rounded up to a multiple of pad_to_multiple and cut to
+    allowed_max_length; with batch_size, missing rows are added as padding whose targets are all
+    ignored. Both keep the shapes, and so the compilations, few. With prompt_lengths, the targets
+    that are prompt tokens are ignored too (the book's exercise 7.2).
+    """
+    width = max(len(item) for item in batch)  # the book's longest item + 1, minus the shift
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    width = min(width, allowed_max_length or width)
+    inputs = np.full((batch_size or len(batch), width), pad_token_id, dtype=np.int32)
+    targets = np.full_like(inputs, ignore_index)
+    for row, item in enumerate(batch):
+        n = min(len(item), width)
+        inputs[row, :n] = item[:n]
+        targets[row, :n] = [*item[1:], pad_token_id][:n]  # shifted, ending in one end token
+        if prompt_lengths is not None:
+            targets[row, : prompt_lengths[row] - 1] = ignore_index
+    return inputs, targets
+
+
+def instruction_loader(
+    encoded: list[list[int]],
+    batch_size: int = 8,
+    *,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 123,
+    prompt_lengths: np.ndarray | None = None,
+    **collate_options,
+) -> DataLoader:
+    """A loader of collated (B, T) inputs and targets; every batch has batch_size rows (§7.4).
+
+    collate_options go to `custom_collate_fn` (allowed_max_length, pad_to_multiple, ...).
+    """
+    items = np.empty(len(encoded), dtype=object)
+    for i, ids in enumerate(encoded):
+        items[i] = ids
+    arrays = (items,) if prompt_lengths is None else (items, prompt_lengths)
+    collate = partial(custom_collate_fn, batch_size=batch_size, **collate_options)
+    return DataLoader(
+        *arrays, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+        collate=collate,
+    )  # fmt: skip
+
+
+def batch_shapes(loader: DataLoader, num_epochs: int) -> set[tuple[int, int]]:
+    """The distinct input shapes over num_epochs: how many times a jitted step compiles."""
+    return {x.shape for epoch in range(num_epochs) for x, *_ in loader.batches(epoch)}
+
+
+# --- responses (Book §7.7) ------------------------------------------------------------------------
+
+
+class Completion(NamedTuple):
+    """What the model wrote after a prompt, up to its end-of-text token if it emitted one."""
+
+    text: str
+    finished: bool
+
+    @property
+    def response(self) -> str:
+        """The answer without the response header, as the book extracts it."""
+        return self.text.replace("### Response:", "").strip()
+
+    @property
+    def follows_format(self) -> bool:
+        """Opens with the response header, says something, stops, and starts no new section."""
+        body = self.text.removeprefix(RESPONSE_HEADER)
+        return self.finished and body != self.text and bool(body.strip()) and "###" not in body
+
+
+def generate_responses(
+    params: dict,
+    entries: list[dict],
+    tokenizer,
+    cfg: GPTConfig,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+) -> list[Completion]:
+    """Greedy completions of each entry's prompt, batch_size prompts at a time with the KV cache,
+    stopping at end-of-text (§7.7). max_new_tokens is cut to what the context leaves after the
+    longest prompt. A short last batch is filled up with copies, so it compiles nothing new."""
+    prompts = [tokenizer.encode(format_input(e)) for e in entries]
+    max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        filled = chunk + [chunk[0]] * (batch_size - len(chunk))
+        new_ids = generate_cached(params, filled, max_new_tokens, cfg, eos_id=EOT_ID)
+        for row in new_ids[: len(chunk)]:
+            kept = trim_at_eos(row, EOT_ID)
+            completions.append(Completion(tokenizer.decode(kept), len(kept) < len(row)))
+    return completions
+
+
+def save_json(obj, path: str | Path) -> Path:
+    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=4)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+# --- scoring (Book §7.8) --------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def token_f1(response: str, reference: str) -> float:
+    """Word-overlap F1 between a response and the reference answer, 0-1 (lowercased, no
+    punctuation): a rough score that needs no judge model."""
+    common = sum((Counter(_words(response)) & Counter(_words(reference))).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(_words(response)), common / len(_words(reference))
+    return 2 * precision * recall / (precision + recall)
+
+
+OLLAMA_URL = "http://localhost:11434/api/chat"
+
+
+class JudgeUnavailable(RuntimeError):
+    """No Ollama server answered."""
+
+
+def query_model(
+    prompt: str, model: str = "llama3", url: str = OLLAMA_URL, timeout: float = 120.0
+) -> str:
+    """Ask a model served by Ollama (its /api/chat), deterministically: seed 123, temperature 0,
+    2,048 tokens of context, as in the book. Returns the reply text."""
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
+    }
+    post = urllib.request.Request(
+        url, data=json.dumps(request).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(post, timeout=timeout) as reply:
+            lines = reply.read().decode("utf-8").splitlines()
+    except urllib.error.HTTPError as e:
+        raise JudgeUnavailable(f"Ollama at {url} refused the request: {e}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise JudgeUnavailable(
+            f"no Ollama server at {url} ({e}). Install Ollama (https://ollama.com), run "
+            f"`ollama serve` and `ollama pull {model}`, then score again; the offline scores "
+            "(held-out loss, token_f1) need no server."
+        ) from e
+    chunks = [json.loads(line) for line in lines if line.strip()]  # streamed JSON lines
+    return "".join(chunk["message"]["content"] for chunk in chunks if "message" in chunk)
+
+
+def judge_prompt(entry: dict, response: str) -> str:
+    """Ask for a 0-100 score of the response, given the prompt and the reference answer."""
+    return (
+        f"Here is a task: `{format_input(entry)}`\n"
+        f"The reference answer is `{entry['output']}`.\n"
+        f"Rate this answer from 0 (worst) to 100 (best): `{response}`.\n"
+        "Reply with the number only."
+    )
+
+
+def generate_model_scores(
+    entries: list[dict], json_key: str = "model_response", model: str = "llama3", **query
+) -> tuple[list[int], int]:
+    """Judge's 0-100 scores of entry[json_key] for each entry, and how many replies had no
+    number in range (those are left out of the scores), as in Book §7.8."""
+    scores, unreadable = [], 0
+    for entry in entries:
+        reply = query_model(judge_prompt(entry, entry[json_key]), model, **query)
+        number = re.search(r"\d+", reply)
+        if number is not None and 0 <= int(number.group()) <= 100:
+            scores.append(int(number.group()))
+        else:
+            unreadable += 1
+    return scores, unreadable
