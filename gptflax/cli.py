@@ -13,6 +13,7 @@ from gptflax import checkpoint, datasets, model
 from gptflax.config import GPT2_PRESETS, TINY, GPTConfig
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, trim_at_eos
+from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, text_to_token_ids
 from gptflax.train import (
@@ -101,6 +102,8 @@ def train_main(argv: list[str] | None = None) -> int:
         state, history = resume(ckpt_dir, state, cfg)
         print(f"resuming after epoch {history.epochs_done} (step {int(state.step)})")
     print(f"{path}: {len(text):,} characters; {len(train_loader)} batches per epoch; {cfg}")
+    mesh = data_mesh(args.batch_size)
+    print(f"data parallel over {mesh.size} of {len(jax.devices())} {jax.default_backend()} devices")
     tokenizer = gpt2_tokenizer()
     state, history = fit(
         state,
@@ -115,6 +118,7 @@ def train_main(argv: list[str] | None = None) -> int:
         checkpoint_dir=ckpt_dir,
         history=history,
         sample_fn=lambda p: sample_text(p, tokenizer, args.start_context, cfg),
+        mesh=mesh,
     )
     epochs = np.linspace(0, args.epochs, len(history.train_losses))
     plot = plot_losses(

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from gptflax import checkpoint
+from gptflax import checkpoint, parallel
 from gptflax.config import GPTConfig
 from gptflax.data import DataLoader
 from gptflax.model import forward
@@ -187,6 +188,7 @@ def fit(
     epoch_metrics: Callable[[dict], dict] | None = None,
     checkpoint_dir: str | Path | None = None,
     history: History | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, History]:
     """Train for num_epochs, evaluating every eval_freq steps (Book §5.2's train_model_simple).
 
@@ -195,9 +197,12 @@ def fit(
     (e.g. accuracies, §6.7) are recorded. With `checkpoint_dir`, saves after every epoch; pass
     the state and history of `resume(...)` to continue an interrupted run: the result is the
     same as an uninterrupted run's. Each step donates its state to save memory, so the arrays
-    of the `state` passed in are consumed: use the returned state, or copy first.
+    of the `state` passed in are consumed: use the returned state, or copy first. With a `mesh`
+    (`parallel.data_mesh`), the state is replicated and every batch split across its devices.
     """
     history = history or History()
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
     loss = loss or partial(loss_fn, cfg=cfg)
     step_fn = jax.jit(partial(train_step, loss=loss, tx=tx), donate_argnums=0)
     eval_fn = jax.jit(loss)
@@ -207,6 +212,8 @@ def fit(
     for epoch in range(history.epochs_done, num_epochs):
         for batch in train_loader.batches(epoch):
             t0 = time.perf_counter()
+            if mesh is not None:
+                batch = parallel.shard_batch(batch, mesh)
             state, metrics = step_fn(state, batch, key)
             value = float(metrics["loss"])  # waits for the step: honest timings
             tokens = batch[0].size

@@ -25,6 +25,7 @@ from gptflax.generate import (
     softmax_with_temperature,
     top_k_logits,
 )
+from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 from gptflax.train import (
@@ -87,6 +88,8 @@ print(f"before training: train loss {initial_train_loss:.4f}, val loss {initial_
 # %% §5.2 Training: a jitted AdamW step, evaluation every 5 steps, a sample after each epoch
 tx = make_optimizer(learning_rate=4e-4, weight_decay=0.1)
 state = init_train_state(params, tx)
+mesh = data_mesh(train_loader.batch_size)  # batches split over the devices this machine has
+print(f"data parallel over {mesh.size} {jax.default_backend()} device(s)")
 state, history = fit(
     state,
     train_loader,
@@ -98,6 +101,7 @@ state, history = fit(
     eval_freq=5,
     eval_iter=5,
     sample_fn=lambda p: sample_text(p, tokenizer, start_context, cfg, max_new_tokens=50),
+    mesh=mesh,
 )
 params = state.params
 epochs_seen = np.linspace(0, NUM_EPOCHS, len(history.train_losses))
