@@ -127,15 +127,23 @@ def multi_head_attention(
     *,
     drop_rate: float = 0.0,
     key: jax.Array | None = None,
+    fused: bool = False,
 ) -> jax.Array:
     """Causal multi-head attention with one matmul per projection: (B, T, D) -> (B, T, D).
 
     Book §3.6.2: project once, split the projections into heads, attend per head, merge, project.
+    The softmax runs in float32 whatever the compute dtype. `fused` hands the attention itself to
+    `jax.nn.dot_product_attention` (cuDNN flash attention on a GPU; no attention dropout).
     """
+    if fused:
+        b, t, d = x.shape
+        heads = (y.reshape(b, t, n_heads, d // n_heads) for y in qkv(params, x))  # (B, T, H, Dh)
+        context = jax.nn.dot_product_attention(*heads, is_causal=True).reshape(b, t, d)
+        return nn.linear(params["out_proj"], context)
     queries, keys, values = (split_heads(y, n_heads) for y in qkv(params, x))  # (B, H, T, Dh)
     attn_scores = queries @ keys.swapaxes(-1, -2)  # (B, H, T, T)
-    attn_weights = causal_softmax(attn_scores / keys.shape[-1] ** 0.5)
-    attn_weights = nn.dropout(attn_weights, drop_rate, key)
+    attn_weights = causal_softmax(attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5)
+    attn_weights = nn.dropout(attn_weights.astype(x.dtype), drop_rate, key)
     context = merge_heads(attn_weights @ values)  # (B, T, D)
     return nn.linear(params["out_proj"], context)
 
@@ -159,7 +167,7 @@ def multi_head_attention_cached(
     attn_scores = jnp.einsum("bhsd,bthd->bhst", queries, cache_k)  # (B, H, S, T_max)
     slots = jnp.arange(cache_k.shape[1])  # (T_max,)
     visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, S, T_max)
-    masked = jnp.where(visible, attn_scores / keys.shape[-1] ** 0.5, -jnp.inf)
-    attn_weights = jax.nn.softmax(masked, axis=-1)
+    scaled = attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5
+    attn_weights = jax.nn.softmax(jnp.where(visible, scaled, -jnp.inf), axis=-1).astype(x.dtype)
     context = jnp.einsum("bhst,bthd->bhsd", attn_weights, cache_v)  # (B, H, S, Dh)
     return nn.linear(params["out_proj"], merge_heads(context)), (cache_k, cache_v)

@@ -86,7 +86,7 @@ def load_checkpoint(
     `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`).
     """
     step, meta = read_meta(directory, step)
-    if meta["config"] != cfg:
+    if not meta["config"].same_weights_as(cfg):
         raise CheckpointError(
             f"checkpoint {directory}/{step} was saved for {meta['config']}, "
             f"not for {cfg}: load it with its own config (gptflax.checkpoint.read_meta tells it)"

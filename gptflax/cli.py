@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -19,7 +20,9 @@ from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, text_to_token_ids
 from gptflax.train import (
     fit,
     init_train_state,
+    loss_fn,
     make_optimizer,
+    mixed_precision,
     resume,
     warmup_cosine_schedule,
 )
@@ -65,6 +68,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
     p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--bf16", action="store_true", help="bf16 compute, float32 master weights")
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="jax.nn.dot_product_attention (cuDNN flash attention on GPUs); needs --drop-rate 0",
+    )
     p.add_argument(
         "--start-context",
         default="Every effort moves you",
@@ -82,7 +91,14 @@ def train_main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         sys.exit(f"no text file {path}")
     text = path.read_text(encoding="utf-8")
-    cfg = PRESETS[args.model].replace(context_length=args.context_length, drop_rate=args.drop_rate)
+    try:
+        cfg = PRESETS[args.model].replace(
+            context_length=args.context_length,
+            drop_rate=args.drop_rate,
+            fused_attention=args.fused_attention,
+        )
+    except ValueError as e:
+        sys.exit(f"bad model settings: {e}")
     try:
         train_loader, val_loader = train_val_loaders(
             text, cfg.context_length, args.batch_size, args.train_ratio, args.seed
@@ -119,6 +135,7 @@ def train_main(argv: list[str] | None = None) -> int:
         history=history,
         sample_fn=lambda p: sample_text(p, tokenizer, args.start_context, cfg),
         mesh=mesh,
+        loss=mixed_precision(partial(loss_fn, cfg=cfg)) if args.bf16 else None,
     )
     epochs = np.linspace(0, args.epochs, len(history.train_losses))
     plot = plot_losses(

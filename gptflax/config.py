@@ -20,16 +20,29 @@ class GPTConfig:
     n_layers: int = 12
     drop_rate: float = 0.1
     qkv_bias: bool = False
+    # How attention runs, not what it computes: jax.nn.dot_product_attention (cuDNN's fused
+    # flash attention on a GPU) instead of the book's explicit softmax(QK^T)V. It has no dropout
+    # on the attention weights, so it needs drop_rate = 0.
+    fused_attention: bool = False
 
     def __post_init__(self):
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate={self.drop_rate} must lie in [0, 1)")
+        if self.fused_attention and self.drop_rate:
+            raise ValueError(
+                "fused_attention has no attention dropout: use it with drop_rate=0.0 "
+                f"(got {self.drop_rate}), or keep fused_attention=False"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    def same_weights_as(self, other: GPTConfig) -> bool:
+        """Whether params made for `other` fit this config (all fields but fused_attention)."""
+        return self.replace(fused_attention=other.fused_attention) == other
 
     def replace(self, **changes) -> GPTConfig:
         """A copy with some fields changed, e.g. `cfg.replace(context_length=256)`."""

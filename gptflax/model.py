@@ -77,7 +77,9 @@ def block(params: dict, x: jax.Array, cfg: GPTConfig, *, key: jax.Array | None =
     k_att, k_drop1, k_drop2 = _split(key, 3)
     shortcut = x
     x = nn.layer_norm(params["norm1"], x)
-    x = multi_head_attention(params["att"], x, cfg.n_heads, drop_rate=cfg.drop_rate, key=k_att)
+    x = multi_head_attention(
+        params["att"], x, cfg.n_heads, drop_rate=cfg.drop_rate, key=k_att, fused=cfg.fused_attention
+    )
     x = nn.dropout(x, cfg.drop_rate, k_drop1) + shortcut
     shortcut = x
     x = feed_forward(params["ff"], nn.layer_norm(params["norm2"], x))

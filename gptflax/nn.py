@@ -44,10 +44,14 @@ def init_layer_norm(dim: int) -> dict:
 
 
 def layer_norm(params: dict, x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Normalise the last axis with the biased variance, then scale and shift (Book §4.2)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, keepdims=True)  # biased, like torch's unbiased=False
-    return params["scale"] * (x - mean) / jnp.sqrt(var + eps) + params["shift"]
+    """Normalise the last axis with the biased variance, then scale and shift (Book §4.2).
+
+    The statistics are computed in float32 and the result has x's dtype (bf16 stays bf16)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = x32.var(axis=-1, keepdims=True)  # biased, like torch's unbiased=False
+    normed = ((x32 - mean) / jnp.sqrt(var + eps)).astype(x.dtype)
+    return params["scale"] * normed + params["shift"]
 
 
 def gelu(x: jax.Array) -> jax.Array:

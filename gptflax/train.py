@@ -56,6 +56,20 @@ def loss_fn(
     return cross_entropy(forward(params, inputs, cfg, key=key), targets)
 
 
+def mixed_precision(loss: Callable, dtype=jnp.bfloat16) -> Callable:
+    """`loss` computed in `dtype` (bf16 matmuls) from float32 master weights: the params are cast
+    on the way in, so their gradients come back in float32 for the optimizer. Layer-norm
+    statistics, attention softmax and the loss itself stay in float32."""
+
+    def loss_in_dtype(params, *batch, **kwargs):
+        cast = jax.tree.map(
+            lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+        )
+        return loss(cast, *batch, **kwargs)
+
+    return loss_in_dtype
+
+
 def perplexity(loss: float) -> float:
     """exp(loss): the effective number of tokens the model hesitates between (Book §5.1.2)."""
     return math.exp(loss)

@@ -65,3 +65,11 @@ def test_a_text_too_short_for_the_context_is_a_clear_error(tmp_path):
     short.write_text("Only a few words here.")
     with pytest.raises(SystemExit, match="too few for max_length"):
         train_main([str(short), *TINY_RUN, "--run-dir", str(tmp_path / "r")])
+
+
+def test_bf16_and_fused_attention_train_from_the_command_line(tmp_path, capsys):
+    args = [*TINY_RUN, "--epochs", "1", "--drop-rate", "0", "--run-dir", str(tmp_path)]
+    assert train_main([*args, "--bf16", "--fused-attention"]) == 0
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    with pytest.raises(SystemExit, match="fused_attention has no attention dropout"):
+        train_main([*TINY_RUN, "--fused-attention", "--run-dir", str(tmp_path / "b")])
