@@ -8,7 +8,7 @@ LAB_ORDER := A 2 3 4 5 6 7 D E
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-torch test lint format labs clean
+.PHONY: help setup setup-torch test bench lint format labs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -34,6 +34,9 @@ $(TORCH_STAMP): $(STAMP)
 
 test: setup ## run the test suite (every lab too, in quick mode)
 	$(PY) -m pytest
+
+bench: setup-torch ## time training and generation beside the book's PyTorch code (runs/bench/)
+	$(PY) bench/bench.py --out runs/bench
 
 lint: setup ## check style with ruff
 	$(VENV)/bin/ruff check .
