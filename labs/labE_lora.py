@@ -143,7 +143,7 @@ if cfg.emb_dim == 768 and cfg.n_layers == 12:  # the 124M classifier
     assert n_lora < n_last_block  # 2,666,528 LoRA vs 7,088,642 last-block parameters
 if source.startswith("OpenAI"):  # the appendix's result is about 97.7% test accuracy
     assert after["test"] >= 0.95, after
-else:  # quick: measured 84.7% test; full (lab 5's model): provisional, from lab 6's measured
-    # 83.9% val / 85.3% test on the same start; LoRA's own full run is not measured yet (issue 5)
+else:  # measured: quick 84.7% test; from lab 5's model (2 epochs) 87.3% test, 85.2% val,
+    # 87.8% train (lab 6's last-block run: 85.3% test); a coin flip gets 50%
     assert after["test"] >= (0.70 if QUICK else 0.80), after
 print(f"lab E: all checks passed (starting point: {source})")
