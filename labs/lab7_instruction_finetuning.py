@@ -95,18 +95,23 @@ print(f"{len(shapes)} times (per-batch lengths, as in the book, would give ~40 s
 eval_loss = jax.jit(partial(loss_fn, cfg=cfg))
 
 
-def losses(p, num_batches=None):
+def losses(p):
+    """Mean loss on the first 10 training batches and on all of validation and test."""
+
     def loss_of(x, y):
         return eval_loss(p, x, y)
 
     return {
-        name: calc_loss_loader(loss_of, loader, num_batches)
-        for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
+        "train": calc_loss_loader(loss_of, train_loader, num_batches=10),
+        "val": calc_loss_loader(loss_of, val_loader),
+        "test": calc_loss_loader(loss_of, test_loader),
     }
 
 
-before = losses(params, num_batches=5)
-print("loss before fine-tuning (5 batches):", {k: round(v, 4) for k, v in before.items()})
+before = losses(params)
+print("loss before fine-tuning:", {k: round(v, 4) for k, v in before.items()})
+val_5 = calc_loss_loader(partial(eval_loss, params), val_loader, num_batches=5)
+print(f"validation loss over the first 5 batches, as the book measures it: {val_5:.4f}")
 completions_before = generate_responses(params, test_data, tokenizer, cfg)
 print("before fine-tuning, test entry 0 gets:", repr(completions_before[0].text[:200]))
 
@@ -138,7 +143,7 @@ epochs_seen = np.linspace(0, NUM_EPOCHS, len(history.train_losses))
 plot_losses(epochs_seen, history.tokens_seen, history.train_losses, history.val_losses,
             f"{RUNS}/loss.png")  # fmt: skip
 after = losses(tuned)
-print("loss after fine-tuning (whole splits):", {k: round(v, 4) for k, v in after.items()})
+print("loss after fine-tuning:", {k: round(v, 4) for k, v in after.items()})
 
 # %% §7.7 Answers for the test set: batched, KV-cached, greedy, stopping at <|endoftext|>
 completions = generate_responses(tuned, test_data, tokenizer, cfg)
@@ -190,10 +195,11 @@ assert len(saved) == 110 and all(
 )
 assert all(jax.tree.leaves(jax.tree.map(np.array_equal, reloaded, tuned)))
 if source == "OpenAI's GPT-2 355M":  # the book's reference: 3.7619 before, ~0.65 after
-    assert abs(before["val"] - 3.7619) < 0.01 and after["val"] < 0.8
+    assert abs(val_5 - 3.7619) < 0.01 and after["val"] < 0.8
 if QUICK:  # measured: val loss 10.96 -> 7.93 (200 examples, 50 steps); format not learned yet
     assert after["val"] < before["val"] - 2.0
-else:  # measured:
-    assert after["val"] < before["val"] - 2.0
+elif not source.startswith("OpenAI"):  # measured from lab 5's model (lr 2e-4): val loss 9.15 ->
+    # 1.92, answers in the format 0% -> 90.9%, word-overlap F1 0.029 -> 0.221 (47 min, 2 cores)
+    assert after["val"] < before["val"] - 4.0
     assert in_format >= 0.8 and f1 > f1_before + 0.1
 print(f"lab 7: all checks passed (starting point: {source})")
