@@ -54,7 +54,9 @@ def test_sharded_steps_equal_single_device_steps(small_cfg, drop_rate):
     single, single_losses = run(None)
     sharded, sharded_losses = run(parallel.data_mesh())
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-6)
-    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), sharded, single)
+    # Gradients are summed in another order across devices; Adam divides by sqrt(nu), which can
+    # magnify a last-bit difference of a near-zero gradient. 1e-6 is 0.1% of one step (lr 1e-3).
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), sharded, single)
     leaf = jax.tree.leaves(sharded.params)[0]
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
 
