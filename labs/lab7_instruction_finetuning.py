@@ -97,10 +97,7 @@ eval_loss = jax.jit(partial(loss_fn, cfg=cfg))
 
 def losses(p):
     """Mean loss on the first 10 training batches and on all of validation and test."""
-
-    def loss_of(x, y):
-        return eval_loss(p, x, y)
-
+    loss_of = partial(eval_loss, p)
     return {
         "train": calc_loss_loader(loss_of, train_loader, num_batches=10),
         "val": calc_loss_loader(loss_of, val_loader),
