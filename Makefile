@@ -6,6 +6,13 @@ STAMP := $(VENV)/.installed-stamp
 # Labs in reading order: the JAX primer first, then chapters 2-7, then appendices D and E.
 LAB_ORDER := A 2 3 4 5 6 7 D E
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
+# glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
+# allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
+# back to the kernel, and touching them again the next step costs about a million page faults
+# (2 s of kernel time per 124M step at batch 8). Measured: 124M step, batch 2, 4.39 s -> 3.18 s.
+export MALLOC_ARENA_MAX ?= 1
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-torch test bench lint format labs clean

@@ -49,6 +49,12 @@ SMALL = GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4, drop_r
 M124 = GPT_CONFIG_124M.replace(context_length=256)
 
 
+SETTLE_S = 0.5  # pause before each timed call: the other library's idle threads stop spinning
+# glibc settings the Makefile exports (see there): without them every XLA step page-faults its
+# scratch memory in again, and JAX's times here come out 15-35% slower.
+MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+
+
 def summary(times: list[float]) -> dict:
     return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
@@ -68,6 +74,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
         first[name] = time.perf_counter() - t0
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -266,6 +273,10 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_gflops"].items()),
         f"load average before / after: {report['load_before']:.2f} / {report['load_after']:.2f} "
         f"on {report['cpus']} CPUs{' (the machine looked loaded)' if report['loaded'] else ''}",
+        "glibc malloc: "
+        + ", ".join(f"{k}={v}" for k, v in report["malloc_env"].items() if v is not None)
+        if any(report["malloc_env"].values())
+        else "glibc malloc: defaults (run through `make bench` for the settings the Makefile sets)",
         "",
         "## Train step (AdamW, dropout 0.1)",
         "",
@@ -341,6 +352,7 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(),
         "jax": jax.__version__,
         "torch": torch.__version__ if torch is not None else None,
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
         "matmul_n": n,
         "matmul_gflops": peak_by,
         "train": [],
@@ -366,7 +378,7 @@ def main(argv=None) -> int:
         "results": bench_generate(gen_cfg, new_tokens, max(2, args.repeats // 2)),
     }
     report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
-    report["loaded"] = max(load_before, report["load_after"]) > 0.5
+    report["loaded"] = load_before > 0.5  # the load after is mostly this benchmark's own
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))

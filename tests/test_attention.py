@@ -61,6 +61,21 @@ def test_dropout_zeroes_about_rate_and_keeps_the_mean():
     assert nn.dropout(x, 0.5, None) is x  # no key: evaluation, identity
 
 
+def test_dropout_at_the_gpt_rate_on_an_odd_size_keeps_the_mean_exactly():
+    x = jnp.ones((3, 1001, 37))  # odd size: the last random word decides one element
+    y = nn.dropout(x, 0.1, jax.random.key(1))
+    dropped = y == 0
+    assert abs(float(dropped.mean()) - 0.1) < 0.003
+    kept_value = 2**16 / (2**16 - round(0.1 * 2**16))  # 1 / (1 - 0.1000061)
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, kept_value], rtol=1e-7)
+    # the two 16-bit halves of a word decide far-apart elements independently
+    flat, half = np.asarray(dropped).ravel(), x.size // 2
+    first, second = flat[:half], flat[-half:]
+    assert abs(float(np.corrcoef(first, second)[0, 1])) < 0.01
+    with pytest.raises(ValueError, match="dropout rate"):
+        nn.dropout(x, 1.0, jax.random.key(1))
+
+
 def test_causal_attention_ignores_the_future():
     params = A.init_qkv(jax.random.key(0), 3, 4)
     x = jax.random.normal(jax.random.key(1), (2, 6, 3))

@@ -50,6 +50,20 @@ def test_layer_norm_and_gelu_against_independent_formulas():
     np.testing.assert_allclose(nn.gelu(x), jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-7)
 
 
+def test_gelu_derivative_written_out_matches_autodiff_of_the_formula():
+    x = jnp.linspace(-6.0, 6.0, 241)
+    ours = jax.vmap(jax.grad(nn.gelu))(x)
+    autodiff = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=True)))(x)
+    np.testing.assert_allclose(ours, autodiff, rtol=1e-5, atol=1e-6)
+    second = jax.vmap(jax.grad(jax.grad(nn.gelu)))(x)  # the custom rule is differentiable too
+    np.testing.assert_allclose(
+        second,
+        jax.vmap(jax.grad(jax.grad(lambda v: jax.nn.gelu(v, approximate=True))))(x),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_params(small_cfg):
     return model.init_params(jax.random.key(123), small_cfg)
