@@ -64,6 +64,27 @@ def test_gelu_derivative_written_out_matches_autodiff_of_the_formula():
     )
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 7), (2, 3, 7)])
+def test_linear_flattened_matmul_and_its_gradients_match_einsum(shape):
+    layer = nn.init_linear(jax.random.key(0), 7, 4)
+    x = jax.random.normal(jax.random.key(1), shape)
+
+    def reference(p, x):  # the contraction over the last axis, leading axes left as they are
+        return jnp.einsum("...i,io->...o", x, p["kernel"]) + p["bias"]
+
+    y = nn.linear(layer, x)
+    assert y.shape == (*shape[:-1], 4)
+    np.testing.assert_allclose(y, reference(layer, x), rtol=1e-6, atol=1e-6)
+    weights = jax.random.normal(jax.random.key(2), y.shape)  # a loss that weighs every output
+
+    def loss(f):
+        return lambda p, x: jnp.sum(f(p, x) * weights)
+
+    ours, theirs = (jax.grad(loss(f), argnums=(0, 1))(layer, x) for f in (nn.linear, reference))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny_params(small_cfg):
     return model.init_params(jax.random.key(123), small_cfg)
