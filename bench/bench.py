@@ -4,7 +4,9 @@ Writes runs/bench/bench.json and runs/bench/bench.md. Every timing is a min and 
 several runs after a warm-up (the compile time is reported on its own). JAX and PyTorch steps are
 interleaved on the same batch, so a load that comes and goes hits both alike. The PyTorch rows
 need `make setup-torch` (torch and the book's llms-from-scratch package); without it they are left
-out. `--quick` runs small sizes only, to check the script itself.
+out. `--quick` runs small sizes only, to check the script itself. `--gpu` (`make bench-gpu`) is the
+accelerator benchmark instead: the 124M train step at context 1024 in fp32, bf16 and bf16 with
+fused attention, and its model-FLOPs utilisation (runs/bench/bench_gpu.json and bench_gpu.md).
 """
 
 from __future__ import annotations
@@ -83,12 +85,12 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return {name: {**summary(t), "compile_s": first[name]} for name, t in times.items()}
 
 
-def matmul_gflops(n: int, repeats: int = 5) -> dict:
-    """fp32 matmul throughput of this machine at n^3, for JAX (XLA) and PyTorch (MKL/oneDNN)."""
-    a = jax.random.normal(jax.random.key(0), (n, n))
+def matmul_gflops(n: int, repeats: int = 5, dtype=jnp.float32) -> dict:
+    """Matmul throughput of this machine at n^3, for JAX (XLA) and, in fp32 on a CPU, PyTorch."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     mm = jax.jit(lambda a, b: a @ b)
     fns = {"jax": lambda: wait(mm(a, a))}
-    if torch is not None:
+    if torch is not None and dtype == jnp.float32 and jax.default_backend() == "cpu":
         t = torch.randn(n, n)
         fns["torch"] = lambda: t @ t
     res = interleaved(fns, repeats)
@@ -104,9 +106,9 @@ def train_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
     return 3 * 2 * batch * seq * (matmul_params + attention / 2)
 
 
-def starting_models(cfg: GPTConfig):
+def starting_models(cfg: GPTConfig, with_torch: bool = True):
     """(the book's PyTorch GPTModel or None, our params with the same weights)."""
-    if torch is None:
+    if torch is None or not with_torch:
         return None, model.init_params(jax.random.key(0), cfg)
     torch.manual_seed(123)
     book_model = book.GPTModel(dataclasses.asdict(cfg))
@@ -114,8 +116,10 @@ def starting_models(cfg: GPTConfig):
     return book_model, from_book_state_dict(state, cfg)
 
 
-def bench_train(cfg: GPTConfig, batch: int, repeats: int, peak: float, bf16=False) -> dict:
-    tm, params = starting_models(cfg)
+def bench_train(
+    cfg: GPTConfig, batch: int, repeats: int, peak: float, bf16=False, with_torch=True
+) -> dict:
+    tm, params = starting_models(cfg, with_torch)
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32)
     y = np.roll(x, -1, axis=1)
@@ -267,6 +271,63 @@ def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int) -> dict:
     return res
 
 
+# Dense bf16 peak of the SXM parts, TFLOP/s, from NVIDIA's datasheets: what MFU is measured against.
+NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def nominal_bf16_tflops(device_kind: str) -> float | None:
+    return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in device_kind), None)
+
+
+def gpu_report(cfg: GPTConfig, batch: int, repeats: int, n: int) -> dict:
+    """The accelerator benchmark: the train step in fp32, in bf16, and in bf16 with fused
+    attention (dropout 0 throughout: the fused kernel has none), with its model-FLOPs utilisation
+    against the chip's nominal bf16 peak and against the bf16 matmul throughput measured here."""
+    peak = matmul_gflops(n, dtype=jnp.bfloat16)["jax"]
+    kind = jax.devices()[0].device_kind
+    nominal = nominal_bf16_tflops(kind)
+    cfg = cfg.replace(drop_rate=0.0)
+    variants = {"fp32": (cfg, False), "bf16": (cfg, True),
+                "bf16 + fused attention": (cfg.replace(fused_attention=True), True)}  # fmt: skip
+    rows = []
+    for name, (c, bf16) in variants.items():
+        print(f"train step: {name}, batch {batch}, context {c.context_length}", flush=True)
+        r = bench_train(c, batch, repeats, peak, bf16=bf16, with_torch=False)["gptflax (jax.jit)"]
+        achieved = r["model_tflops_per_step"] / r["min_s"]  # TFLOP/s
+        r["mfu"] = achieved / nominal if nominal else None
+        rows.append({"variant": name, "results": r})
+    return {"device_kind": kind, "nominal_bf16_tflops": nominal, "bf16_matmul_gflops": peak,
+            "matmul_n": n, "config": f"{cfg.n_layers} layers x {cfg.emb_dim}, context "
+            f"{cfg.context_length}", "batch": batch, "train": rows}  # fmt: skip
+
+
+def gpu_markdown(report: dict) -> str:
+    g = report["gpu"]
+    nominal = g["nominal_bf16_tflops"]
+    lines = [
+        f"# gptflax on an accelerator ({report['date']}, {g['device_kind']}, jax {report['jax']})",
+        "",
+        f"bf16 matmul throughput measured at {g['matmul_n']}^3: "
+        f"{g['bf16_matmul_gflops'] / 1e3:.0f} TFLOP/s; nominal dense bf16 peak: "
+        + (f"{nominal:.0f} TFLOP/s" if nominal else "unknown for this device"),
+        "",
+        f"## Train step, {g['config']}, batch {g['batch']} (AdamW, no dropout)",
+        "",
+        "| variant | compile s | min s | median s | tokens/s | model TFLOP/s | MFU "
+        "| share of measured matmul peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in g["train"]:
+        r = row["results"]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        lines.append(
+            f"| {row['variant']} | {r['compile_s']:.1f} | {r['min_s']:.4f} | {r['median_s']:.4f} "
+            f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_step'] / r['min_s']:.1f} | {mfu} "
+            f"| {r['share_of_matmul_peak']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# gptflax benchmarks ({report['date']}, {report['device']})",
@@ -330,7 +391,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small sizes only (checks the script)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the accelerator benchmark: 124M at context 1024, fp32 / bf16 / fused, "
+                   "MFU (writes bench_gpu.json and bench_gpu.md)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=32, help="batch size of the --gpu train step")
     args = p.parse_args(argv)
+    if args.gpu:
+        return gpu_main(args)
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
     load_before = os.getloadavg()[0]
@@ -386,6 +453,26 @@ def main(argv=None) -> int:
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
     print(markdown(report))
+    return 0
+
+
+def gpu_main(args) -> int:
+    if jax.default_backend() == "cpu" and not args.quick:
+        raise SystemExit(
+            "--gpu found no accelerator: JAX runs on the CPU here. Install jax[cuda12] (or the "
+            "TPU build) on a machine with one, or add --quick to check the script on the CPU."
+        )
+    cfg = GPT_CONFIG_124M  # context 1024, as GPT-2 was trained
+    if args.quick:
+        cfg = SMALL.replace(context_length=64, emb_dim=64, n_layers=2)
+    report = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+              "gpu": gpu_report(cfg, args.batch if not args.quick else 2, args.repeats,
+                                512 if args.quick else 8192)}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
+    (out / "bench_gpu.md").write_text(gpu_markdown(report))
+    print(gpu_markdown(report))
     return 0
 
 
