@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptflax.config import GPTConfig
-from gptflax.model import forward, forward_cached, init_cache
+from gptflax.model import forward, forward_cached, init_cache, unstack_blocks
 
 MIN_WINDOW = 8
 
@@ -141,6 +141,7 @@ def _decode_with_cache(
     Padding slots in the cache are overwritten by new tokens before any query can see them.
     """
     batch = window.shape[0]
+    params = unstack_blocks(params)  # once, so no token slices a layer out of the stack
     cache = init_cache(cfg, batch, params["tok_emb"]["embedding"].dtype)
     logits, cache = forward_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
     last_logits = logits[jnp.arange(batch), lengths - 1]  # (B, V)
