@@ -386,6 +386,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(report: dict, table: str, out: Path, name: str) -> None:
+    """Write out/name.json and out/name.md, and print the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
@@ -448,11 +456,7 @@ def main(argv=None) -> int:
     }
     report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
     report["loaded"] = load_before > 0.5  # the load after is mostly this benchmark's own
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.md").write_text(markdown(report))
-    print(markdown(report))
+    save(report, markdown(report), Path(args.out), "bench")
     return 0
 
 
@@ -468,11 +472,7 @@ def gpu_main(args) -> int:
     report = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
               "gpu": gpu_report(cfg, args.batch if not args.quick else 2, args.repeats,
                                 512 if args.quick else 8192)}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_gpu.md").write_text(gpu_markdown(report))
-    print(gpu_markdown(report))
+    save(report, gpu_markdown(report), Path(args.out), "bench_gpu")
     return 0
 
 
