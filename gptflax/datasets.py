@@ -13,6 +13,7 @@ fails the check is never used.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ class DataFile:
 
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
 _HF = "https://huggingface.co/openai-community"
+_OPENAI_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/models/124M"
 
 # GPT-2 sizes as the book names them (§5.5) -> Hugging Face repository names.
 GPT2_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
@@ -75,6 +77,20 @@ FILES: dict[str, DataFile] = {
             "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
             835_554,
             about="GPT-2's BPE merge ranks in tiktoken format (tiktoken's r50k_base)",
+        ),
+        DataFile(
+            "gpt2/encoder.json",
+            (f"{_OPENAI_GPT2}/encoder.json",),
+            "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+            1_042_301,
+            about="GPT-2's original BPE vocabulary (token -> id), for BPE from scratch",
+        ),
+        DataFile(
+            "gpt2/vocab.bpe",
+            (f"{_OPENAI_GPT2}/vocab.bpe",),
+            "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            456_318,
+            about="GPT-2's original 50,000 BPE merges in rank order, for BPE from scratch",
         ),
         *(
             DataFile(
@@ -187,6 +203,20 @@ def _not_found_message(spec: DataFile, cache: Path, tried: list[str]) -> str:
         + (f" ({', '.join(expect)})" if expect else "")
         + ", or name a folder that holds it in $GPTFLAX_MIRROR."
     )
+
+
+def save_json(obj, path: str | Path) -> Path:
+    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=4, ensure_ascii=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 def _download(url: str, spec: DataFile, dest: Path) -> Path:

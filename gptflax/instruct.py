@@ -6,14 +6,11 @@ and measures that need no server).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -173,20 +170,6 @@ def generate_responses(
             kept = trim_at_eos(row, EOT_ID)
             completions.append(Completion(tokenizer.decode(kept), len(kept) < len(row)))
     return completions
-
-
-def save_json(obj, path: str | Path) -> Path:
-    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 # --- scoring (Book §7.8) --------------------------------------------------------------------------

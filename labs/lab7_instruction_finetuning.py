@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptflax import checkpoint
+from gptflax import checkpoint, datasets
 from gptflax.config import TINY
 from gptflax.finetune import starting_point
 from gptflax.instruct import (
@@ -33,7 +33,6 @@ from gptflax.instruct import (
     generate_responses,
     instruction_loader,
     load_instruction_data,
-    save_json,
     split_instruction_data,
     token_f1,
 )
@@ -150,7 +149,7 @@ for entry, completion in list(zip(test_data, completions, strict=True))[:3]:
 with_responses = [
     {**entry, "model_response": c.response} for entry, c in zip(test_data, completions, strict=True)
 ]
-responses_path = save_json(with_responses, f"{RUNS}/instruction-data-with-response.json")
+responses_path = datasets.save_json(with_responses, f"{RUNS}/instruction-data-with-response.json")
 ckpt_dir = os.path.abspath(f"{RUNS}/model")
 if checkpoint.latest_step(ckpt_dir) is not None:
     shutil.rmtree(ckpt_dir)  # this lab's own previous run

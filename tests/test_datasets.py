@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import json
 import threading
 import zipfile
 from functools import partial
@@ -174,3 +175,11 @@ def test_http_404_is_reported_with_its_url(tmp_path, http_server):
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(KeyError, match="the-verdict.txt"):
         resolve("the-verdict.md")
+
+
+def test_save_json_never_leaves_half_a_file(tmp_path):
+    path = datasets.save_json([{"a": 1}], tmp_path / "out.json")
+    with pytest.raises(TypeError):
+        datasets.save_json([{"a": object()}], path)
+    assert json.loads(path.read_text()) == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

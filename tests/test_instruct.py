@@ -126,14 +126,6 @@ def test_token_f1():
     assert instruct.token_f1("", "the cat") == 0.0
 
 
-def test_save_json_never_leaves_half_a_file(tmp_path):
-    path = instruct.save_json([{"a": 1}], tmp_path / "out.json")
-    with pytest.raises(TypeError):
-        instruct.save_json([{"a": object()}], path)
-    assert json.loads(path.read_text()) == [{"a": 1}]
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
-
-
 class FakeOllama(http.server.BaseHTTPRequestHandler):
     """Streams a reply as Ollama's /api/chat does: one JSON object per line."""
 
