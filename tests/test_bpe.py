@@ -81,47 +81,10 @@ def test_encoding_reproduces_the_segmentation_training_ended_with(trained, verdi
     assert [trained.tokenize_with_bpe(p) for p in pieces] == words
 
 
-BOOK_EDGE_CASES = {
-    "This is some text": [1212, 318, 617, 2420],
-    "Hello,": [15496, 11],
-    "Implementations": [3546, 26908, 602],
-    "Hello, world. Is this-- a test?": [15496, 11, 995, 13, 1148, 428, 438, 257, 1332, 30],
-    # fmt: off
-    "asdf asdfasdf a!!, @aba 9asdf90asdfk": [
-        292,
-        7568,
-        355,
-        7568,
-        292,
-        7568,
-        257,
-        3228,
-        11,
-        2488,
-        15498,
-        860,
-        292,
-        7568,
-        3829,
-        292,
-        7568,
-        74,
-    ],
-    # fmt: on
-    "\n": [198],
-}
-
-
-@pytest.mark.parametrize("text", BOOK_EDGE_CASES)
-def test_gpt2_files_give_the_books_ids(gpt2, text):
-    assert gpt2.encode(text) == BOOK_EDGE_CASES[text]
-    assert gpt2.decode(BOOK_EDGE_CASES[text]) == text
-
-
 def test_gpt2_files_give_tiktokens_ids_on_the_verdict(gpt2, verdict_text):
     ids = gpt2.encode(verdict_text)
     assert len(gpt2.vocab) == 50_257 and len(ids) == 5_145
-    assert ids == gpt2_tokenizer().encode(verdict_text)
+    assert ids == gpt2_tokenizer().encode(verdict_text)  # the book's edge cases: lab bpe's checks
 
 
 FRAGMENTS = [
