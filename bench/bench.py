@@ -27,18 +27,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptflax import model
+from gptflax import gpt
 from gptflax.config import GPT_CONFIG_124M, GPTConfig
 from gptflax.generate import generate
+from gptflax.losses import cross_entropy, loss_fn, mixed_precision
 from gptflax.nnx_model import from_params
-from gptflax.train import (
-    cross_entropy,
-    init_train_state,
-    loss_fn,
-    make_optimizer,
-    mixed_precision,
-    train_step,
-)
+from gptflax.train import init_train_state, make_optimizer, train_step
 from gptflax.weights import from_book_state_dict
 
 try:
@@ -109,7 +103,7 @@ def train_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
 def starting_models(cfg: GPTConfig, with_torch: bool = True):
     """(the book's PyTorch GPTModel or None, our params with the same weights)."""
     if torch is None or not with_torch:
-        return None, model.init_params(jax.random.key(0), cfg)
+        return None, gpt.init_params(jax.random.key(0), cfg)
     torch.manual_seed(123)
     book_model = book.GPTModel(dataclasses.asdict(cfg))
     state = {k: v.detach().numpy() for k, v in book_model.state_dict().items()}
@@ -164,7 +158,7 @@ def bench_train(
 def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
     """One AdamW step three ways, eval mode (no dropout): functional, nnx.jit, split/merge."""
     cfg = cfg.replace(drop_rate=0.0)
-    params = model.init_params(jax.random.key(0), cfg)
+    params = gpt.init_params(jax.random.key(0), cfg)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32))
     y = jnp.roll(x, -1, axis=1)
@@ -247,10 +241,8 @@ def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int) -> dict:
     prompt = np.array([[6109, 3626, 6100, 345]], dtype=np.int32)  # "Every effort moves you"
     ctx = cfg.context_length
     fns = {
-        "gptflax, no cache": lambda: generate(
-            params, prompt, new_tokens, ctx, cfg, use_cache=False
-        ),
-        "gptflax, KV cache": lambda: generate(params, prompt, new_tokens, ctx, cfg),
+        "gptflax, no cache": lambda: generate(params, prompt, new_tokens, cfg, use_cache=False),
+        "gptflax, KV cache": lambda: generate(params, prompt, new_tokens, cfg),
     }
     if tm is not None:
         tm.eval()

@@ -8,13 +8,12 @@ renames it into place only when complete, so a save cut short is never listed or
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from gptflax.config import GPTConfig
+from gptflax.families import config_from_dict, config_to_dict, family
 
 
 class CheckpointError(RuntimeError):
@@ -33,7 +32,7 @@ def save_checkpoint(
     step: int,
     params: dict,
     *,
-    cfg: GPTConfig,
+    cfg,
     train_state: dict | None = None,
     meta: dict | None = None,
     max_to_keep: int | None = None,
@@ -41,7 +40,7 @@ def save_checkpoint(
     """Save params (and optionally {"step", "opt_state"} and JSON `meta`) as checkpoint `step`."""
     items = {
         "params": ocp.args.StandardSave(params),
-        "meta": ocp.args.JsonSave({"config": dataclasses.asdict(cfg), **(meta or {})}),
+        "meta": ocp.args.JsonSave({"config": config_to_dict(cfg), **(meta or {})}),
     }
     if train_state is not None:
         items["train"] = ocp.args.StandardSave(train_state)
@@ -61,26 +60,28 @@ def latest_step(directory: str | Path) -> int | None:
 
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
-    """(step, meta) of checkpoint `step` (default: the latest); meta["config"] is the GPTConfig."""
+    """(step, meta) of checkpoint `step` (default: the latest); meta["config"] is the model's
+    config (a GPTConfig, or another family's)."""
     step = _existing_step(directory, step)
     with _manager(directory) as mngr:
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax raises many types for a broken file
             raise _damaged(directory, step, e) from e
-    meta["config"] = GPTConfig(**meta["config"])
+    meta["config"] = config_from_dict(meta["config"])
     return step, meta
 
 
 def load_checkpoint(
     directory: str | Path,
     *,
-    cfg: GPTConfig,
+    cfg,
     params_like: dict,
     train_like: dict | None = None,
     step: int | None = None,
 ) -> tuple[dict, dict | None, dict]:
-    """Restore (params, train_state or None, meta), checking the checkpoint was saved for `cfg`.
+    """Restore (params, train_state or None, meta), checking that the checkpoint holds weights
+    of `cfg`'s architecture (dropout and the attention kernel may differ: they are ways to run).
 
     `params_like` / `train_like` give the structure, shapes and dtypes to restore into (arrays or
     `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`).
@@ -105,6 +106,15 @@ def load_checkpoint(
     return params, train, meta
 
 
+def load_model(directory: str | Path, step: int | None = None) -> tuple[object, dict]:
+    """(cfg, params) of checkpoint `step` (default: the latest), in the config it was saved with."""
+    _, meta = read_meta(directory, step)
+    cfg = meta["config"]
+    like = jax.eval_shape(lambda: family(cfg).init_params(jax.random.key(0), cfg))
+    params, _, _ = load_checkpoint(directory, cfg=cfg, params_like=like, step=step)
+    return cfg, params
+
+
 def _existing_step(directory: str | Path, step: int | None) -> int:
     if not Path(directory).is_dir():
         raise CheckpointError(f"no checkpoint directory {directory}")
@@ -127,7 +137,17 @@ def _damaged(directory, step, error: Exception) -> CheckpointError:
 
 
 def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Shapes and dtypes to restore into, placed on this process's first device unless the
+    template says where: a checkpoint saved from a mesh of several devices loads on one."""
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(leaf):
+        spec = ocp.utils.to_shape_dtype_struct(leaf)
+        if getattr(spec, "sharding", None) is None:
+            spec = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=one_device)
+        return spec
+
+    return jax.tree.map(target, tree)
 
 
 def _like(template, restored):

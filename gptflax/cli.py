@@ -1,4 +1,4 @@
-"""Command lines: `python -m gptflax.train` and `python -m gptflax.generate` (see --help)."""
+"""Command lines: `python -m gptflax train|generate` (or `gptflax-train`, `gptflax-generate`)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptflax import checkpoint, datasets, model
+from gptflax import checkpoint, datasets, gpt
 from gptflax.config import GPT2_PRESETS, TINY, GPTConfig
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, trim_at_eos
+from gptflax.losses import loss_fn, mixed_precision
 from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, text_to_token_ids
-from gptflax.train import (
-    fit,
-    init_train_state,
-    loss_fn,
-    make_optimizer,
-    mixed_precision,
-    resume,
-    warmup_cosine_schedule,
-)
+from gptflax.train import fit, init_train_state, make_optimizer, resume, warmup_cosine_schedule
 from gptflax.weights import load_gpt2
 
 PRESETS = {**GPT2_PRESETS, "tiny": TINY}
@@ -33,7 +26,7 @@ PRESETS = {**GPT2_PRESETS, "tiny": TINY}
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m gptflax.train",
+        prog="python -m gptflax train",
         description="Pretrain a GPT on a text file, as chapter 5 does (the defaults are the book's "
         "settings: 124M model, context 256, batch 2, AdamW lr 4e-4, weight decay 0.1, 10 epochs). "
         "The first 90% of the characters train, the rest validate. Checkpoints (after every "
@@ -112,7 +105,7 @@ def train_main(argv: list[str] | None = None) -> int:
         lr, args.weight_decay, max_grad_norm=args.max_grad_norm, clip_from_step=warmup_steps
     )
     k_init, k_train = jax.random.split(jax.random.key(args.seed))
-    state = init_train_state(model.init_params(k_init, cfg), tx)
+    state = init_train_state(gpt.init_params(k_init, cfg), tx)
     history = None
     if args.resume and checkpoint.latest_step(ckpt_dir) is not None:
         state, history = resume(ckpt_dir, state, cfg)
@@ -154,9 +147,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m gptflax.generate",
+        prog="python -m gptflax generate",
         description="Continue a prompt with a trained model (a checkpoint folder written by "
-        "`python -m gptflax.train`) or with OpenAI's GPT-2 weights. Temperature 0 is greedy; "
+        "`python -m gptflax train`) or with OpenAI's GPT-2 weights. Temperature 0 is greedy; "
         "above 0 it samples (Book §5.3), optionally from the top-k tokens only.",
     )
     p.add_argument("prompt", help="the text to continue")
@@ -174,11 +167,7 @@ def generate_parser() -> argparse.ArgumentParser:
 def load_for_generation(args) -> tuple[GPTConfig, dict]:
     if args.gpt2:
         return load_gpt2(args.gpt2)
-    _, meta = checkpoint.read_meta(args.checkpoint)
-    cfg = meta["config"]
-    like = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
-    params, _, _ = checkpoint.load_checkpoint(args.checkpoint, cfg=cfg, params_like=like)
-    return cfg, params
+    return checkpoint.load_model(args.checkpoint)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -199,7 +188,6 @@ def generate_main(argv: list[str] | None = None) -> int:
         params,
         [ids],
         args.max_new_tokens,
-        cfg.context_length,
         cfg,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -209,3 +197,15 @@ def generate_main(argv: list[str] | None = None) -> int:
     new = trim_at_eos(out[0][len(ids) :], EOT_ID) if eos is not None else out[0][len(ids) :]
     print(args.prompt + tokenizer.decode([int(i) for i in new]))
     return 0
+
+
+COMMANDS = {"train": train_main, "generate": generate_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gptflax COMMAND ...`: run one of COMMANDS with the remaining arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m gptflax {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -41,8 +41,10 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     def same_weights_as(self, other: GPTConfig) -> bool:
-        """Whether params made for `other` fit this config (all fields but fused_attention)."""
-        return self.replace(fused_attention=other.fused_attention) == other
+        """Whether both configs describe one architecture: equal in every field but how the model
+        runs (dropout and the attention kernel), so params of one fit the other."""
+        run_as = {"drop_rate": other.drop_rate, "fused_attention": other.fused_attention}
+        return type(other) is GPTConfig and self.replace(**run_as) == other
 
     def replace(self, **changes) -> GPTConfig:
         """A copy with some fields changed, e.g. `cfg.replace(context_length=256)`."""

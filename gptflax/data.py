@@ -3,14 +3,12 @@ ready for `jax.device_put`."""
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from gptflax import datasets
-from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, text_to_token_ids
+from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
 
 
 def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,78 +109,3 @@ def train_val_loaders(
     train = create_dataloader_v1(text[:split], **args, shuffle=True, seed=seed)
     val = create_dataloader_v1(text[split:], **args, shuffle=False, drop_last=False)
     return train, val
-
-
-# --- chapter 6: the SMS spam collection ----------------------------------------------------------
-
-
-def load_sms_spam(path=None) -> list[tuple[str, str]]:
-    """(label, text) rows of the SMS Spam Collection: "ham" or "spam" (Book §6.2).
-
-    Parsed as the book's pandas call does (tab-separated, double quotes quote): 5,572 rows.
-    """
-    path = path or datasets.resolve("sms_spam_collection/SMSSpamCollection.tsv")
-    with open(path, encoding="utf-8", newline="") as f:
-        return [(label, text) for label, text in csv.reader(f, delimiter="\t")]
-
-
-def _pandas_sample_order(n: int, size: int, seed: int) -> np.ndarray:
-    """The row order of pandas' `df.sample(size, random_state=seed)`: RandomState.choice."""
-    return np.random.RandomState(seed).choice(n, size=size, replace=False)
-
-
-def balanced_spam(rows: list[tuple[str, str]], seed: int = 123) -> tuple[list[str], np.ndarray]:
-    """Undersample "ham" to the number of "spam" rows: (texts, labels with spam = 1) (Book §6.2).
-
-    Draws the same rows as the book's `df.sample(num_spam, random_state=123)`.
-    """
-    ham = [text for label, text in rows if label == "ham"]
-    spam = [text for label, text in rows if label == "spam"]
-    ham = [ham[i] for i in _pandas_sample_order(len(ham), len(spam), seed)]
-    return ham + spam, np.array([0] * len(ham) + [1] * len(spam), dtype=np.int32)
-
-
-def random_split(
-    texts: list[str], labels: np.ndarray, train_frac: float, validation_frac: float, seed: int = 123
-) -> list[tuple[list[str], np.ndarray]]:
-    """Shuffle, then split into train / validation / test (Book §6.2's random_split)."""
-    order = _pandas_sample_order(len(texts), len(texts), seed)
-    texts, labels = [texts[i] for i in order], labels[order]
-    train_end = int(len(texts) * train_frac)
-    validation_end = train_end + int(len(texts) * validation_frac)
-    bounds = [(0, train_end), (train_end, validation_end), (validation_end, len(texts))]
-    return [(texts[a:b], labels[a:b]) for a, b in bounds]
-
-
-def encode_padded(
-    texts: list[str], tokenizer, max_length: int | None = None, pad_token_id: int = EOT_ID
-) -> np.ndarray:
-    """Token ids, cut to max_length (default: the longest text) and right-padded: (N, T) (§6.3)."""
-    encoded = [tokenizer.encode(t)[:max_length] for t in texts]
-    width = max_length or max(len(e) for e in encoded)
-    out = np.full((len(encoded), width), pad_token_id, dtype=np.int32)
-    for row, ids in zip(out, encoded, strict=True):
-        row[: len(ids)] = ids
-    return out
-
-
-def spam_splits(seed: int = 123) -> list[tuple[list[str], np.ndarray]]:
-    """The book's balanced spam data split 70/10/20: [(texts, labels)] for train, val, test."""
-    return random_split(*balanced_spam(load_sms_spam(), seed), 0.7, 0.1, seed)
-
-
-def spam_loaders(
-    tokenizer, splits=None, batch_size: int = 8, seed: int = 123
-) -> tuple[DataLoader, ...]:
-    """The book's spam loaders (§6.3) over `splits` (default `spam_splits(seed)`), padded to the
-    longest training text; the training loader shuffles and drops its last partial batch.
-    Returns (train, val, test); each yields (B, T) token ids and (B,) labels, spam = 1."""
-    splits = splits or spam_splits(seed)
-    x_train = encode_padded(splits[0][0], tokenizer)
-    max_length = x_train.shape[1]
-    x_val, x_test = (encode_padded(texts, tokenizer, max_length) for texts, _ in splits[1:])
-    return (
-        DataLoader(x_train, splits[0][1], batch_size=batch_size, shuffle=True, seed=seed),
-        DataLoader(x_val, splits[1][1], batch_size=batch_size, drop_last=False),
-        DataLoader(x_test, splits[2][1], batch_size=batch_size, drop_last=False),
-    )

@@ -1,26 +1,26 @@
-"""Classification fine-tuning (Book ch. 6): a new output head, a mostly frozen body, and the
-prediction read from the last token (or the last real token, before the padding)."""
+"""Classification fine-tuning (Book ch. 6): the spam data, a new output head, a mostly frozen
+body, and accuracy read from the last token (or the last real token, before the padding). The
+classification logits and loss are in `gptflax.losses`; everything here works for any family."""
 
 from __future__ import annotations
 
+import csv
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from gptflax import checkpoint, datasets, nn
-from gptflax.config import GPT_CONFIG_124M, GPTConfig
-from gptflax.model import count_params, embed, init_params, output_logits, run_blocks
+from gptflax import datasets, nn
+from gptflax.data import DataLoader
+from gptflax.losses import classification_logits
 from gptflax.tokenizer import EOT_ID
-from gptflax.train import cross_entropy
-from gptflax.weights import load_gpt2
 
 
 def replace_out_head(params: dict, key: jax.Array, num_classes: int = 2) -> dict:
     """Swap the (D, vocab) output layer for a fresh (D, num_classes) one with a bias (§6.5)."""
-    emb_dim = params["out_head"]["kernel"].shape[0]
+    emb_dim = params["tok_emb"]["embedding"].shape[1]
     return {**params, "out_head": nn.init_linear(key, emb_dim, num_classes)}
 
 
@@ -57,58 +57,10 @@ def freeze(mask: dict) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def classifier_forward(
-    params: dict,
-    tokens: jax.Array,
-    cfg: GPTConfig,
-    *,
-    key: jax.Array | None = None,
-    frozen_blocks: int = 0,
-) -> jax.Array:
-    """`model.forward`, with no gradient through the embeddings and the first `frozen_blocks`
-    blocks, so that their backward pass is never computed: (B, T) ids -> (B, T, C)."""
-    k_emb, k_frozen, k_rest = jax.random.split(key, 3) if key is not None else (None,) * 3
-    x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
-    blocks = params["trf_blocks"]
-    if frozen_blocks:
-        first = jax.tree.map(lambda leaf: leaf[:frozen_blocks], blocks)
-        x = jax.lax.stop_gradient(run_blocks(first, x, cfg, key=k_frozen))
-        blocks = jax.tree.map(lambda leaf: leaf[frozen_blocks:], blocks)
-    return output_logits(params, run_blocks(blocks, x, cfg, key=k_rest))
-
-
-def classification_logits(
-    params: dict,
-    tokens: jax.Array,
-    cfg: GPTConfig,
-    *,
-    key: jax.Array | None = None,
-    pad_token_id: int | None = None,
-    frozen_blocks: int = 0,
-) -> jax.Array:
-    """Class logits (B, C) read at the last position (the book, §6.6), or, with pad_token_id, at
-    each row's last token before its right padding."""
-    logits = classifier_forward(params, tokens, cfg, key=key, frozen_blocks=frozen_blocks)
-    if pad_token_id is None:
-        return logits[:, -1, :]
-    last = jnp.maximum((tokens != pad_token_id).sum(axis=1) - 1, 0)  # (B,)
-    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]
-
-
-def classification_loss(
-    params, tokens, labels, cfg, *, key=None, pad_token_id=None, frozen_blocks=0
-) -> jax.Array:
-    """Cross-entropy of the class logits against (B,) labels (Book §6.6's calc_loss_batch)."""
-    logits = classification_logits(
-        params, tokens, cfg, key=key, pad_token_id=pad_token_id, frozen_blocks=frozen_blocks
-    )
-    return cross_entropy(logits, labels)
-
-
 def calc_accuracy_loader(
     params: dict,
     loader,
-    cfg: GPTConfig,
+    cfg,
     num_batches: int | None = None,
     pad_token_id: int | None = None,
 ) -> float:
@@ -127,7 +79,7 @@ def _num_correct(params, tokens, labels, cfg, pad_token_id):
 
 
 def classify_review(
-    text: str, params: dict, tokenizer, cfg: GPTConfig, max_length: int, pad_token_id: int = EOT_ID
+    text: str, params: dict, tokenizer, cfg, max_length: int, pad_token_id: int = EOT_ID
 ) -> str:
     """ "spam" or "not spam" for one text, padded like the training data (Book §6.8)."""
     ids = tokenizer.encode(text)[: min(max_length, cfg.context_length)]
@@ -136,32 +88,76 @@ def classify_review(
     return "spam" if int(logits.argmax(axis=-1)[0]) == 1 else "not spam"
 
 
-FRESH_CFG = GPT_CONFIG_124M.replace(context_length=256)  # lab 5's model when none was saved
+# --- the data: the SMS spam collection (Book §6.2-6.3) --------------------------------------------
 
 
-def starting_point(
-    gpt2_sizes: tuple[str, ...] = ("124M",),
-    checkpoint_dir: str | Path | None = None,
-    fresh_cfg: GPTConfig = FRESH_CFG,
-) -> tuple[str, GPTConfig, dict]:
-    """(what, config, params) to fine-tune from, the first that exists of: OpenAI's GPT-2 in
-    `gpt2_sizes` order, the latest checkpoint in `checkpoint_dir` (e.g. lab 5's model), and
-    fresh random params of `fresh_cfg`. Dropout is switched off: the book fine-tunes without it.
+def load_sms_spam(path=None) -> list[tuple[str, str]]:
+    """(label, text) rows of the SMS Spam Collection: "ham" or "spam" (Book §6.2).
+
+    Parsed as the book's pandas call does (tab-separated, double quotes quote): 5,572 rows.
     """
-    for size in gpt2_sizes:
-        try:
-            cfg, params = load_gpt2(size)
-            return f"OpenAI's GPT-2 {size}", cfg.replace(drop_rate=0.0), params
-        except datasets.DataFileError as e:
-            print(f"GPT-2 {size} weights not available: {str(e).splitlines()[0]}")
-    if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
-        _, meta = checkpoint.read_meta(checkpoint_dir)
-        cfg = meta["config"]
-        like = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
-        params, _, _ = checkpoint.load_checkpoint(checkpoint_dir, cfg=cfg, params_like=like)
-        return f"the checkpoint in {checkpoint_dir}", cfg.replace(drop_rate=0.0), params
-    params = init_params(jax.random.key(123), fresh_cfg)
-    fresh = f"fresh random weights ({count_params(params):,} parameters)"
-    if checkpoint_dir is not None:
-        fresh += f"; no checkpoint in {checkpoint_dir} (run its lab first for a pretrained one)"
-    return fresh, fresh_cfg.replace(drop_rate=0.0), params
+    path = path or datasets.resolve("sms_spam_collection/SMSSpamCollection.tsv")
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(label, text) for label, text in csv.reader(f, delimiter="\t")]
+
+
+def _pandas_sample_order(n: int, size: int, seed: int) -> np.ndarray:
+    """The row order of pandas' `df.sample(size, random_state=seed)`: RandomState.choice."""
+    return np.random.RandomState(seed).choice(n, size=size, replace=False)
+
+
+def balanced_spam(rows: list[tuple[str, str]], seed: int = 123) -> tuple[list[str], np.ndarray]:
+    """Undersample "ham" to the number of "spam" rows: (texts, labels with spam = 1) (Book §6.2).
+
+    Draws the same rows as the book's `df.sample(num_spam, random_state=123)`.
+    """
+    ham = [text for label, text in rows if label == "ham"]
+    spam = [text for label, text in rows if label == "spam"]
+    ham = [ham[i] for i in _pandas_sample_order(len(ham), len(spam), seed)]
+    return ham + spam, np.array([0] * len(ham) + [1] * len(spam), dtype=np.int32)
+
+
+def random_split(
+    texts: list[str], labels: np.ndarray, train_frac: float, validation_frac: float, seed: int = 123
+) -> list[tuple[list[str], np.ndarray]]:
+    """Shuffle, then split into train / validation / test (Book §6.2's random_split)."""
+    order = _pandas_sample_order(len(texts), len(texts), seed)
+    texts, labels = [texts[i] for i in order], labels[order]
+    train_end = int(len(texts) * train_frac)
+    validation_end = train_end + int(len(texts) * validation_frac)
+    bounds = [(0, train_end), (train_end, validation_end), (validation_end, len(texts))]
+    return [(texts[a:b], labels[a:b]) for a, b in bounds]
+
+
+def encode_padded(
+    texts: list[str], tokenizer, max_length: int | None = None, pad_token_id: int = EOT_ID
+) -> np.ndarray:
+    """Token ids, cut to max_length (default: the longest text) and right-padded: (N, T) (§6.3)."""
+    encoded = [tokenizer.encode(t)[:max_length] for t in texts]
+    width = max_length or max(len(e) for e in encoded)
+    out = np.full((len(encoded), width), pad_token_id, dtype=np.int32)
+    for row, ids in zip(out, encoded, strict=True):
+        row[: len(ids)] = ids
+    return out
+
+
+def spam_splits(seed: int = 123) -> list[tuple[list[str], np.ndarray]]:
+    """The book's balanced spam data split 70/10/20: [(texts, labels)] for train, val, test."""
+    return random_split(*balanced_spam(load_sms_spam(), seed), 0.7, 0.1, seed)
+
+
+def spam_loaders(
+    tokenizer, splits=None, batch_size: int = 8, seed: int = 123
+) -> tuple[DataLoader, ...]:
+    """The book's spam loaders (§6.3) over `splits` (default `spam_splits(seed)`), padded to the
+    longest training text; the training loader shuffles and drops its last partial batch.
+    Returns (train, val, test); each yields (B, T) token ids and (B,) labels, spam = 1."""
+    splits = splits or spam_splits(seed)
+    x_train = encode_padded(splits[0][0], tokenizer)
+    max_length = x_train.shape[1]
+    x_val, x_test = (encode_padded(texts, tokenizer, max_length) for texts, _ in splits[1:])
+    return (
+        DataLoader(x_train, splits[0][1], batch_size=batch_size, shuffle=True, seed=seed),
+        DataLoader(x_val, splits[1][1], batch_size=batch_size, drop_last=False),
+        DataLoader(x_test, splits[2][1], batch_size=batch_size, drop_last=False),
+    )

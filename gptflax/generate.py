@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptflax.config import GPTConfig
-from gptflax.model import forward, forward_cached, init_cache, unstack_blocks
+from gptflax import nn
+from gptflax.families import family
 
 MIN_WINDOW = 8
 
@@ -32,13 +32,13 @@ def window_width(num_tokens: int, context_size: int) -> int:
     return min(max(MIN_WINDOW, 1 << (num_tokens - 1).bit_length()), context_size)
 
 
-@partial(jax.jit, static_argnames="cfg")
-def next_token_logits(
-    params: dict, window: jax.Array, length: jax.Array, cfg: GPTConfig
-) -> jax.Array:
+@jax.jit
+def next_token_logits(params: dict, window: jax.Array, length: jax.Array, cfg) -> jax.Array:
     """Logits for the token after the first `length` tokens of each row: (B, W) -> (B, V)."""
-    logits = forward(params, window, cfg)  # (B, W, V)
-    return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
+    fam = family(cfg)
+    h = fam.hidden(params, window, cfg)  # (B, W, D)
+    last = jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=True)  # (B, 1, D)
+    return fam.head(params, last)[:, 0]  # only the last position goes through the head
 
 
 def padded_window(idx: np.ndarray, context_size: int) -> tuple[np.ndarray, int]:
@@ -50,23 +50,13 @@ def padded_window(idx: np.ndarray, context_size: int) -> tuple[np.ndarray, int]:
     return window, num_tokens
 
 
-def generate_text_simple(
-    params: dict, idx, max_new_tokens: int, context_size: int, cfg: GPTConfig
-) -> np.ndarray:
-    """Greedy decoding: append the most likely next token, max_new_tokens times (Book §4.7).
-
-    idx: (B, T) token ids -> (B, T + max_new_tokens). The same as `generate` at temperature 0.
-    """
-    return generate(params, idx, max_new_tokens, context_size, cfg)
-
-
-def softmax_with_temperature(logits: jax.Array, temperature: float) -> jax.Array:
-    """Probabilities from logits divided by the temperature: < 1 sharpens, > 1 flattens (§5.3.1)."""
-    return jax.nn.softmax(logits / temperature, axis=-1)
-
-
 def top_k_logits(logits: jax.Array, top_k: int) -> jax.Array:
-    """Keep the k largest logits of each row, set the rest to -inf (Book §5.3.2): (..., V)."""
+    """Keep the k largest logits of each row, set the rest to -inf (Book §5.3.2): (..., V).
+
+    A k of at least the vocabulary size keeps every logit."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    top_k = min(top_k, logits.shape[-1])
     kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # (..., 1)
     return jnp.where(logits < kth_largest, -jnp.inf, logits)
 
@@ -84,7 +74,7 @@ def sample_next_token(
     return jax.random.categorical(key, logits / temperature, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k"))
+@partial(jax.jit, static_argnames=("temperature", "top_k"))
 def _next_token(params, window, length, key, cfg, temperature, top_k):
     logits = next_token_logits(params, window, length, cfg)  # (B, V)
     return sample_next_token(logits, key, temperature, top_k)
@@ -94,8 +84,7 @@ def generate(
     params: dict,
     idx,
     max_new_tokens: int,
-    context_size: int,
-    cfg: GPTConfig,
+    cfg,
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -108,9 +97,11 @@ def generate(
     Token i is drawn with `jax.random.fold_in(key, i)`, so a fixed key reproduces the text. With
     `eos_id`, a row that emits it is finished: it gets eos_id from then on, and generation stops
     once every row has finished (the eos tokens stay in the output; `trim_at_eos` cuts them).
-    The KV cache is used when T + max_new_tokens <= context_size and `use_cache` is on.
+    The KV cache is used when T + max_new_tokens fits in the context and `use_cache` is on;
+    beyond it, the book's loop slides a window of the last cfg.context_length tokens.
     """
     idx = np.asarray(idx, dtype=np.int32)
+    context_size = cfg.context_length
     if use_cache and idx.shape[1] + max_new_tokens <= context_size:
         decoding = dict(temperature=temperature, top_k=top_k, eos_id=eos_id, key=key)
         return np.concatenate(
@@ -132,7 +123,7 @@ def generate(
     return idx
 
 
-@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k"))
+@partial(jax.jit, static_argnames=("temperature", "top_k"))
 def _decode_with_cache(
     params, window, lengths, max_new_tokens, eos_id, key, cfg, temperature, top_k
 ):
@@ -140,10 +131,10 @@ def _decode_with_cache(
     `lax.while_loop` -> (B, context_length) buffer of new ids and how many steps ran.
     Padding slots in the cache are overwritten by new tokens before any query can see them.
     """
-    batch = window.shape[0]
-    params = unstack_blocks(params)  # once, so no token slices a layer out of the stack
-    cache = init_cache(cfg, batch, params["tok_emb"]["embedding"].dtype)
-    logits, cache = forward_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
+    batch, fam = window.shape[0], family(cfg)
+    params = nn.unstack_blocks(params)  # once, so no token slices a layer out of the stack
+    cache = fam.init_cache(cfg, batch, params["tok_emb"]["embedding"].dtype)
+    logits, cache = fam.forward_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
     last_logits = logits[jnp.arange(batch), lengths - 1]  # (B, V)
     out = jnp.zeros((batch, cfg.context_length), jnp.int32)
 
@@ -157,7 +148,7 @@ def _decode_with_cache(
         next_ids = sample_next_token(last_logits, step_key, temperature, top_k).astype(jnp.int32)
         next_ids = jnp.where(done, eos_id, next_ids)  # (B,)
         done = done | (next_ids == eos_id)
-        logits, cache = forward_cached(params, next_ids[:, None], cache, lengths + i, cfg)
+        logits, cache = fam.forward_cached(params, next_ids[:, None], cache, lengths + i, cfg)
         return i + 1, cache, logits[:, 0], out.at[:, i].set(next_ids), done
 
     start = (jnp.int32(0), cache, last_logits, out, jnp.zeros(batch, bool))
@@ -169,7 +160,7 @@ def generate_cached(
     params: dict,
     prompts,
     max_new_tokens: int,
-    cfg: GPTConfig,
+    cfg,
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -211,7 +202,7 @@ def sample_text(
     params: dict,
     tokenizer,
     start_context: str,
-    cfg: GPTConfig,
+    cfg,
     max_new_tokens: int = 50,
     **decoding,
 ) -> str:
@@ -220,11 +211,5 @@ def sample_text(
     `decoding` takes `generate`'s options: temperature, top_k, eos_id, key.
     """
     encoded = np.array([tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})])
-    out = generate(params, encoded, max_new_tokens, cfg.context_length, cfg, **decoding)
+    out = generate(params, encoded, max_new_tokens, cfg, **decoding)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
-
-
-if __name__ == "__main__":
-    from gptflax.cli import generate_main
-
-    raise SystemExit(generate_main())

@@ -19,8 +19,8 @@ from gptflax import datasets
 from gptflax.config import GPTConfig
 from gptflax.data import DataLoader
 from gptflax.generate import generate_cached, trim_at_eos
+from gptflax.losses import IGNORE_INDEX
 from gptflax.tokenizer import EOT_ID
-from gptflax.train import IGNORE_INDEX
 
 INTRO = (
     "Below is an instruction that describes a task. "

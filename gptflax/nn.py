@@ -95,3 +95,25 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     words = jax.random.bits(key, (-(-x.size // 2),), jnp.uint32)  # ceil(size / 2)
     halves = jnp.concatenate([words & 0xFFFF, words >> 16])[: x.size].reshape(x.shape)
     return jnp.where(halves >= threshold, x * (2**16 / (2**16 - threshold)), 0.0)
+
+
+# --- stacked transformer blocks: every family keeps its blocks' params under "trf_blocks" ---------
+
+
+def count_params(params) -> int:
+    """Number of scalars in a params pytree (works on `jax.eval_shape` output too)."""
+    return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def block_params(params: dict, i: int) -> dict:
+    """The params of block i, un-stacked from `trf_blocks`."""
+    return jax.tree.map(lambda leaf: leaf[i], params["trf_blocks"])
+
+
+def unstack_blocks(params: dict) -> dict:
+    """The params with `trf_blocks` as a list of per-layer params instead of stacked arrays
+    (params whose blocks are a list already come back as they are)."""
+    if isinstance(params["trf_blocks"], list):
+        return params
+    n_layers = jax.tree.leaves(params["trf_blocks"])[0].shape[0]
+    return {**params, "trf_blocks": [block_params(params, i) for i in range(n_layers)]}

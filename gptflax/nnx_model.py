@@ -1,6 +1,6 @@
 """The same GPT as Flax NNX modules: objects that own their parameters, like `torch.nn.Module`.
 
-Written independently of `gptflax.model` (it shares only stateless math from `gptflax.nn`), so
+Written independently of `gptflax.gpt` (it shares only stateless math from `gptflax.nn`), so
 that the tests showing the two compute the same thing mean something. Attribute names are the
 book's, and match the keys of the functional params. Dropout randomness comes in at call time:
 `model(tokens, rngs=nnx.Rngs(dropout=key))` trains, `model(tokens)` evaluates.

@@ -2,12 +2,12 @@
 # # Lab 4: implementing a GPT model from scratch (chapter 4)
 #
 # Layer norm, GELU, the feed-forward network, shortcut connections, the transformer block and the
-# whole 124M-parameter GPT, as pure functions over a params pytree; then the same model as Flax NNX
-# modules, side by side: equal outputs, and what each design costs to run.
+# whole 124M-parameter GPT, each written inline here in the chapter's order and checked against
+# `gptflax.gpt`; then the same model as Flax NNX modules, side by side: equal outputs, and what
+# each design costs to run.
 # GPTFLAX_QUICK=1 builds a tiny model instead of the 124M one (parameter counts are exact anyway).
 
 # %% §4.1 The configuration of the 124M model
-import os
 import time
 
 import jax
@@ -15,43 +15,68 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
+from labkit import QUICK, run_dir
 
-from gptflax import model, nn
+from gptflax import gpt, nn
+from gptflax.attention import multi_head_attention
 from gptflax.config import GPT_CONFIG_124M, TINY
-from gptflax.generate import generate_text_simple
+from gptflax.generate import generate
 from gptflax.nnx_model import from_params
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/quick/lab4" if QUICK else "runs/lab4"  # quick runs leave full runs alone
-os.makedirs(RUNS, exist_ok=True)
+RUNS = run_dir("lab4")  # runs/lab4, or runs/quick/lab4 in quick mode
 cfg = TINY if QUICK else GPT_CONFIG_124M
-print(GPT_CONFIG_124M)
-print("this run builds:", cfg)
+print("the book's 124M config:", GPT_CONFIG_124M)
+if QUICK:
+    print("quick mode builds a tiny one:", cfg)
 
 tokenizer = gpt2_tokenizer()
 batch = jnp.array(
     [text_to_token_ids(t, tokenizer) for t in ("Every effort moves you", "Every day holds a")]
 )
-print(batch)  # (2, 4)
+print("token ids of the two texts, (2, 4):\n", batch)
+
 
 # %% §4.2 Layer normalization: zero mean, unit variance, then a learned scale and shift
+def layer_norm(params, x, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)  # biased variance, as the book (unbiased=False)
+    return params["scale"] * (x - mean) / jnp.sqrt(var + eps) + params["shift"]
+
+
 batch_example = jax.random.normal(jax.random.key(123), (2, 5))
-hidden = jax.nn.relu(nn.linear(nn.init_linear(jax.random.key(2), 5, 6), batch_example))
-normed = nn.layer_norm(nn.init_layer_norm(6), hidden)
-print("mean:", normed.mean(-1), "variance:", normed.var(-1))
+layer_out = jax.nn.relu(nn.linear(nn.init_linear(jax.random.key(2), 5, 6), batch_example))
+normed = layer_norm(nn.init_layer_norm(6), layer_out)  # (2, 6)
+np.set_printoptions(precision=4, suppress=True)
+print("mean per row:", np.asarray(normed.mean(-1)), "variance per row:", np.asarray(normed.var(-1)))
+norm_diff = float(jnp.abs(normed - nn.layer_norm(nn.init_layer_norm(6), layer_out)).max())
+print("max |ours - nn.layer_norm|:", norm_diff)
+
 
 # %% §4.3 GELU and the feed-forward network
+def gelu(x):  # GPT-2's tanh approximation
+    return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x**3)))
+
+
+def feed_forward(params, x):  # (B, T, D) -> (B, T, 4D) -> (B, T, D)
+    return nn.linear(params["fc2"], gelu(nn.linear(params["fc1"], x)))
+
+
 x = jnp.linspace(-3, 3, 100)
 fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-for ax, (name, y) in zip(axes, [("GELU", nn.gelu(x)), ("ReLU", jax.nn.relu(x))], strict=True):
+for ax, (name, y) in zip(axes, [("GELU", gelu(x)), ("ReLU", jax.nn.relu(x))], strict=True):
     ax.plot(x, y)
     ax.set_title(f"{name} activation function")
     ax.grid(True)
 fig.tight_layout()
 fig.savefig(f"{RUNS}/gelu_relu.png")
-ff_params = model.init_feed_forward(jax.random.key(0), 768)
-print("feed-forward:", model.feed_forward(ff_params, jnp.ones((2, 3, 768))).shape)  # (2, 3, 768)
+ff_params = gpt.init_feed_forward(jax.random.key(0), 768)
+ff_in = jax.random.uniform(jax.random.key(1), (2, 3, 768))
+ff_out = feed_forward(ff_params, ff_in)
+gelu_diff = float(jnp.abs(gelu(x) - nn.gelu(x)).max())
+ff_diff = float(jnp.abs(ff_out - gpt.feed_forward(ff_params, ff_in)).max())
+print("feed-forward:", ff_in.shape, "->", ff_out.shape)
+print(f"max |ours - library|: GELU {gelu_diff:.1e}, feed-forward {ff_diff:.1e}")
 
 
 # %% §4.4 Shortcut connections keep gradients from vanishing
@@ -78,16 +103,28 @@ plain, shortcut = layer_grad_means(deep_params, False), layer_grad_means(deep_pa
 for i, (g0, g1) in enumerate(zip(plain, shortcut, strict=True)):
     print(f"layer {i} mean |grad|: without shortcut {g0:.6f}   with shortcut {g1:.6f}")
 
+
 # %% §4.5 The transformer block: attention and feed-forward, each behind layer norm and a shortcut
-block_params = model.init_block(jax.random.key(123), GPT_CONFIG_124M)
+def transformer_block(params, x, cfg):  # eval mode: dropout is the identity
+    shortcut = x
+    x = multi_head_attention(params["att"], layer_norm(params["norm1"], x), cfg.n_heads)
+    x = x + shortcut
+    shortcut = x
+    return feed_forward(params["ff"], layer_norm(params["norm2"], x)) + shortcut
+
+
+one_block = gpt.init_block(jax.random.key(123), GPT_CONFIG_124M)
 block_in = jax.random.uniform(jax.random.key(1), (2, 4, 768))
-block_out = model.block(block_params, block_in, GPT_CONFIG_124M)
-print("block:", block_in.shape, "->", block_out.shape)
+block_out = transformer_block(one_block, block_in, GPT_CONFIG_124M)
+block_diff = float(jnp.abs(block_out - gpt.block(one_block, block_in, GPT_CONFIG_124M)).max())
+print(
+    "block:", block_in.shape, "->", block_out.shape, f"; max |ours - gpt.block|: {block_diff:.1e}"
+)
 
 # %% §4.6 The GPT model; parameter count and memory without allocating (jax.eval_shape)
-shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), GPT_CONFIG_124M))
-total_params = model.count_params(shapes)
-head_params = model.count_params(shapes["out_head"])
+shapes = jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), GPT_CONFIG_124M))
+total_params = nn.count_params(shapes)
+head_params = nn.count_params(shapes["out_head"])
 print(f"Total number of parameters: {total_params:,}")
 print("Token embedding layer shape:", shapes["tok_emb"]["embedding"].shape)
 print("Output layer shape:", shapes["out_head"]["kernel"].shape)
@@ -95,18 +132,37 @@ print(f"Parameters with the output layer tied to the embedding: {total_params - 
 print(f"Total size of the model: {total_params * 4 / 1024**2:.2f} MB")
 print("Stacked block leaves, e.g. att.W_query:", shapes["trf_blocks"]["att"]["W_query"]["kernel"])
 
-params = model.init_params(jax.random.key(123), cfg)
-forward = jax.jit(model.forward)
+
+def gpt_model(params, tokens, cfg):  # the book's GPTModel.forward, a Python loop over the blocks
+    x = nn.embedding(params["tok_emb"], tokens)  # (B, T, D)
+    x = x + nn.embedding(params["pos_emb"], jnp.arange(tokens.shape[1]))  # + (T, D)
+    for i in range(cfg.n_layers):
+        x = transformer_block(nn.block_params(params, i), x, cfg)
+    return nn.linear(params["out_head"], layer_norm(params["final_norm"], x))  # (B, T, V)
+
+
+params = gpt.init_params(jax.random.key(123), cfg)
+forward = jax.jit(gpt.forward)
 logits = forward(params, batch, cfg)
 print("Input batch:", batch.shape, "Output shape:", logits.shape)  # (2, 4, 50257)
-# The book loops over the blocks in Python; gptflax scans over them, stacked. Same numbers:
-loop_logits = model.forward_loop(params, batch, cfg)
-scan_loop_diff = float(jnp.abs(logits - loop_logits).max())
-print("max |scan - loop|:", scan_loop_diff)
+# gptflax stacks the blocks' params and scans over them (one block to compile). Same numbers:
+scan_loop_diff = float(jnp.abs(logits - gpt_model(params, batch, cfg)).max())
+print("max |our loop over blocks - gpt.forward|:", scan_loop_diff)
+
 
 # %% §4.7 Generating text: greedy decoding, one token at a time
+def generate_text_simple(params, idx, max_new_tokens, context_size, cfg):  # the book's loop
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]  # crop to the supported context
+        logits = forward(params, idx_cond, cfg)[:, -1, :]  # (B, V): the last position only
+        idx_next = jnp.argmax(logits, axis=-1, keepdims=True)  # (B, 1)
+        idx = jnp.concatenate([idx, idx_next], axis=1)  # (B, T + 1)
+    return idx
+
+
 encoded = np.array([text_to_token_ids("Hello, I am", tokenizer)])
-out = generate_text_simple(params, encoded, 6, cfg.context_length, cfg)
+out = np.asarray(generate_text_simple(params, encoded, 6, cfg.context_length, cfg))
+library_out = generate(params, encoded, 6, cfg)  # KV cache, one compiled decoding loop
 print("Output:", out.tolist(), "length:", out.shape[1])
 print(repr(token_ids_to_text(out[0], tokenizer)), "(untrained: gibberish, as in the book)")
 # The book's exact tokens come from its seed-123 PyTorch weights, which need torch to draw:
@@ -121,7 +177,7 @@ try:
     book_model = BookGPTModel(GPT_CONFIG_124M.__dict__)
     book_state = {k: v.detach().numpy() for k, v in book_model.state_dict().items()}
     book_params = from_book_state_dict(book_state, GPT_CONFIG_124M)
-    book_out = generate_text_simple(book_params, encoded, 6, 1024, GPT_CONFIG_124M)[0].tolist()
+    book_out = generate(book_params, encoded, 6, GPT_CONFIG_124M)[0].tolist()
     print("with the book's seed-123 PyTorch weights:", book_out)
 except ImportError:
     book_out = None
@@ -187,10 +243,12 @@ assert total_params == 163_009_536 and total_params - head_params == 124_412_160
 assert round(total_params * 4 / 1024**2, 2) == 621.83
 np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-6)
 np.testing.assert_allclose(normed.var(-1), 1.0, rtol=1e-3)
+assert norm_diff < 1e-5 and gelu_diff < 1e-6 and ff_diff < 1e-5 and block_diff < 1e-4
 assert shortcut[0] > 10 * plain[0]  # without shortcuts the first layer's gradient vanishes
 assert block_out.shape == block_in.shape == (2, 4, 768)
 assert logits.shape == (2, 4, 50257)
 assert scan_loop_diff < 1e-4 and twin_diff < 1e-4
 assert out.shape == (1, 10) and out[0, :4].tolist() == encoded[0].tolist()
+assert out.tolist() == library_out.tolist()  # the book's loop and the library's decoder agree
 assert book_out is None or book_out == book_tokens
 print("lab 4: all checks passed")

@@ -14,41 +14,28 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from labkit import QUICK, run_dir
 
-from gptflax import checkpoint, datasets, model
+from gptflax import checkpoint, datasets, gpt
 from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
-from gptflax.generate import (
-    generate,
-    generate_text_simple,
-    sample_text,
-    softmax_with_temperature,
-    top_k_logits,
-)
+from gptflax.generate import generate, sample_text, top_k_logits
+from gptflax.losses import cross_entropy, loss_fn, perplexity
 from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
-from gptflax.train import (
-    calc_loss_loader,
-    cross_entropy,
-    fit,
-    init_train_state,
-    loss_fn,
-    make_optimizer,
-    perplexity,
-)
+from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
 from gptflax.weights import load_gpt2
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/quick/lab5" if QUICK else "runs/lab5"  # quick runs leave full runs alone
+RUNS = run_dir("lab5")  # runs/lab5, or runs/quick/lab5 in quick mode
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 NUM_EPOCHS = 3 if QUICK else 10
 key_init, key_dropout, key_sample = jax.random.split(jax.random.key(123), 3)
 tokenizer = gpt2_tokenizer()
-params = model.init_params(key_init, cfg)
+params = gpt.init_params(key_init, cfg)
 print(cfg)
 start_context = "Every effort moves you"
-out = generate_text_simple(params, [text_to_token_ids(start_context, tokenizer)], 10, 256, cfg)
+out = generate(params, [text_to_token_ids(start_context, tokenizer)], 10, cfg)  # greedy
 print("untrained:", repr(token_ids_to_text(out[0], tokenizer)))
 
 # %% §5.1.2 The text generation loss: probabilities of the right next tokens
@@ -56,7 +43,7 @@ inputs = jnp.array([[16833, 3626, 6100], [40, 1107, 588]])  # "every effort move
 targets = jnp.array(
     [[3626, 6100, 345], [1107, 588, 11311]]
 )  # " effort moves you", " really like chocolate"
-logits = model.forward(params, inputs, cfg)  # (2, 3, 50257)
+logits = gpt.forward(params, inputs, cfg)  # (2, 3, 50257)
 probas = jax.nn.softmax(logits, axis=-1)
 print("greedy ids:", probas.argmax(-1).tolist())
 target_probas = jnp.take_along_axis(probas, targets[..., None], axis=-1)[..., 0]  # (2, 3)
@@ -119,6 +106,12 @@ print("greedy:", greedy_word)
 draws = jax.random.categorical(key_sample, next_token_logits, shape=(1000,))
 counts = np.bincount(np.asarray(draws), minlength=len(vocab))
 print("1,000 samples at temperature 1:", dict(zip(vocab, counts.tolist(), strict=True)))
+
+
+def softmax_with_temperature(logits, temperature):  # < 1 sharpens, > 1 flattens (§5.3.1)
+    return jax.nn.softmax(logits / temperature, axis=-1)
+
+
 for temperature in (1, 0.1, 5):
     print(f"T={temperature}:", softmax_with_temperature(next_token_logits, temperature).round(4))
 top3 = top_k_logits(next_token_logits, 3)
@@ -128,7 +121,6 @@ sampled = generate(
     params,
     [text_to_token_ids(start_context, tokenizer)],
     15,
-    cfg.context_length,
     cfg,
     temperature=1.4,
     top_k=25,
@@ -144,7 +136,7 @@ if checkpoint.latest_step(ckpt_dir) is not None:
     shutil.rmtree(ckpt_dir)  # this lab's own previous run
 train_state = {"step": state.step, "opt_state": state.opt_state}
 checkpoint.save_checkpoint(ckpt_dir, NUM_EPOCHS, params, cfg=cfg, train_state=train_state)
-fresh = init_train_state(model.init_params(jax.random.key(0), cfg), tx)
+fresh = init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
 loaded_params, loaded_train, _ = checkpoint.load_checkpoint(
     ckpt_dir,
     cfg=cfg,
@@ -176,9 +168,7 @@ if gpt2_cfg is not None:
     print(
         f"GPT-2 124M on The Verdict: train loss {gpt2_train_loss:.4f}, val loss {gpt2_val_loss:.4f}"
     )
-    gpt2_ids = generate(
-        gpt2_params, [text_to_token_ids(start_context, tokenizer)], 25, 1024, gpt2_cfg
-    )
+    gpt2_ids = generate(gpt2_params, [text_to_token_ids(start_context, tokenizer)], 25, gpt2_cfg)
     gpt2_text = token_ids_to_text(gpt2_ids[0], tokenizer)
     print(repr(gpt2_text))
 
@@ -189,6 +179,8 @@ assert greedy_word == "forward"
 np.testing.assert_allclose(top3_probas[jnp.array([3, 7, 0])], [0.5775, 0.3610, 0.0615], atol=5e-5)
 assert int((top3_probas > 0).sum()) == 3
 probas_t1 = softmax_with_temperature(next_token_logits, 1.0)
+sharp, flat = (softmax_with_temperature(next_token_logits, t) for t in (0.1, 5.0))
+assert sharp.max() > 0.99 and flat.max() < 0.25
 assert counts.argmax() == 3 and np.abs(counts / 1000 - probas_t1).max() < 0.05  # sampling ~ softmax
 assert same_params and same_text
 if QUICK:  # a tiny model, 108 steps at the book's lr: measured 10.99 -> 8.94; perplexity / 4.5

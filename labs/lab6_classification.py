@@ -17,39 +17,35 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from labkit import QUICK, run_dir, starting_model
 
-from gptflax import checkpoint, model
+from gptflax import checkpoint, nn
 from gptflax.config import TINY
-from gptflax.data import (
-    DataLoader,
-    balanced_spam,
-    encode_padded,
-    load_sms_spam,
-    random_split,
-    spam_loaders,
-)
+from gptflax.data import DataLoader
 from gptflax.finetune import (
+    balanced_spam,
     calc_accuracy_loader,
-    classification_logits,
-    classification_loss,
     classify_review,
     count_trainable,
+    encode_padded,
     freeze,
+    load_sms_spam,
+    random_split,
     replace_out_head,
-    starting_point,
+    spam_loaders,
     trainable_mask,
 )
+from gptflax.losses import classification_logits, classification_loss
 from gptflax.nnx_model import GPTModel
 from gptflax.plots import plot_values
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/quick/lab6" if QUICK else "runs/lab6"  # quick runs leave full runs alone
+RUNS = run_dir("lab6")  # runs/lab6, or runs/quick/lab6 in quick mode
 rows = load_sms_spam()
 print(f"{len(rows):,} messages:", {k: sum(r[0] == k for r in rows) for k in ("ham", "spam")})
 texts, labels = balanced_spam(rows)
-splits = random_split(texts, labels, 0.7, 0.1)  # = data.spam_splits()
+splits = random_split(texts, labels, 0.7, 0.1)  # = finetune.spam_splits()
 test_texts = splits[2][0]
 sizes = [len(t) for t, _ in splits]
 print(f"balanced: {len(texts):,}; train / val / test: {sizes}")
@@ -65,17 +61,18 @@ print(f"padded to {max_length} tokens; batches: {num_batches}")
 
 # %% §6.4 The starting weights: GPT-2 124M, else lab 5's model, else fresh (quick mode: tiny)
 if QUICK:
-    source, cfg, params = starting_point((), fresh_cfg=TINY.replace(context_length=128))
+    start = starting_model((), fresh_cfg=TINY.replace(context_length=128))
 else:
-    source, cfg, params = starting_point(("124M",), os.path.abspath("runs/lab5/checkpoints"))
-print(f"starting point: {source}\n{cfg}")
+    start = starting_model(("124M",), os.path.abspath("runs/lab5/checkpoints"))
+cfg, params = start.cfg, start.params
+print(f"starting point: {start.about}\n{cfg}")
 assert max_length <= cfg.context_length
 
 # %% §6.5 A classification head, and freezing all but the last block, final norm and head
 params = replace_out_head(params, jax.random.key(123), num_classes=2)
 mask = trainable_mask(params, n_last_blocks=1)
 n_trainable = count_trainable(params, mask)
-print(f"trainable: {n_trainable:,} of {model.count_params(params):,} parameters")
+print(f"trainable: {n_trainable:,} of {nn.count_params(params):,} parameters")
 # The NNX way: swap the module, then pick the trainable parameters with a filter.
 twin = nnx.eval_shape(lambda: GPTModel(cfg, rngs=nnx.Rngs(0)))
 twin.out_head = nnx.eval_shape(lambda: nnx.Linear(cfg.emb_dim, 2, rngs=nnx.Rngs(0)))
@@ -98,7 +95,7 @@ before = {
 print("accuracy before fine-tuning (10 batches):", before)
 
 # %% §6.7 Fine-tuning: AdamW 5e-5, weight decay 0.1, gradients only where the mask allows
-num_epochs = 5 if source.startswith("OpenAI") else 2  # the book's 5; 2 keep CPU runs ~15 min
+num_epochs = 5 if start.kind == "gpt2" else 2  # the book's 5; 2 keep CPU runs ~15 min
 lr = 1e-3 if QUICK else 5e-5  # a tiny random model needs a larger step to learn in 2 epochs
 tx = optax.chain(make_optimizer(lr, weight_decay=0.1), freeze(mask))
 loss = partial(classification_loss, cfg=cfg, frozen_blocks=cfg.n_layers - 1)
@@ -189,15 +186,14 @@ assert max_length == 120 and (len(train_loader), len(val_loader), len(test_loade
 assert n_trainable == n_trainable_nnx
 blocks = tuned["trf_blocks"]  # (fit consumed the `params` it was given)
 assert (
-    n_trainable
-    == model.count_params(blocks) // cfg.n_layers + 2 * cfg.emb_dim + cfg.emb_dim * 2 + 2
+    n_trainable == nn.count_params(blocks) // cfg.n_layers + 2 * cfg.emb_dim + cfg.emb_dim * 2 + 2
 )
 assert reloaded_acc == after["test"]
 assert changed_real == 0  # causal attention: the padding after a text cannot change its token
-if source.startswith("OpenAI"):  # the book's band (§6.8: 95.67% test accuracy)
+if start.kind == "gpt2":  # the book's band (§6.8: 95.67% test accuracy)
     assert after["test"] >= 0.95 and verdicts == ["spam", "not spam"]
 else:  # measured: quick 84.3% test / 85.2% val; from lab 5's model (2 epochs) 85.3% / 83.9%;
     # either way far above the 50% of a coin flip on the balanced data
     assert after["test"] >= (0.70 if QUICK else 0.80), after
     assert after["val"] >= (0.70 if QUICK else 0.80), after
-print(f"lab 6: all checks passed (starting point: {source})")
+print(f"lab 6: all checks passed (starting point: {start.about})")

@@ -18,10 +18,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from labkit import QUICK, run_dir, starting_model
 
 from gptflax import checkpoint, datasets
 from gptflax.config import TINY
-from gptflax.finetune import starting_point
 from gptflax.instruct import (
     RESPONSE_HEADER,
     JudgeUnavailable,
@@ -36,19 +36,12 @@ from gptflax.instruct import (
     split_instruction_data,
     token_f1,
 )
+from gptflax.losses import cross_entropy, loss_fn
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import gpt2_tokenizer
-from gptflax.train import (
-    calc_loss_loader,
-    cross_entropy,
-    fit,
-    init_train_state,
-    loss_fn,
-    make_optimizer,
-)
+from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/quick/lab7" if QUICK else "runs/lab7"  # quick runs leave full runs alone
+RUNS = run_dir("lab7")  # runs/lab7, or runs/quick/lab7 in quick mode
 data = load_instruction_data()
 print(f"{len(data):,} entries; entry 50 as the model will see it:\n")
 print(format_input(data[50]) + RESPONSE_HEADER + data[50]["output"])
@@ -70,10 +63,11 @@ print("toy losses (2 rows, 3 rows, 3rd row ignored):", [round(v, 4) for v in toy
 
 # %% §7.5 The starting weights (before the loaders: they cut batches to its context length)
 if QUICK:
-    source, cfg, params = starting_point((), fresh_cfg=TINY.replace(context_length=128))
+    start = starting_model((), fresh_cfg=TINY.replace(context_length=128))
 else:
-    source, cfg, params = starting_point(("355M", "124M"), os.path.abspath("runs/lab5/checkpoints"))
-print(f"starting point: {source}\n{cfg}")
+    start = starting_model(("355M", "124M"), os.path.abspath("runs/lab5/checkpoints"))
+cfg, params = start.cfg, start.params
+print(f"starting point: {start.about}\n{cfg}")
 
 # %% §7.4 Loaders of 8 examples; lengths rounded up to multiples of 32, so jit compiles ~twice
 tokenizer = gpt2_tokenizer()
@@ -114,7 +108,7 @@ print("before fine-tuning, test entry 0 gets:", repr(completions_before[0].text[
 # %% §7.6 Fine-tuning with the book's settings: AdamW, weight decay 0.1, 2 epochs
 # The book's 5e-5 suits GPT-2, which already writes English. Lab 5's model has read one short
 # story (5,000 tokens), so it gets a larger step, and a tiny random model a larger one still.
-lr = 5e-5 if source.startswith("OpenAI") else 1e-3 if QUICK else 2e-4
+lr = 5e-5 if start.kind == "gpt2" else 1e-3 if QUICK else 2e-4
 tx = make_optimizer(lr, weight_decay=0.1)
 
 
@@ -153,7 +147,7 @@ responses_path = datasets.save_json(with_responses, f"{RUNS}/instruction-data-wi
 ckpt_dir = os.path.abspath(f"{RUNS}/model")
 if checkpoint.latest_step(ckpt_dir) is not None:
     shutil.rmtree(ckpt_dir)  # this lab's own previous run
-checkpoint.save_checkpoint(ckpt_dir, NUM_EPOCHS, tuned, cfg=cfg, meta={"source": source})
+checkpoint.save_checkpoint(ckpt_dir, NUM_EPOCHS, tuned, cfg=cfg, meta={"source": start.about})
 reloaded, _, _ = checkpoint.load_checkpoint(ckpt_dir, cfg=cfg, params_like=tuned)
 print(f"responses: {responses_path}; model: {ckpt_dir}")
 
@@ -190,12 +184,12 @@ assert len(saved) == 110 and all(
     s["model_response"] == c.response for s, c in zip(saved, completions, strict=True)
 )
 assert all(jax.tree.leaves(jax.tree.map(np.array_equal, reloaded, tuned)))
-if source == "OpenAI's GPT-2 355M":  # the book's reference: 3.7619 before, ~0.65 after
+if start.gpt2_size == "355M":  # the book's reference: 3.7619 before, ~0.65 after
     assert abs(val_5 - 3.7619) < 0.01 and after["val"] < 0.8
 if QUICK:  # measured: val loss 10.96 -> 7.93 (200 examples, 50 steps); format not learned yet
     assert after["val"] < before["val"] - 2.0
-elif not source.startswith("OpenAI"):  # measured from lab 5's model (lr 2e-4): val loss 9.15 ->
+elif start.kind != "gpt2":  # measured from lab 5's model (lr 2e-4): val loss 9.15 ->
     # 1.92, answers in the format 0% -> 90.9%, word-overlap F1 0.029 -> 0.221 (47 min, 2 cores)
     assert after["val"] < before["val"] - 4.0
     assert in_format >= 0.8 and f1 > f1_before + 0.1
-print(f"lab 7: all checks passed (starting point: {source})")
+print(f"lab 7: all checks passed (starting point: {start.about})")

@@ -8,17 +8,18 @@
 
 # %% D.1 Learning-rate warmup: the step counts
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from labkit import QUICK, run_dir
 
-from gptflax import datasets, model
+from gptflax import datasets, gpt
 from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import sample_text
+from gptflax.losses import loss_fn
 from gptflax.plots import plot_learning_rate, plot_losses
 from gptflax.tokenizer import gpt2_tokenizer
 from gptflax.train import (
@@ -26,13 +27,11 @@ from gptflax.train import (
     clip_by_global_norm_from,
     fit,
     init_train_state,
-    loss_fn,
     make_optimizer,
     warmup_cosine_schedule,
 )
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/quick/labD" if QUICK else "runs/labD"  # quick runs leave full runs alone
+RUNS = run_dir("labD")  # runs/labD, or runs/quick/labD in quick mode
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 n_epochs = 3 if QUICK else 15
 text_data = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
@@ -68,7 +67,7 @@ print(f"lr at the last step: {lrs[-1]:.2e}")
 print("learning-rate plot:", plot_learning_rate(lrs, f"{RUNS}/lr_schedule.png"))
 
 # %% D.3 Gradient clipping: scale all gradients down when their global norm exceeds 1.0
-params = model.init_params(jax.random.key(123), cfg)
+params = gpt.init_params(jax.random.key(123), cfg)
 inputs, targets = next(iter(train_loader.batches(0)))
 grads = jax.grad(loss_fn)(params, inputs, targets, cfg)
 clip = optax.clip_by_global_norm(1.0)

@@ -19,47 +19,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from labkit import QUICK, starting_model
 
-from gptflax import model
+from gptflax import gpt, nn
 from gptflax.config import TINY
-from gptflax.data import spam_loaders
 from gptflax.finetune import (
     calc_accuracy_loader,
-    classification_loss,
     count_trainable,
     freeze,
     replace_out_head,
-    starting_point,
+    spam_loaders,
     trainable_mask,
 )
 from gptflax.lora import init_lora, lora_loss, lora_optimizer, merge_lora
+from gptflax.losses import classification_loss
 from gptflax.tokenizer import gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer, train_step
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
 RANK, ALPHA = 16, 16
 train_loader, val_loader, test_loader = spam_loaders(gpt2_tokenizer(), batch_size=8)
 
 if QUICK:
-    source, cfg, params = starting_point((), fresh_cfg=TINY.replace(context_length=128))
+    start = starting_model((), fresh_cfg=TINY.replace(context_length=128))
 else:
-    source, cfg, params = starting_point(("124M",), os.path.abspath("runs/lab5/checkpoints"))
+    start = starting_model(("124M",), os.path.abspath("runs/lab5/checkpoints"))
+cfg, params = start.cfg, start.params
 params = replace_out_head(params, jax.random.key(123), num_classes=2)
-print(f"starting point: {source}\n{cfg}")
+print(f"starting point: {start.about}\n{cfg}")
 
 # %% E.4 LoRA matrices for every linear layer; B = 0, so nothing changes yet
 lora = init_lora(jax.random.key(7), params, rank=RANK)
-n_total, n_lora = model.count_params(params), model.count_params(lora)
+n_total, n_lora = nn.count_params(params), nn.count_params(lora)
 print(f"total parameters {n_total:,}; LoRA trainable parameters {n_lora:,}")
 x_probe, _ = next(iter(test_loader.batches(0, 1)))
-logits_before = model.forward(params, x_probe, cfg)
-logits_lora_init = model.forward(merge_lora(params, lora, ALPHA, RANK), x_probe, cfg)
+logits_before = gpt.forward(params, x_probe, cfg)
+logits_lora_init = gpt.forward(merge_lora(params, lora, ALPHA, RANK), x_probe, cfg)
 print("max |change| at initialisation:", float(jnp.abs(logits_lora_init - logits_before).max()))
 before_acc = calc_accuracy_loader(params, test_loader, cfg, num_batches=10)
 print(f"test accuracy before fine-tuning (10 batches): {before_acc:.4f}")
 
 # %% E.4 Fine-tuning only A and B: AdamW 5e-5 as in the appendix (a larger step for the tiny model)
-num_epochs = 2 if QUICK or not source.startswith("OpenAI") else 5
+num_epochs = 2 if QUICK or start.kind != "gpt2" else 5
 lr = 1e-3 if QUICK else 5e-5
 tx = lora_optimizer(make_optimizer(lr, weight_decay=0.1))
 loss = lora_loss(partial(classification_loss, cfg=cfg), ALPHA, RANK)
@@ -73,7 +73,6 @@ def epoch_accuracies(both):
     }
 
 
-params_before = jax.tree.map(jnp.copy, params)  # fit consumes (donates) the state it is given
 state, history = fit(
     init_train_state({"base": params, "lora": lora}, tx),
     train_loader,
@@ -97,9 +96,7 @@ after = {
 }
 print("accuracy after LoRA fine-tuning:", after)
 base_unchanged = all(
-    jax.tree.leaves(
-        jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), base_after, params_before)
-    )
+    jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), base_after, params))
 )
 
 # %% Side by side with lab 6's approach: trainable parameters and time per step, one batch
@@ -141,9 +138,9 @@ assert base_unchanged  # the base weights stay frozen
 if cfg.emb_dim == 768 and cfg.n_layers == 12:  # the 124M classifier
     assert n_lora == 2_666_528  # appendix E
     assert n_lora < n_last_block  # 2,666,528 LoRA vs 7,088,642 last-block parameters
-if source.startswith("OpenAI"):  # the appendix's result is about 97.7% test accuracy
+if start.kind == "gpt2":  # the appendix's result is about 97.7% test accuracy
     assert after["test"] >= 0.95, after
 else:  # measured: quick 84.7% test; from lab 5's model (2 epochs) 87.3% test, 85.2% val,
     # 87.8% train (lab 6's last-block run: 85.3% test); a coin flip gets 50%
     assert after["test"] >= (0.70 if QUICK else 0.80), after
-print(f"lab E: all checks passed (starting point: {source})")
+print(f"lab E: all checks passed (starting point: {start.about})")

@@ -8,16 +8,16 @@
 # `gptflax.bpe`. GPTFLAX_QUICK=1 skips the timing of the slow, book-style training loop.
 
 # %% Bonus §1.1 Bits and bytes: any text is a sequence of bytes, so 256 base tokens cover it
-import os
 import time
 from collections import Counter
 from itertools import pairwise
 
+from labkit import QUICK, run_dir
+
 from gptflax import bpe, datasets
 from gptflax.tokenizer import gpt2_tokenizer
 
-QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
-RUNS = "runs/quick/labbpe" if QUICK else "runs/labbpe"  # quick runs leave full runs alone
+RUNS = run_dir("labbpe")  # runs/labbpe, or runs/quick/labbpe in quick mode
 
 sample = "This is some text"
 print("bytes of", repr(sample), "->", list(sample.encode("utf-8")))

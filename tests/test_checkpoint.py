@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, model
+from gptflax import checkpoint, gpt
 from gptflax.checkpoint import CheckpointError
 from gptflax.train import init_train_state, make_optimizer
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.lab5
 @pytest.fixture
 def saved(tmp_path, small_cfg):
     tx = make_optimizer()
-    state = init_train_state(model.init_params(jax.random.key(0), small_cfg), tx)
+    state = init_train_state(gpt.init_params(jax.random.key(0), small_cfg), tx)
     train = {"step": state.step, "opt_state": state.opt_state}
     checkpoint.save_checkpoint(
         tmp_path, 1, state.params, cfg=small_cfg, train_state=train, meta={"note": "hi"}

@@ -1,6 +1,8 @@
 """The command lines: train, resume, refuse to clobber a run, generate, and clear errors."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +75,16 @@ def test_bf16_and_fused_attention_train_from_the_command_line(tmp_path, capsys):
     assert (tmp_path / "checkpoints" / "1").is_dir()
     with pytest.raises(SystemExit, match="fused_attention has no attention dropout"):
         train_main([*TINY_RUN, "--fused-attention", "--run-dir", str(tmp_path / "b")])
+
+
+def test_python_m_gptflax_runs_the_commands(run_dir):
+    def gptflax(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "gptflax", *args], capture_output=True, text=True, timeout=300
+        )
+
+    out = gptflax("generate", "Every effort", "--checkpoint", str(run_dir / "checkpoints"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("Every effort") and len(out.stdout) > len("Every effort\n")
+    usage = gptflax("fly")
+    assert usage.returncode == 2 and "usage: python -m gptflax {train,generate}" in usage.stderr

@@ -9,20 +9,17 @@ import optax
 import pytest
 from flax import nnx
 
-from gptflax import checkpoint, model
+from gptflax import gpt, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.data import DataLoader
 from gptflax.finetune import (
     calc_accuracy_loader,
-    classification_logits,
-    classification_loss,
-    classifier_forward,
     count_trainable,
     freeze,
     replace_out_head,
-    starting_point,
     trainable_mask,
 )
+from gptflax.losses import classification_logits, classification_loss, classifier_forward
 from gptflax.nnx_model import GPTModel
 from gptflax.train import make_optimizer
 
@@ -32,20 +29,20 @@ KEY = jax.random.key(0)
 
 def test_the_124m_classifier_trains_the_last_block_final_norm_and_head():
     def classifier():
-        params = model.init_params(jax.random.key(0), GPT_CONFIG_124M)
+        params = gpt.init_params(jax.random.key(0), GPT_CONFIG_124M)
         return replace_out_head(params, jax.random.key(1))
 
     params = jax.eval_shape(classifier)
     assert params["out_head"]["kernel"].shape == (768, 2) and params["out_head"]["bias"].shape == (
         2,
     )
-    one_block = model.count_params(params["trf_blocks"]) // 12
-    expected = one_block + model.count_params(params["final_norm"]) + 768 * 2 + 2
+    one_block = nn.count_params(params["trf_blocks"]) // 12
+    expected = one_block + nn.count_params(params["final_norm"]) + 768 * 2 + 2
     assert count_trainable(params, trainable_mask(params)) == expected
 
 
 def test_nnx_filters_count_the_same_trainable_parameters(small_cfg):
-    params = replace_out_head(model.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
+    params = replace_out_head(gpt.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
     twin = GPTModel(small_cfg, rngs=nnx.Rngs(0))
     twin.out_head = nnx.Linear(small_cfg.emb_dim, 2, rngs=nnx.Rngs(1))  # the NNX head surgery
     last = small_cfg.n_layers - 1
@@ -60,7 +57,7 @@ def test_nnx_filters_count_the_same_trainable_parameters(small_cfg):
 
 
 def test_frozen_parameters_never_move_not_even_by_weight_decay(small_cfg):
-    params = replace_out_head(model.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
+    params = replace_out_head(gpt.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
     mask = trainable_mask(params)
     tx = optax.chain(make_optimizer(1e-2, weight_decay=0.1), freeze(mask))
     grads = jax.tree.map(jnp.ones_like, params)
@@ -74,7 +71,7 @@ def test_frozen_parameters_never_move_not_even_by_weight_decay(small_cfg):
 
 
 def test_last_real_token_logits_ignore_the_padding(small_cfg):
-    params = replace_out_head(model.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
+    params = replace_out_head(gpt.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
     pad = 96
     tokens = jnp.array([[5, 6, 7, 8, 9], [10, 11, 12, pad, pad]])
     at_last_real = classification_logits(params, tokens, small_cfg, pad_token_id=pad)
@@ -91,11 +88,11 @@ def test_last_real_token_logits_ignore_the_padding(small_cfg):
 
 def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg):
     cfg = small_cfg.replace(n_layers=3)
-    params = replace_out_head(model.init_params(jax.random.key(0), cfg), jax.random.key(1))
+    params = replace_out_head(gpt.init_params(jax.random.key(0), cfg), jax.random.key(1))
     tokens, labels = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]]), jnp.array([0, 1])
     np.testing.assert_allclose(
         classifier_forward(params, tokens, cfg, frozen_blocks=2),
-        model.forward(params, tokens, cfg),
+        gpt.forward(params, tokens, cfg),
         rtol=1e-6,
     )
     full = jax.grad(classification_loss)(params, tokens, labels, cfg)
@@ -105,22 +102,3 @@ def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg)
     np.testing.assert_allclose(w_part[2], w_full[2], rtol=1e-5, atol=1e-7)
     assert not np.any(part["tok_emb"]["embedding"])
     np.testing.assert_allclose(part["out_head"]["kernel"], full["out_head"]["kernel"], rtol=1e-5)
-
-
-def test_starting_point_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
-    tmp_path, monkeypatch, small_cfg
-):
-    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
-    monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
-    source, cfg, params = starting_point(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
-    assert source.startswith("fresh random weights") and "no checkpoint in" in source
-    assert cfg == small_cfg.replace(drop_rate=0.0)
-    assert model.count_params(params) == model.count_params(model.init_params(KEY, small_cfg))
-
-    saved_cfg = small_cfg.replace(drop_rate=0.1)
-    saved = model.init_params(jax.random.key(5), saved_cfg)
-    checkpoint.save_checkpoint(tmp_path / "ckpt", 3, saved, cfg=saved_cfg)
-    source, cfg, params = starting_point(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
-    assert source == f"the checkpoint in {tmp_path / 'ckpt'}"
-    assert cfg == saved_cfg.replace(drop_rate=0.0)  # fine-tuning runs without dropout
-    jax.tree.map(np.testing.assert_array_equal, params, saved)

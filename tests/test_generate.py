@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import model
-from gptflax.generate import generate_text_simple, window_width
+from gptflax import gpt
+from gptflax.generate import window_width
 
 pytestmark = pytest.mark.lab4
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.lab4
 def naive_greedy(params, idx, max_new_tokens, context_size, cfg):
     """The book's loop as written: the whole growing sequence through the model every step."""
     for _ in range(max_new_tokens):
-        logits = jax.jit(model.forward)(params, idx[:, -context_size:], cfg)[:, -1, :]
+        logits = jax.jit(gpt.forward)(params, idx[:, -context_size:], cfg)[:, -1, :]
         idx = jnp.concatenate([idx, jnp.argmax(logits, -1, keepdims=True)], axis=1)
     return idx
 
@@ -26,17 +26,19 @@ def test_window_widths_are_few():
     assert window_width(20, 24) == 24 and window_width(3, 1024) == 8
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("context_size", [32, 12])
-def test_greedy_tokens_equal_the_naive_loop(small_cfg, context_size):
-    params = model.init_params(jax.random.key(0), small_cfg)
-    idx = jax.random.randint(jax.random.key(1), (2, 5), 0, small_cfg.vocab_size)
-    ours = generate_text_simple(params, idx, 12, context_size, small_cfg)
+def test_greedy_tokens_equal_the_naive_loop(small_cfg, context_size, use_cache):
+    cfg = small_cfg.replace(context_length=context_size)  # 12: the window slides
+    params = gpt.init_params(jax.random.key(0), cfg)
+    idx = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
+    ours = G.generate(params, idx, 12, cfg, use_cache=use_cache)
     assert ours.shape == (2, 17)
-    np.testing.assert_array_equal(ours, naive_greedy(params, idx, 12, context_size, small_cfg))
+    np.testing.assert_array_equal(ours, naive_greedy(params, idx, 12, context_size, cfg))
 
 
 def test_generation_compiles_once_per_window_width(small_cfg):
-    params = model.init_params(jax.random.key(0), small_cfg)
+    params = gpt.init_params(jax.random.key(0), small_cfg)
     before = G._next_token._cache_size()
-    G.generate(params, np.zeros((3, 1), np.int32), 40, small_cfg.context_length, small_cfg)
+    G.generate(params, np.zeros((3, 1), np.int32), 40, small_cfg)
     assert G._next_token._cache_size() - before <= 3  # widths 8, 16, 32: not 40 compilations

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import instruct, model
+from gptflax import gpt, instruct
+from gptflax.losses import cross_entropy, loss_fn
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
-from gptflax.train import cross_entropy, loss_fn
 
 pytestmark = pytest.mark.lab7
 
@@ -62,7 +62,7 @@ def test_bucketed_and_filled_batches_give_the_book_loss(small_cfg):
     bucketed = collate(items, pad_to_multiple=8, batch_size=5)
     assert book[0].shape == (3, 7) and bucketed[0].shape == (5, 8)
     assert (bucketed[1][3:] == -100).all()  # filler rows teach nothing
-    params = model.init_params(jax.random.key(0), small_cfg)
+    params = gpt.init_params(jax.random.key(0), small_cfg)
     loss = partial(loss_fn, cfg=small_cfg)
     assert float(loss(params, *bucketed)) == pytest.approx(float(loss(params, *book)), rel=1e-6)
 
@@ -99,12 +99,12 @@ def test_training_compiles_once_per_bucket(data, small_cfg):
 def test_batched_responses_equal_one_by_one_decoding(data, small_cfg):
     tok = gpt2_tokenizer()
     cfg = small_cfg.replace(vocab_size=50257, context_length=128)
-    params = model.init_params(jax.random.key(1), cfg)
+    params = gpt.init_params(jax.random.key(1), cfg)
     entries = data[:5]
     got = instruct.generate_responses(params, entries, tok, cfg, max_new_tokens=6, batch_size=2)
     for entry, completion in zip(entries, got, strict=True):
         prompt = np.array([tok.encode(instruct.format_input(entry))])
-        alone = G.generate(params, prompt, 6, 128, cfg, eos_id=EOT_ID, use_cache=False)
+        alone = G.generate(params, prompt, 6, cfg, eos_id=EOT_ID, use_cache=False)
         new = G.trim_at_eos(alone[0, prompt.shape[1] :], EOT_ID)
         assert completion.text == tok.decode(new)
 

@@ -6,34 +6,32 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import model
+from gptflax import gpt
 
 pytestmark = pytest.mark.lab5
 
 
 @pytest.fixture(scope="module")
 def params(small_cfg):
-    return model.init_params(jax.random.key(0), small_cfg)
+    return gpt.init_params(jax.random.key(0), small_cfg)
 
 
 def test_prefill_and_one_token_steps_give_the_forward_logits(params, small_cfg):
     tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, small_cfg.vocab_size)
-    reference = model.forward(params, tokens, small_cfg)  # (2, 20, V)
-    cache = model.init_cache(small_cfg, 2)
+    reference = gpt.forward(params, tokens, small_cfg)  # (2, 20, V)
+    cache = gpt.init_cache(small_cfg, 2)
     start = jnp.zeros(2, jnp.int32)
-    prefill, cache = model.forward_cached(params, tokens[:, :12], cache, start, small_cfg)
+    prefill, cache = gpt.forward_cached(params, tokens[:, :12], cache, start, small_cfg)
     np.testing.assert_allclose(prefill, reference[:, :12], atol=1e-5)
     for t in range(12, 20):
-        step, cache = model.forward_cached(
-            params, tokens[:, t : t + 1], cache, start + t, small_cfg
-        )
+        step, cache = gpt.forward_cached(params, tokens[:, t : t + 1], cache, start + t, small_cfg)
         np.testing.assert_allclose(step[:, 0], reference[:, t], atol=1e-5)
 
 
 def test_cached_greedy_equals_the_uncached_loop(params, small_cfg):
     prompt = np.asarray(jax.random.randint(jax.random.key(2), (3, 7), 0, small_cfg.vocab_size))
-    cached = G.generate(params, prompt, 20, 32, small_cfg)
-    uncached = G.generate(params, prompt, 20, 32, small_cfg, use_cache=False)
+    cached = G.generate(params, prompt, 20, small_cfg)
+    uncached = G.generate(params, prompt, 20, small_cfg, use_cache=False)
     assert cached.shape == (3, 27)
     np.testing.assert_array_equal(cached, uncached)
 
@@ -41,9 +39,9 @@ def test_cached_greedy_equals_the_uncached_loop(params, small_cfg):
 def test_sampling_with_a_key_draws_the_same_tokens_with_and_without_cache(params, small_cfg):
     prompt = np.array([[5, 6, 7], [8, 9, 10]])
     options = dict(temperature=1.2, top_k=10, key=jax.random.key(3))
-    cached = G.generate(params, prompt, 15, 32, small_cfg, **options)
+    cached = G.generate(params, prompt, 15, small_cfg, **options)
     np.testing.assert_array_equal(
-        cached, G.generate(params, prompt, 15, 32, small_cfg, use_cache=False, **options)
+        cached, G.generate(params, prompt, 15, small_cfg, use_cache=False, **options)
     )
     assert len(np.unique(cached[:, 3:])) > 3  # really sampled, not one repeated token
 
@@ -53,7 +51,7 @@ def test_prompts_of_different_lengths_decode_together(params, small_cfg):
     together = G.generate_cached(params, prompts, 10, small_cfg)
     assert together.shape == (3, 10)
     for prompt, row in zip(prompts, together, strict=True):
-        alone = G.generate(params, np.array([prompt]), 10, 32, small_cfg, use_cache=False)
+        alone = G.generate(params, np.array([prompt]), 10, small_cfg, use_cache=False)
         assert row.tolist() == alone[0, len(prompt) :].tolist()
 
 
@@ -75,5 +73,5 @@ def test_one_compilation_per_prompt_window_width(params, small_cfg):
 def test_too_long_for_the_cache_is_a_clear_error(params, small_cfg):
     with pytest.raises(ValueError, match="exceeds the context length of 32.*use_cache=False"):
         G.generate_cached(params, np.ones((1, 30), np.int32), 5, small_cfg)
-    out = G.generate(params, np.ones((1, 30), np.int32), 5, 32, small_cfg)  # slides instead
+    out = G.generate(params, np.ones((1, 30), np.int32), 5, small_cfg)  # slides instead
     assert out.shape == (1, 35)

@@ -6,22 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import model, nn
+from gptflax import gpt, nn
 from gptflax.config import GPT_CONFIG_124M
-from gptflax.finetune import classification_loss, replace_out_head
+from gptflax.finetune import replace_out_head
 from gptflax.lora import init_lora, lora_loss, lora_optimizer, merge_lora
+from gptflax.losses import classification_loss
 from gptflax.train import init_train_state, make_optimizer, train_step
 
 pytestmark = pytest.mark.labE
 
 
 def classifier(cfg):
-    return replace_out_head(model.init_params(jax.random.key(0), cfg), jax.random.key(1))
+    return replace_out_head(gpt.init_params(jax.random.key(0), cfg), jax.random.key(1))
 
 
 def test_rank_16_on_the_124m_classifier_trains_2666528_parameters():
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), classifier(GPT_CONFIG_124M), 16))
-    assert model.count_params(lora) == 2_666_528
+    assert nn.count_params(lora) == 2_666_528
     assert set(lora) == {"trf_blocks", "out_head"}  # every linear; no embeddings or norms
     assert set(lora["trf_blocks"]) == {"att", "ff"}
 
@@ -65,4 +66,4 @@ def test_training_moves_only_a_and_b(small_cfg):
     jax.tree.map(np.testing.assert_array_equal, new.params["base"], params)
     assert np.any(new.params["lora"]["out_head"]["B"])  # B left zero
     n_moments = sum(x.size for x in jax.tree.leaves(new.opt_state) if x.ndim)
-    assert n_moments == 2 * model.count_params(both["lora"])  # Adam state for LoRA only
+    assert n_moments == 2 * nn.count_params(both["lora"])  # Adam state for LoRA only

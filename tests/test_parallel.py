@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from gptflax import model, parallel
+from gptflax import gpt, parallel
 from gptflax.data import DataLoader
-from gptflax.train import fit, init_train_state, loss_fn, make_optimizer, train_step
+from gptflax.losses import loss_fn
+from gptflax.train import fit, init_train_state, make_optimizer, train_step
 
 pytestmark = pytest.mark.lab5
 
@@ -39,7 +40,7 @@ def test_sharded_steps_equal_single_device_steps(small_cfg, drop_rate):
     key = jax.random.key(1)
 
     def run(mesh):
-        state = init_train_state(model.init_params(jax.random.key(0), cfg), tx)
+        state = init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
         if mesh is not None:
             state = parallel.replicate(state, mesh)
         losses = []
@@ -66,7 +67,7 @@ def test_fit_trains_data_parallel(small_cfg):
     x = rng.integers(0, 97, (32, 16), dtype=np.int32)
     loader = DataLoader(x, np.roll(x, -1, axis=1), batch_size=8)
     tx = make_optimizer(1e-2)
-    state = init_train_state(model.init_params(jax.random.key(0), small_cfg), tx)
+    state = init_train_state(gpt.init_params(jax.random.key(0), small_cfg), tx)
     state, history = fit(
         state, loader, loader, small_cfg, tx, num_epochs=3, key=jax.random.key(0),
         eval_freq=4, eval_iter=4, mesh=parallel.data_mesh(8),

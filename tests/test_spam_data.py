@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from gptflax.data import (
-    DataLoader,
+from gptflax.data import DataLoader
+from gptflax.finetune import (
     balanced_spam,
     encode_padded,
     load_sms_spam,

@@ -6,9 +6,9 @@ Optional: needs `make setup-torch` (torch 2.13.0 CPU and llms-from-scratch); ski
 import numpy as np
 import pytest
 
-from gptflax import model
+from gptflax import gpt
 from gptflax.config import GPT_CONFIG_124M, GPTConfig
-from gptflax.generate import generate_text_simple
+from gptflax.generate import generate
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
 from gptflax.weights import from_book_state_dict
 
@@ -46,13 +46,13 @@ def test_logits_equal_the_books_model(qkv_bias):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         expected = book(torch.from_numpy(tokens)).numpy()
-    np.testing.assert_allclose(model.forward(params, tokens, cfg), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gpt.forward(params, tokens, cfg), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_generation_gives_the_books_tokens():
     book, params = book_model(GPT_CONFIG_124M)  # the book's seed-123 124M model, §4.7
     encoded = np.array([text_to_token_ids("Hello, I am", gpt2_tokenizer())])
-    out = generate_text_simple(params, encoded, 6, GPT_CONFIG_124M.context_length, GPT_CONFIG_124M)
+    out = generate(params, encoded, 6, GPT_CONFIG_124M)
     book_tokens = [15496, 11, 314, 716, 27018, 24086, 47843, 30961, 42348, 7267]
     assert out[0].tolist() == book_tokens
     with torch.no_grad():  # and the book's own function agrees on this machine

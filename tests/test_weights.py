@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gptflax import datasets, model
+from gptflax import datasets, gpt
 from gptflax.config import GPTConfig
 from gptflax.weights import gpt2_config, load_gpt2, load_gpt2_file
 
@@ -84,7 +84,7 @@ def test_loaded_params_give_the_reference_logits(tmp_path, prefix):
     expected = reference_gpt2_logits(
         {k.removeprefix(prefix): v for k, v in tensors.items()}, tokens, CFG
     )
-    np.testing.assert_allclose(model.forward(params, tokens, CFG), expected, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(gpt.forward(params, tokens, CFG), expected, rtol=2e-4, atol=2e-4)
 
 
 def test_load_gpt2_resolves_the_file_through_datasets(tmp_path, monkeypatch):

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import model, nn
+from gptflax import gpt, nn
 from gptflax.config import GPT2_PRESETS, GPT_CONFIG_124M, GPTConfig
 
 pytestmark = pytest.mark.lab4
 
 
 def shapes(cfg):
-    return jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+    return jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), cfg))
 
 
 @pytest.mark.parametrize(
@@ -26,13 +26,13 @@ def shapes(cfg):
 )
 def test_parameter_counts_match_the_book(size, total, without_head):
     params = shapes(GPT2_PRESETS[size])
-    assert model.count_params(params) == total
-    assert model.count_params(params) - model.count_params(params["out_head"]) == without_head
+    assert nn.count_params(params) == total
+    assert nn.count_params(params) - nn.count_params(params["out_head"]) == without_head
 
 
 def test_gpt2_weight_layout_and_memory_size():
-    assert model.count_params(shapes(GPT_CONFIG_124M.replace(qkv_bias=True))) == 163_037_184
-    assert round(model.count_params(shapes(GPT_CONFIG_124M)) * 4 / 1024**2, 2) == 621.83
+    assert nn.count_params(shapes(GPT_CONFIG_124M.replace(qkv_bias=True))) == 163_037_184
+    assert round(nn.count_params(shapes(GPT_CONFIG_124M)) * 4 / 1024**2, 2) == 621.83
 
 
 def test_blocks_are_stacked(tiny_cfg):
@@ -87,7 +87,7 @@ def test_linear_flattened_matmul_and_its_gradients_match_einsum(shape):
 
 @pytest.fixture(scope="module")
 def tiny_params(small_cfg):
-    return model.init_params(jax.random.key(123), small_cfg)
+    return gpt.init_params(jax.random.key(123), small_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -95,24 +95,16 @@ def tokens():
     return jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
 
 
-def test_scan_equals_the_books_loop_over_blocks(tiny_params, tokens, small_cfg):
-    logits = model.forward(tiny_params, tokens, small_cfg)
-    assert logits.shape == (2, 16, 97)
-    np.testing.assert_allclose(
-        logits, model.forward_loop(tiny_params, tokens, small_cfg), atol=1e-5
-    )
-
-
 def test_jit_takes_the_config_as_an_argument(tiny_params, tokens, small_cfg):
-    jitted = jax.jit(model.forward)(tiny_params, tokens, small_cfg)
-    np.testing.assert_allclose(jitted, model.forward(tiny_params, tokens, small_cfg), atol=1e-5)
+    jitted = jax.jit(gpt.forward)(tiny_params, tokens, small_cfg)
+    np.testing.assert_allclose(jitted, gpt.forward(tiny_params, tokens, small_cfg), atol=1e-5)
 
 
 def test_the_model_is_causal(tiny_params, tokens, small_cfg):
     changed = tokens.at[:, 10:].set(0)
     a, b = (
-        model.forward(tiny_params, tokens, small_cfg),
-        model.forward(tiny_params, changed, small_cfg),
+        gpt.forward(tiny_params, tokens, small_cfg),
+        gpt.forward(tiny_params, changed, small_cfg),
     )
     np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-5)
     assert not np.allclose(a[:, 10:], b[:, 10:])
@@ -122,7 +114,7 @@ def test_eval_is_deterministic_and_dropout_follows_the_key(tiny_params, tokens):
     cfg = GPTConfig(
         vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1
     )
-    forward = jax.jit(model.forward)
+    forward = jax.jit(gpt.forward)
     evals = [forward(tiny_params, tokens, cfg) for _ in range(2)]
     np.testing.assert_array_equal(*evals)
     k1, k2 = jax.random.key(1), jax.random.key(2)
@@ -139,4 +131,4 @@ def test_eval_is_deterministic_and_dropout_follows_the_key(tiny_params, tokens):
 
 def test_too_long_an_input_is_a_clear_error(tiny_params, small_cfg):
     with pytest.raises(ValueError, match="exceed the context length of 32"):
-        model.forward(tiny_params, jnp.zeros((1, 33), jnp.int32), small_cfg)
+        gpt.forward(tiny_params, jnp.zeros((1, 33), jnp.int32), small_cfg)

@@ -1,0 +1,68 @@
+"""Model families: one module of pure functions per architecture, found from the config's type.
+
+A family module (`gptflax.gpt`, or a toy one in the tests) provides the functions named in
+`INTERFACE`, over a params dict whose transformer blocks are stacked under "trf_blocks". Decoding,
+the losses, the training loop, checkpoints, the classification head, freezing and LoRA call them
+through `family(cfg)` and never ask which family they hold. A new family is one module and a
+frozen-dataclass config, joined by `register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+
+from gptflax import gpt
+from gptflax.config import GPTConfig
+
+INTERFACE = {
+    "init_params": "(key, cfg) -> params",
+    "embed": "(params, tokens (B, T), cfg, *, key=None) -> (B, T, D)",
+    "run_blocks": "(params['trf_blocks'], x (B, T, D), cfg, *, key=None) -> (B, T, D)",
+    "final_norm": "(params, x (B, T, D)) -> (B, T, D)",
+    "head": "(params, h (B, T, D)) -> (B, T, V)",
+    "hidden": "(params, tokens, cfg, *, key=None) -> (B, T, D): final_norm(run_blocks(embed))",
+    "forward": "(params, tokens, cfg, *, key=None) -> (B, T, V): head(hidden)",
+    "init_cache": "(cfg, batch_size, dtype) -> an empty KV cache",
+    "forward_cached": "(params, tokens (B, S), cache, start (B,), cfg) -> ((B, S, V), cache)",
+}
+
+_MODULES: dict[type, ModuleType] = {}
+_CONFIGS: dict[str, type] = {}  # family name -> config class, for configs read back from JSON
+
+
+def register(name: str, config_type: type, module: ModuleType) -> None:
+    """Make `module` the family of configs of `config_type`, saved under `name` in checkpoints."""
+    if missing := [f for f in INTERFACE if not callable(getattr(module, f, None))]:
+        raise TypeError(f"family {name!r} ({module.__name__}) lacks {', '.join(missing)}")
+    _MODULES[config_type] = module
+    _CONFIGS[name] = config_type
+
+
+def family(cfg) -> ModuleType:
+    """The module of pure functions for this config's model family."""
+    try:
+        return _MODULES[type(cfg)]
+    except KeyError:
+        raise TypeError(
+            f"no model family is registered for {type(cfg).__name__}: "
+            "call gptflax.families.register(name, config_type, module) first"
+        ) from None
+
+
+def config_to_dict(cfg) -> dict:
+    """A JSON-ready record of a config, naming its family."""
+    (name,) = [n for n, t in _CONFIGS.items() if t is type(cfg)]
+    return {"family": name, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(record: dict):
+    """The config that `config_to_dict` recorded (a record without a family is a GPT's)."""
+    fields = dict(record)
+    name = fields.pop("family", "gpt")
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(_CONFIGS)}")
+    return _CONFIGS[name](**fields)
+
+
+register("gpt", GPTConfig, gpt)

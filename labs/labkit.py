@@ -1,0 +1,65 @@
+"""What the labs share beside the library: quick mode, run folders, and the model to start from.
+
+`GPTFLAX_QUICK=1` runs a lab's quick variant (tiny models, few steps: what the tests run); its
+outputs go under runs/quick/, so a quick run never touches a full run's checkpoints or plots.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import jax
+
+from gptflax import checkpoint, datasets, nn
+from gptflax.config import GPT_CONFIG_124M
+from gptflax.families import family
+from gptflax.weights import load_gpt2
+
+QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
+
+
+def run_dir(lab: str) -> str:
+    """The lab's output folder, created: runs/<lab>, or runs/quick/<lab> in quick mode."""
+    path = os.path.join("runs", "quick", lab) if QUICK else os.path.join("runs", lab)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class Start(NamedTuple):
+    """The model a fine-tuning lab starts from, and where it came from."""
+
+    kind: Literal["gpt2", "checkpoint", "fresh"]
+    about: str  # one line for people, e.g. "OpenAI's GPT-2 124M"
+    cfg: object
+    params: dict
+    gpt2_size: str | None = None
+
+
+FRESH_CFG = GPT_CONFIG_124M.replace(context_length=256)  # lab 5's model when none was saved
+
+
+def starting_model(
+    gpt2_sizes: tuple[str, ...] = ("124M",),
+    checkpoint_dir: str | Path | None = None,
+    fresh_cfg=FRESH_CFG,
+) -> Start:
+    """The first that exists of: OpenAI's GPT-2 in `gpt2_sizes` order, the latest checkpoint in
+    `checkpoint_dir` (e.g. lab 5's model), fresh random params of `fresh_cfg`. Dropout is off:
+    the book fine-tunes without it."""
+    for size in gpt2_sizes:
+        try:
+            cfg, params = load_gpt2(size)
+            return Start("gpt2", f"OpenAI's GPT-2 {size}", cfg.replace(drop_rate=0.0), params, size)
+        except datasets.DataFileError as e:
+            print(f"GPT-2 {size} weights not available: {str(e).splitlines()[0]}")
+    if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
+        cfg, params = checkpoint.load_model(checkpoint_dir)
+        about = f"the checkpoint in {checkpoint_dir}"
+        return Start("checkpoint", about, cfg.replace(drop_rate=0.0), params)
+    params = family(fresh_cfg).init_params(jax.random.key(123), fresh_cfg)
+    about = f"fresh random weights ({nn.count_params(params):,} parameters)"
+    if checkpoint_dir is not None:
+        about += f"; no checkpoint in {checkpoint_dir} (run its lab first for a pretrained one)"
+    return Start("fresh", about, fresh_cfg.replace(drop_rate=0.0), params)

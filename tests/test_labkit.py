@@ -1,0 +1,45 @@
+"""labs/labkit.py: the starting model of the fine-tuning labs, as a typed value."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gptflax import checkpoint, gpt, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "labs"))
+import labkit  # noqa: E402
+
+pytestmark = pytest.mark.lab6
+
+
+def test_starting_model_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
+    tmp_path, monkeypatch, small_cfg
+):
+    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
+    monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    assert start.kind == "fresh" and "no checkpoint in" in start.about
+    assert start.cfg == small_cfg.replace(drop_rate=0.0) and start.gpt2_size is None
+    assert nn.count_params(start.params) == nn.count_params(
+        gpt.init_params(jax.random.key(0), small_cfg)
+    )
+
+    saved_cfg = small_cfg.replace(drop_rate=0.1)
+    saved = gpt.init_params(jax.random.key(5), saved_cfg)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", 3, saved, cfg=saved_cfg)
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    assert start.kind == "checkpoint" and start.about == f"the checkpoint in {tmp_path / 'ckpt'}"
+    assert start.cfg == saved_cfg.replace(drop_rate=0.0)  # fine-tuning runs without dropout
+    jax.tree.map(np.testing.assert_array_equal, start.params, saved)
+
+
+def test_quick_runs_write_under_runs_quick(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(labkit, "QUICK", True)
+    assert labkit.run_dir("lab9") == str(Path("runs", "quick", "lab9"))
+    monkeypatch.setattr(labkit, "QUICK", False)
+    assert labkit.run_dir("lab9") == str(Path("runs", "lab9"))
+    assert (tmp_path / "runs" / "quick" / "lab9").is_dir() and (tmp_path / "runs" / "lab9").is_dir()
