@@ -63,11 +63,12 @@ format: setup ## apply ruff's formatting and safe fixes
 labs: ## run every lab in reading order
 	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
 
-lab-%: ## run lab N (chapter 2-7, or appendix A, D, E) with the book's settings, then its tests
+# The lab has just run in full, so its tests skip test_labs.py (which re-runs it in quick mode).
+lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe) with the book's settings, then its tests
 	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)
-	$(PY) -m pytest -q -m lab$*
+	$(PY) -m pytest -q -m lab$* --ignore=tests/test_labs.py
 
 clean: ## remove .venv, caches and runs/ (never data/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs *.egg-info

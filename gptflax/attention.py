@@ -1,4 +1,4 @@
-"""Attention, step by step as chapter 3 builds it, up to the causal multi-head attention of GPT.
+"""Causal multi-head attention, the final form of chapter 3 (lab 3 derives the steps to it).
 
 Every function is pure: weights come in as dicts of arrays (see `gptflax.nn`), dropout takes an
 explicit PRNG key, and `key=None` means no dropout (evaluation).
@@ -10,30 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import nn
-
-
-def simple_self_attention(inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Attention without trainable weights: (T, D) -> context (T, D), weights (T, T) (Book §3.3)."""
-    attn_scores = inputs @ inputs.T  # (T, T): dot product of every pair of inputs
-    attn_weights = jax.nn.softmax(attn_scores, axis=-1)
-    return attn_weights @ inputs, attn_weights
-
-
-def init_self_attention_v1(key: jax.Array, d_in: int, d_out: int) -> dict:
-    """Raw (d_in, d_out) query, key and value matrices drawn from U(0, 1), as the book's v1."""
-    k_q, k_k, k_v = jax.random.split(key, 3)
-    return {
-        name: jax.random.uniform(k, (d_in, d_out))
-        for name, k in zip(("W_query", "W_key", "W_value"), (k_q, k_k, k_v), strict=True)
-    }
-
-
-def self_attention_v1(params: dict, x: jax.Array) -> jax.Array:
-    """Scaled dot-product attention, raw weight matrices: (T, d_in) -> (T, d_out) (Book §3.4)."""
-    queries, keys, values = (x @ params[w] for w in ("W_query", "W_key", "W_value"))  # (T, d_out)
-    attn_scores = queries @ keys.T  # (T, T)
-    attn_weights = jax.nn.softmax(attn_scores / keys.shape[-1] ** 0.5, axis=-1)
-    return attn_weights @ values
 
 
 def init_qkv(key: jax.Array, d_in: int, d_out: int, qkv_bias: bool = False) -> dict:
@@ -50,51 +26,15 @@ def qkv(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return tuple(nn.linear(params[n], x) for n in ("W_query", "W_key", "W_value"))
 
 
-def self_attention_v2(params: dict, x: jax.Array) -> jax.Array:
-    """Self-attention with linear layers: (T, d_in) -> (T, d_out) (Book §3.4.2)."""
-    queries, keys, values = qkv(params, x)
-    attn_weights = jax.nn.softmax(queries @ keys.T / keys.shape[-1] ** 0.5, axis=-1)
-    return attn_weights @ values
-
-
 def causal_mask(num_tokens: int) -> jax.Array:
     """(T, T) booleans, True where a query may attend: on and below the diagonal (Book §3.5)."""
     return jnp.tril(jnp.ones((num_tokens, num_tokens), dtype=bool))
-
-
-def renormalized_causal_weights(attn_scores: jax.Array) -> jax.Array:
-    """The book's first way: softmax, zero the future, divide each row by its sum (Book §3.5.1)."""
-    attn_weights = jax.nn.softmax(attn_scores, axis=-1)
-    masked = jnp.where(causal_mask(attn_scores.shape[-1]), attn_weights, 0.0)
-    return masked / masked.sum(axis=-1, keepdims=True)
 
 
 def causal_softmax(attn_scores: jax.Array) -> jax.Array:
     """The efficient way: -inf above the diagonal, then softmax (..., T, T) (Book §3.5.1)."""
     masked = jnp.where(causal_mask(attn_scores.shape[-1]), attn_scores, -jnp.inf)
     return jax.nn.softmax(masked, axis=-1)
-
-
-def causal_attention(
-    params: dict, x: jax.Array, *, drop_rate: float = 0.0, key: jax.Array | None = None
-) -> jax.Array:
-    """One causal head with dropout on the weights: (B, T, d_in) -> (B, T, d_out) (Book §3.5.3)."""
-    queries, keys, values = qkv(params, x)  # (B, T, d_out) each
-    attn_scores = queries @ keys.swapaxes(-1, -2)  # (B, T, T)
-    attn_weights = causal_softmax(attn_scores / keys.shape[-1] ** 0.5)
-    attn_weights = nn.dropout(attn_weights, drop_rate, key)
-    return attn_weights @ values
-
-
-def multi_head_attention_wrapper(
-    heads: list[dict], x: jax.Array, *, drop_rate: float = 0.0, key: jax.Array | None = None
-) -> jax.Array:
-    """Run independent causal heads and concatenate them: (B, T, n_heads * d_out) (Book §3.6.1)."""
-    keys = jax.random.split(key, len(heads)) if key is not None else [None] * len(heads)
-    outputs = [
-        causal_attention(p, x, drop_rate=drop_rate, key=k) for p, k in zip(heads, keys, strict=True)
-    ]
-    return jnp.concatenate(outputs, axis=-1)
 
 
 def init_multi_head_attention(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import regex
 
-from gptflax import datasets
+from gptflax import files
 
 EOT = "<|endoftext|>"
 _NEVER = float("inf")  # the rank of a pair that is no merge
@@ -174,10 +174,10 @@ class BPETokenizerSimple:
 
     def save_vocab_and_merges(self, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
         """Write the vocabulary and the merges as JSON (each file replaced whole, never half)."""
-        datasets.save_json({str(i): token for i, token in self.vocab.items()}, vocab_path)
+        files.save_json({str(i): token for i, token in self.vocab.items()}, vocab_path)
         merges = [{"pair": list(pair), "new_id": new} for pair, new in self.bpe_merges.items()]
         meta = {"style": self.style, "special_tokens": list(self.special_tokens)}
-        datasets.save_json(meta | {"merges": merges}, bpe_merges_path)
+        files.save_json(meta | {"merges": merges}, bpe_merges_path)
 
     def load_vocab_and_merges(self, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
         """Read what `save_vocab_and_merges` wrote."""
@@ -208,7 +208,7 @@ def gpt2_bpe() -> BPETokenizerSimple:
     """GPT-2's tokenizer, from scratch, loaded from OpenAI's files (cache, mirrors or download)."""
     tokenizer = BPETokenizerSimple()
     tokenizer.load_vocab_and_merges_from_openai(
-        datasets.resolve("gpt2/encoder.json"), datasets.resolve("gpt2/vocab.bpe")
+        files.resolve("gpt2/encoder.json"), files.resolve("gpt2/vocab.bpe")
     )
     return tokenizer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptflax import checkpoint, datasets, gpt
+from gptflax import checkpoint, files, gpt
 from gptflax.config import GPT2_PRESETS, TINY, GPTConfig
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, trim_at_eos
@@ -80,7 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
     ckpt_dir = Path(args.run_dir).absolute() / "checkpoints"
     if checkpoint.latest_step(ckpt_dir) is not None and not args.resume:
         sys.exit(f"{ckpt_dir} holds checkpoints: pass --resume to continue, or another --run-dir")
-    path = Path(args.text) if args.text else datasets.resolve("the-verdict.txt")
+    path = Path(args.text) if args.text else files.resolve("the-verdict.txt")
     if not path.is_file():
         sys.exit(f"no text file {path}")
     text = path.read_text(encoding="utf-8")
@@ -174,7 +174,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     args = generate_parser().parse_args(argv)
     try:
         cfg, params = load_for_generation(args)
-    except (checkpoint.CheckpointError, datasets.DataFileError, ValueError) as e:
+    except (checkpoint.CheckpointError, files.DataFileError, ValueError) as e:
         sys.exit(str(e))
     tokenizer = gpt2_tokenizer()
     ids = text_to_token_ids(args.prompt, tokenizer)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptflax import datasets, nn
+from gptflax import files, nn
 from gptflax.data import DataLoader
 from gptflax.losses import classification_logits
 from gptflax.tokenizer import EOT_ID
@@ -96,7 +96,7 @@ def load_sms_spam(path=None) -> list[tuple[str, str]]:
 
     Parsed as the book's pandas call does (tab-separated, double quotes quote): 5,572 rows.
     """
-    path = path or datasets.resolve("sms_spam_collection/SMSSpamCollection.tsv")
+    path = path or files.resolve("sms_spam_collection/SMSSpamCollection.tsv")
     with open(path, encoding="utf-8", newline="") as f:
         return [(label, text) for label, text in csv.reader(f, delimiter="\t")]
 

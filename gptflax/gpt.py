@@ -3,7 +3,7 @@
 Params use the book's names: `tok_emb`, `pos_emb`, `trf_blocks` (`att`, `ff`, `norm1`, `norm2`),
 `final_norm`, `out_head`. The transformer blocks are stacked: every leaf under `trf_blocks` has a
 leading axis of length `n_layers`, and `forward` runs them with `jax.lax.scan`, which compiles one
-block instead of n_layers copies (see DESIGN.md for the measured compile and step times).
+block instead of n_layers copies (the README's speed section has the compile and step times).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gptflax import datasets
+from gptflax import files
 from gptflax.config import GPTConfig
 from gptflax.data import DataLoader
 from gptflax.generate import generate_cached, trim_at_eos
@@ -33,7 +33,7 @@ RESPONSE_HEADER = "\n\n### Response:\n"
 
 def load_instruction_data(path=None) -> list[dict]:
     """The book's 1,100 entries, each with "instruction", "input" (maybe "") and "output"."""
-    path = path or datasets.resolve("instruction-data.json")
+    path = path or files.resolve("instruction-data.json")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -27,7 +27,7 @@ def cross_entropy(
     valid = targets != ignore_index
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)
     # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: never materialises the
-    # (..., V) log-probabilities (measured 1.15-1.24x faster than log_softmax for head + loss)
+    # (..., V) log-probabilities
     token_losses = jax.nn.logsumexp(logits, axis=-1) - picked[..., 0]
     return jnp.sum(jnp.where(valid, token_losses, 0.0)) / jnp.maximum(valid.sum(), 1)
 

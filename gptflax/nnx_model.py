@@ -8,6 +8,8 @@ book's, and match the keys of the functional params. Dropout randomness comes in
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,16 +21,26 @@ from gptflax.config import GPTConfig
 _torch_linear_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
+def _torch_bias_init(d_in: int):
+    """PyTorch's default Linear bias init, U(-1/sqrt(d_in), 1/sqrt(d_in))."""
+    bound = 1.0 / math.sqrt(d_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
 class Linear(nnx.Linear):
-    """nnx.Linear on a 2-D view of x, (N, d_in): XLA's CPU backend runs the weight gradient of a
-    2-D matmul twice as fast as that of a (B, T, d_in) contraction (see `gptflax.nn.linear`)."""
+    """nnx.Linear on a 2-D view of x, (N, d_in), for the reason `gptflax.nn.linear` gives."""
 
     def __call__(self, x):
         return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> Linear:
-    return Linear(d_in, d_out, use_bias=use_bias, kernel_init=_torch_linear_init, rngs=rngs)
+    return Linear(
+        d_in, d_out, use_bias=use_bias, kernel_init=_torch_linear_init,
+        bias_init=_torch_bias_init(d_in), rngs=rngs,
+    )  # fmt: skip
 
 
 def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:

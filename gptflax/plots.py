@@ -12,13 +12,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path: str | Path) -> Path:
     """Training and validation loss against epochs, with tokens seen on a second axis (§5.2)."""
-    return plot_values(epochs_seen, tokens_seen, train_losses, val_losses, path, label="loss")
+    fig = curves_figure(epochs_seen, tokens_seen, train_losses, val_losses, "loss", "Tokens seen")
+    return _save(fig, path)
 
 
 def plot_values(
     epochs_seen, examples_seen, train_values, val_values, path: str | Path, label: str = "loss"
 ) -> Path:
-    """Train and validation curves of `label` against epochs, with a second x-axis (Book §6.7)."""
+    """Train and validation curves of `label` against epochs, with examples seen on a second
+    axis, as chapter 6 plots its losses and accuracies (Book §6.7)."""
+    fig = curves_figure(
+        epochs_seen, examples_seen, train_values, val_values, label, "Examples seen"
+    )
+    return _save(fig, path)
+
+
+def curves_figure(epochs_seen, seen, train_values, val_values, label: str, seen_label: str):
+    """A figure of train and validation `label` against epochs, `seen_label` on the top axis."""
     fig, ax1 = plt.subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_values, label=f"Training {label}")
     ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
@@ -26,9 +36,9 @@ def plot_values(
     ax1.set_ylabel(label.capitalize())
     ax1.legend(loc="upper right")
     ax2 = ax1.twiny()  # a second x-axis sharing the y-axis
-    ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the ticks
-    ax2.set_xlabel("Tokens seen" if label == "loss" else "Examples seen")
-    return _save(fig, path)
+    ax2.plot(seen, train_values, alpha=0)  # invisible: only aligns the ticks
+    ax2.set_xlabel(seen_label)
+    return fig
 
 
 def plot_learning_rate(learning_rates, path: str | Path) -> Path:

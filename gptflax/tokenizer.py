@@ -10,7 +10,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
 
-from gptflax import datasets
+from gptflax import files
 
 UNK, EOT = "<|unk|>", "<|endoftext|>"
 EOT_ID = 50256  # GPT-2's id of <|endoftext|>
@@ -73,7 +73,7 @@ def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
 @cache
 def gpt2_tokenizer(ranks_path: str | None = None) -> tiktoken.Encoding:
     """GPT-2's BPE tokenizer (Book §2.5), built from a local ranks file, never a download."""
-    path = ranks_path or datasets.resolve("gpt2.tiktoken")
+    path = ranks_path or files.resolve("gpt2.tiktoken")
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,

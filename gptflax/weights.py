@@ -1,7 +1,7 @@
 """Weights from elsewhere into gptflax params.
 
 `load_gpt2(size)` loads OpenAI's GPT-2 weights (Book §5.5) from Hugging Face's safetensors files,
-resolved through `gptflax.datasets` (cache, mirrors, then https://huggingface.co); no TensorFlow
+resolved through `gptflax.files` (cache, mirrors, then https://huggingface.co); no TensorFlow
 needed. GPT-2 stores its linear layers as Conv1D, (in, out) like gptflax kernels, with the query,
 key and value projections side by side in one `c_attn` matrix, and ties the output head to the
 token embedding.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from gptflax import datasets
+from gptflax import files
 from gptflax.config import GPT2_PRESETS, GPTConfig
 
 # gptflax names -> the book's module names, inside one transformer block.
@@ -157,9 +157,9 @@ def load_gpt2_file(path, cfg: GPTConfig) -> dict:
 def load_gpt2(size: str = "124M", **resolve_options) -> tuple[GPTConfig, dict]:
     """(config, params) of OpenAI's GPT-2 `size` ("124M", "355M", "774M" or "1558M") (Book §5.5).
 
-    The file is resolved by `gptflax.datasets.resolve` (cache, mirrors, download); its error says
+    The file is resolved by `gptflax.files.resolve` (cache, mirrors, download); its error says
     where to put the file by hand. `resolve_options` go to it (cache_dir, mirrors, download).
     """
     cfg = gpt2_config(size)
-    path = datasets.resolve(f"gpt2/{size}/model.safetensors", **resolve_options)
+    path = files.resolve(f"gpt2/{size}/model.safetensors", **resolve_options)
     return cfg, load_gpt2_file(path, cfg)

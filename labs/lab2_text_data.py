@@ -5,12 +5,13 @@
 # tokens, map them to ids with the book's simple tokenizers and with GPT-2's BPE, cut sliding
 # input/target windows, batch them, and look the ids up in token and positional embeddings.
 
-# %% §2.1 The text: Edith Wharton's "The Verdict", resolved from cache, mirror or the web
+# %%
+print('\n# §2.1 The text: Edith Wharton\'s "The Verdict", resolved from cache, mirror or the web')
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptflax import datasets, nn
+from gptflax import files, nn
 from gptflax.data import create_dataloader_v1, sliding_windows
 from gptflax.tokenizer import (
     EOT,
@@ -23,16 +24,20 @@ from gptflax.tokenizer import (
     text_to_token_ids,
 )
 
-path = datasets.resolve("the-verdict.txt")
+np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
+
+path = files.resolve("the-verdict.txt")
 raw_text = path.read_text(encoding="utf-8")
 print(f"{path}: {len(raw_text):,} characters")
 print(raw_text[:99])
 
-# %% §2.2 Tokenizing text: split on whitespace and punctuation, keep the punctuation
+# %%
+print("\n# §2.2 Tokenizing text: split on whitespace and punctuation, keep the punctuation")
 preprocessed = split_text(raw_text)
 print(len(preprocessed), "tokens:", preprocessed[:30])
 
-# %% §2.3 Token ids: a vocabulary of the sorted distinct tokens
+# %%
+print("\n# §2.3 Token ids: a vocabulary of the sorted distinct tokens")
 vocab = build_vocab(raw_text)
 print("vocabulary size:", len(vocab))
 print(list(vocab.items())[:8])
@@ -47,7 +52,8 @@ try:
 except KeyError as e:
     print("V1 cannot encode a word it has never seen:", e)
 
-# %% §2.4 Special context tokens: <|unk|> for unknown words, <|endoftext|> between texts
+# %%
+print("\n# §2.4 Special context tokens: <|unk|> for unknown words, <|endoftext|> between texts")
 vocab_v2 = build_vocab(raw_text, special_tokens=(EOT, UNK))
 print("vocabulary size with special tokens:", len(vocab_v2), list(vocab_v2.items())[-5:])
 tokenizer_v2 = SimpleTokenizerV2(vocab_v2)
@@ -57,7 +63,8 @@ print(text_v2)
 print(ids_v2)
 print(tokenizer_v2.decode(ids_v2))
 
-# %% §2.5 Byte pair encoding: GPT-2's tokenizer, built from the local ranks file
+# %%
+print("\n# §2.5 Byte pair encoding: GPT-2's tokenizer, built from the local ranks file")
 tokenizer = gpt2_tokenizer()
 bpe_text = f"Hello, do you like tea? {EOT} In the sunlit terraces of someunknownPlace."
 bpe_ids = text_to_token_ids(bpe_text, tokenizer)
@@ -66,7 +73,8 @@ print(tokenizer.decode(bpe_ids))
 unknown_ids = tokenizer.encode("Akwirw ier")  # BPE splits unknown words into known pieces
 print(unknown_ids, [tokenizer.decode([i]) for i in unknown_ids])
 
-# %% §2.6 Data sampling with a sliding window: the target is the input shifted by one
+# %%
+print("\n# §2.6 Data sampling with a sliding window: the target is the input shifted by one")
 enc_text = text_to_token_ids(raw_text, tokenizer)
 print("BPE tokens in the-verdict:", len(enc_text))
 enc_sample = enc_text[50:]
@@ -87,7 +95,8 @@ loader8 = create_dataloader_v1(raw_text, batch_size=8, max_length=4, stride=4, s
 batch_inputs, batch_targets = next(iter(loader8))
 print("inputs:\n", batch_inputs, "\ntargets:\n", batch_targets)
 
-# %% §2.7 Token embeddings: a lookup table, equal to one-hot vectors times a weight matrix
+# %%
+print("\n# §2.7 Token embeddings: a lookup table, equal to one-hot vectors times a weight matrix")
 small = nn.init_embedding(jax.random.key(123), num=6, dim=3)
 input_ids = jnp.array([2, 3, 5, 1])
 looked_up = nn.embedding(small, input_ids)  # (4, 3)
@@ -95,7 +104,8 @@ via_one_hot = jax.nn.one_hot(input_ids, 6) @ small["embedding"]  # (4, 6) @ (6, 
 print(looked_up)
 print("lookup equals one-hot @ weights:", bool(jnp.allclose(looked_up, via_one_hot)))
 
-# %% §2.8 Encoding word positions: add an absolute positional embedding to each token
+# %%
+print("\n# §2.8 Encoding word positions: add an absolute positional embedding to each token")
 vocab_size, output_dim, max_length = 50257, 256, 4
 key_tok, key_pos = jax.random.split(jax.random.key(123))
 token_embedding_layer = nn.init_embedding(key_tok, vocab_size, output_dim)
@@ -105,7 +115,8 @@ pos_embeddings = nn.embedding(pos_embedding_layer, jnp.arange(max_length))  # (4
 input_embeddings = token_embeddings + pos_embeddings  # broadcast over the batch: (8, 4, 256)
 print(token_embeddings.shape, pos_embeddings.shape, input_embeddings.shape)
 
-# %% Checks: the book's numbers
+# %%
+print("\n# Checks: the book's numbers")
 assert len(raw_text) == 20_479
 assert len(preprocessed) == 4_690
 assert len(vocab) == 1_130 and len(vocab_v2) == 1_132

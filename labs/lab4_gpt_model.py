@@ -7,7 +7,8 @@
 # each design costs to run.
 # GPTFLAX_QUICK=1 builds a tiny model instead of the 124M one (parameter counts are exact anyway).
 
-# %% §4.1 The configuration of the 124M model
+# %%
+print("\n# §4.1 The configuration of the 124M model")
 import time
 
 import jax
@@ -37,7 +38,10 @@ batch = jnp.array(
 print("token ids of the two texts, (2, 4):\n", batch)
 
 
-# %% §4.2 Layer normalization: zero mean, unit variance, then a learned scale and shift
+# %%
+print("\n# §4.2 Layer normalization: zero mean, unit variance, then a learned scale and shift")
+
+
 def layer_norm(params, x, eps=1e-5):
     mean = x.mean(axis=-1, keepdims=True)
     var = x.var(axis=-1, keepdims=True)  # biased variance, as the book (unbiased=False)
@@ -53,7 +57,10 @@ norm_diff = float(jnp.abs(normed - nn.layer_norm(nn.init_layer_norm(6), layer_ou
 print("max |ours - nn.layer_norm|:", norm_diff)
 
 
-# %% §4.3 GELU and the feed-forward network
+# %%
+print("\n# §4.3 GELU and the feed-forward network")
+
+
 def gelu(x):  # GPT-2's tanh approximation
     return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x**3)))
 
@@ -79,7 +86,10 @@ print("feed-forward:", ff_in.shape, "->", ff_out.shape)
 print(f"max |ours - library|: GELU {gelu_diff:.1e}, feed-forward {ff_diff:.1e}")
 
 
-# %% §4.4 Shortcut connections keep gradients from vanishing
+# %%
+print("\n# §4.4 Shortcut connections keep gradients from vanishing")
+
+
 def deep_net_params(key, sizes=(3, 3, 3, 3, 3, 1)):
     keys = jax.random.split(key, len(sizes) - 1)
     return [nn.init_linear(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
@@ -104,7 +114,11 @@ for i, (g0, g1) in enumerate(zip(plain, shortcut, strict=True)):
     print(f"layer {i} mean |grad|: without shortcut {g0:.6f}   with shortcut {g1:.6f}")
 
 
-# %% §4.5 The transformer block: attention and feed-forward, each behind layer norm and a shortcut
+# %%
+print("\n# §4.5 The transformer block")
+# Attention and feed-forward, each behind a layer norm and a shortcut.
+
+
 def transformer_block(params, x, cfg):  # eval mode: dropout is the identity
     shortcut = x
     x = multi_head_attention(params["att"], layer_norm(params["norm1"], x), cfg.n_heads)
@@ -121,7 +135,8 @@ print(
     "block:", block_in.shape, "->", block_out.shape, f"; max |ours - gpt.block|: {block_diff:.1e}"
 )
 
-# %% §4.6 The GPT model; parameter count and memory without allocating (jax.eval_shape)
+# %%
+print("\n# §4.6 The GPT model; parameter count and memory without allocating (jax.eval_shape)")
 shapes = jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), GPT_CONFIG_124M))
 total_params = nn.count_params(shapes)
 head_params = nn.count_params(shapes["out_head"])
@@ -150,7 +165,10 @@ scan_loop_diff = float(jnp.abs(logits - gpt_model(params, batch, cfg)).max())
 print("max |our loop over blocks - gpt.forward|:", scan_loop_diff)
 
 
-# %% §4.7 Generating text: greedy decoding, one token at a time
+# %%
+print("\n# §4.7 Generating text: greedy decoding, one token at a time")
+
+
 def generate_text_simple(params, idx, max_new_tokens, context_size, cfg):  # the book's loop
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]  # crop to the supported context
@@ -183,14 +201,19 @@ except ImportError:
     book_out = None
     print("torch / llms-from-scratch not installed (make setup-torch): book tokens not compared")
 
-# %% Functional vs NNX, side by side: the same params in both designs compute the same logits
+# %%
+print("\n# Functional vs NNX, side by side")
+# The same params in both designs compute the same logits.
 twin = from_params(cfg, params)
 twin_logits = twin(batch)
 twin_diff = float(jnp.abs(twin_logits - logits).max())
 print("max |functional - NNX| logits:", twin_diff)
 
 
-# %% Three ways to run the NNX model under jit, against the functional model
+# %%
+print("\n# Three ways to run the NNX model under jit, against the functional model")
+
+
 def time_it(fn, *args, reps=5):
     """(first call incl. compile, min of reps) in seconds."""
     t0 = time.perf_counter()
@@ -238,7 +261,8 @@ for name, (first, best) in rows.items():
 #   which costs Python time per step for small models; `split`/`merge` under `jax.jit` moves that
 #   cost outside the step, and a Python loop over `nnx.List` blocks unrolls them when compiling.
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert total_params == 163_009_536 and total_params - head_params == 124_412_160
 assert round(total_params * 4 / 1024**2, 2) == 621.83
 np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-6)

@@ -7,7 +7,8 @@
 # 124M model, context 256, 10 epochs (about 10 minutes on 2 CPU cores). GPTFLAX_QUICK=1 trains a
 # tiny model for 3 epochs instead.
 
-# %% §5.1.1 Using GPT to generate text, before any training
+# %%
+print("\n# §5.1.1 Using GPT to generate text, before any training")
 import math
 import os
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from labkit import QUICK, run_dir
 
-from gptflax import checkpoint, datasets, gpt
+from gptflax import checkpoint, files, gpt
 from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, top_k_logits
@@ -38,11 +39,14 @@ start_context = "Every effort moves you"
 out = generate(params, [text_to_token_ids(start_context, tokenizer)], 10, cfg)  # greedy
 print("untrained:", repr(token_ids_to_text(out[0], tokenizer)))
 
-# %% §5.1.2 The text generation loss: probabilities of the right next tokens
+# %%
+print("\n# §5.1.2 The text generation loss: probabilities of the right next tokens")
 inputs = jnp.array([[16833, 3626, 6100], [40, 1107, 588]])  # "every effort moves", "I really like"
 targets = jnp.array(
     [[3626, 6100, 345], [1107, 588, 11311]]
 )  # " effort moves you", " really like chocolate"
+
+np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 logits = gpt.forward(params, inputs, cfg)  # (2, 3, 50257)
 probas = jax.nn.softmax(logits, axis=-1)
 print("greedy ids:", probas.argmax(-1).tolist())
@@ -53,8 +57,9 @@ print(f"by hand: {neg_avg_log_probas:.4f}   cross_entropy: {loss:.4f}")
 print(f"uniform guessing: ln(50257) = {math.log(50257):.4f}")
 print(f"perplexity: {perplexity(loss):,.0f} (of a vocabulary of 50,257)")
 
-# %% §5.1.3 Training and validation losses on "The Verdict", split 90/10 by characters
-text_data = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
+# %%
+print('\n# §5.1.3 Training and validation losses on "The Verdict", split 90/10 by characters')
+text_data = files.resolve("the-verdict.txt").read_text(encoding="utf-8")
 train_loader, val_loader = train_val_loaders(text_data, cfg.context_length, batch_size=2)
 train_tokens = sum(x.size for x, _ in train_loader.batches(0))
 val_tokens = sum(x.size for x, _ in val_loader.batches(0))
@@ -72,7 +77,8 @@ initial_train_loss = calc_loss_loader(eval_batch, train_loader)
 initial_val_loss = calc_loss_loader(eval_batch, val_loader)
 print(f"before training: train loss {initial_train_loss:.4f}, val loss {initial_val_loss:.4f}")
 
-# %% §5.2 Training: a jitted AdamW step, evaluation every 5 steps, a sample after each epoch
+# %%
+print("\n# §5.2 Training: a jitted AdamW step, evaluation every 5 steps, a sample after each epoch")
 tx = make_optimizer(learning_rate=4e-4, weight_decay=0.1)
 state = init_train_state(params, tx)
 mesh = data_mesh(train_loader.batch_size)  # batches split over the devices this machine has
@@ -98,7 +104,8 @@ plot = plot_losses(
 final_train, final_val = history.train_losses[-1], history.val_losses[-1]
 print(f"final: train loss {final_train:.3f}, val loss {final_val:.3f}; plot: {plot}")
 
-# %% §5.3 Decoding strategies on the chapter's toy vocabulary
+# %%
+print("\n# §5.3 Decoding strategies on the chapter's toy vocabulary")
 vocab = ["closer", "every", "effort", "forward", "inches", "moves", "pizza", "toward", "you"]
 next_token_logits = jnp.array([4.51, 0.89, -1.90, 6.75, 1.63, -1.62, -1.89, 6.28, 1.79])
 greedy_word = vocab[int(jnp.argmax(next_token_logits))]
@@ -128,7 +135,8 @@ sampled = generate(
 )
 print("temperature 1.4, top-k 25:", repr(token_ids_to_text(sampled[0], tokenizer)))
 
-# %% §5.4 Saving and loading: params and optimizer state, with orbax
+# %%
+print("\n# §5.4 Saving and loading: params and optimizer state, with orbax")
 ckpt_dir = os.path.abspath(f"{RUNS}/checkpoints")
 if checkpoint.latest_step(ckpt_dir) is not None:
     import shutil
@@ -152,10 +160,11 @@ same_text = sample_text(loaded_params, tokenizer, start_context, cfg, 20) == sam
 step_back = int(loaded_train["step"])
 print(f"reloaded at step {step_back}: params identical {same_params}, same text {same_text}")
 
-# %% §5.5 Loading OpenAI's GPT-2 124M weights (when they are on disk)
+# %%
+print("\n# §5.5 Loading OpenAI's GPT-2 124M weights (when they are on disk)")
 try:
     gpt2_cfg, gpt2_params = load_gpt2("124M")
-except datasets.DataFileError as e:
+except files.DataFileError as e:
     gpt2_cfg = None
     print("GPT-2 weights not available here, so this cell is skipped:\n", e)
 if gpt2_cfg is not None:
@@ -172,7 +181,8 @@ if gpt2_cfg is not None:
     gpt2_text = token_ids_to_text(gpt2_ids[0], tokenizer)
     print(repr(gpt2_text))
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert abs(neg_avg_log_probas - loss) < 1e-4  # cross_entropy == the hand computation
 assert abs(loss - math.log(50257)) < 0.5  # a fresh model is about uniformly unsure
 assert greedy_word == "forward"

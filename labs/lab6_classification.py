@@ -9,7 +9,8 @@
 # 5 epochs, test accuracy >= 95%), else the model lab 5 pretrained on "The Verdict", else a fresh
 # random model (2 epochs for these two). GPTFLAX_QUICK=1 uses a fresh tiny model, 2 epochs.
 
-# %% §6.2 The dataset: balanced, then split 70/10/20
+# %%
+print("\n# §6.2 The dataset: balanced, then split 70/10/20")
 import os
 from functools import partial
 
@@ -39,7 +40,9 @@ from gptflax.losses import classification_logits, classification_loss
 from gptflax.nnx_model import GPTModel
 from gptflax.plots import plot_values
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
-from gptflax.train import fit, init_train_state, make_optimizer
+from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
+
+np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 
 RUNS = run_dir("lab6")  # runs/lab6, or runs/quick/lab6 in quick mode
 rows = load_sms_spam()
@@ -50,7 +53,8 @@ test_texts = splits[2][0]
 sizes = [len(t) for t, _ in splits]
 print(f"balanced: {len(texts):,}; train / val / test: {sizes}")
 
-# %% §6.3 Data loaders: pad every text with <|endoftext|> to the longest training text
+# %%
+print("\n# §6.3 Data loaders: pad every text with <|endoftext|> to the longest training text")
 tokenizer = gpt2_tokenizer()
 train_loader, val_loader, test_loader = spam_loaders(tokenizer, splits, batch_size=8)
 x_test, y_test = test_loader.arrays
@@ -59,7 +63,9 @@ num_batches = [len(loader) for loader in (train_loader, val_loader, test_loader)
 print(f"padded to {max_length} tokens; batches: {num_batches}")
 
 
-# %% §6.4 The starting weights: GPT-2 124M, else lab 5's model, else fresh (quick mode: tiny)
+# %%
+print("\n# §6.4 The starting weights: GPT-2 124M, else lab 5's model, else fresh")
+# Quick mode: a fresh tiny model.
 if QUICK:
     start = starting_model((), fresh_cfg=TINY.replace(context_length=128))
 else:
@@ -68,7 +74,8 @@ cfg, params = start.cfg, start.params
 print(f"starting point: {start.about}\n{cfg}")
 assert max_length <= cfg.context_length
 
-# %% §6.5 A classification head, and freezing all but the last block, final norm and head
+# %%
+print("\n# §6.5 A classification head, and freezing all but the last block, final norm and head")
 params = replace_out_head(params, jax.random.key(123), num_classes=2)
 mask = trainable_mask(params, n_last_blocks=1)
 n_trainable = count_trainable(params, mask)
@@ -87,14 +94,21 @@ trainable_filter = nnx.All(
 n_trainable_nnx = sum(x.size for x in jax.tree.leaves(nnx.state(twin, trainable_filter)))
 print(f"NNX filter selects {n_trainable_nnx:,} trainable parameters")
 
-# %% §6.6 Loss and accuracy before fine-tuning: about a coin flip
+# %%
+print("\n# §6.6 Loss and accuracy before fine-tuning: about a coin flip")
 before = {
     name: calc_accuracy_loader(params, loader, cfg, num_batches=10)
     for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
 }
 print("accuracy before fine-tuning (10 batches):", before)
+loss_before = {
+    name: calc_loss_loader(lambda x, y: classification_loss(params, x, y, cfg), loader, 5)
+    for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
+}
+print("loss before fine-tuning (5 batches):", {k: round(v, 3) for k, v in loss_before.items()})
 
-# %% §6.7 Fine-tuning: AdamW 5e-5, weight decay 0.1, gradients only where the mask allows
+# %%
+print("\n# §6.7 Fine-tuning: AdamW 5e-5, weight decay 0.1, gradients only where the mask allows")
 num_epochs = 5 if start.kind == "gpt2" else 2  # the book's 5; 2 keep CPU runs ~15 min
 lr = 1e-3 if QUICK else 5e-5  # a tiny random model needs a larger step to learn in 2 epochs
 tx = optax.chain(make_optimizer(lr, weight_decay=0.1), freeze(mask))
@@ -131,7 +145,8 @@ examples = [len(train_loader) * 8 * (e + 1) for e in range(num_epochs)]
 epochs = np.arange(1, num_epochs + 1)
 plot_values(epochs, examples, train_accs, val_accs, f"{RUNS}/accuracy.png", label="accuracy")
 
-# %% §6.8 Accuracy on the whole splits, and classifying new messages
+# %%
+print("\n# §6.8 Accuracy on the whole splits, and classifying new messages")
 after = {
     name: calc_accuracy_loader(tuned, loader, cfg)
     for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
@@ -144,7 +159,9 @@ ham_text = "Hey, just wanted to check if we're still on for dinner tonight? Let 
 verdicts = [classify_review(t, tuned, tokenizer, cfg, max_length) for t in (spam_text, ham_text)]
 print(verdicts)
 
-# %% Last position, or last real token? The book reads the prediction at the last position, which
+# %%
+print("\n# Last position, or last real token?")
+# The book reads the prediction at the last position, which
 # is padding for every text shorter than 120 tokens, so the answer can depend on how much padding
 # follows the text. Pad the test texts to 128 instead of 120 and count changed predictions:
 x_test_128 = encode_padded(test_texts, tokenizer, max_length=128)
@@ -168,7 +185,8 @@ print(
     "the last position; train with pad_token_id=50256 to read real tokens throughout)"
 )
 
-# %% Saving and loading the classifier
+# %%
+print("\n# Saving and loading the classifier")
 ckpt_dir = os.path.abspath(f"{RUNS}/classifier")
 if checkpoint.latest_step(ckpt_dir) is not None:
     import shutil
@@ -179,7 +197,8 @@ reloaded, _, meta = checkpoint.load_checkpoint(ckpt_dir, cfg=cfg, params_like=tu
 reloaded_acc = calc_accuracy_loader(reloaded, test_loader, cfg)
 print(f"reloaded classifier: test accuracy {reloaded_acc:.4f}, max_length {meta['max_length']}")
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert len(rows) == 5_572 and len(texts) == 1_494
 assert sizes == [1_045, 149, 300]
 assert max_length == 120 and (len(train_loader), len(val_loader), len(test_loader)) == (130, 19, 38)
@@ -190,6 +209,7 @@ assert (
 )
 assert reloaded_acc == after["test"]
 assert changed_real == 0  # causal attention: the padding after a text cannot change its token
+assert val_losses[-1] < loss_before["val"]  # fine-tuning lowers the (5-batch) validation loss
 if start.kind == "gpt2":  # the book's band (§6.8: 95.67% test accuracy)
     assert after["test"] >= 0.95 and verdicts == ["spam", "not spam"]
 else:  # measured: quick 84.3% test / 85.2% val; from lab 5's model (2 epochs) 85.3% / 83.9%;

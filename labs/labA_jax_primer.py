@@ -7,7 +7,8 @@
 # classifier trained twice: once as pure functions over a params pytree (the style of
 # `gptflax/`), once as a Flax NNX module (the style closest to `torch.nn.Module`).
 
-# %% A.2 Arrays: JAX's tensors
+# %%
+print("\n# A.2 Arrays: JAX's tensors")
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,8 @@ import optax
 from flax import nnx
 
 from gptflax import nn
+
+np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 
 tensor0d = jnp.array(1)
 tensor1d = jnp.array([1, 2, 3])
@@ -28,7 +31,8 @@ print(t @ t.T)  # (2, 3) @ (3, 2) -> (2, 2)
 t9 = t.at[0, 0].set(9)
 print(t[0, 0], t9[0, 0])
 
-# %% A.3-A.4 A computation graph, and its gradients with `jax.grad`
+# %%
+print("\n# A.3-A.4 A computation graph, and its gradients with `jax.grad`")
 # The appendix's logistic-regression forward pass: z = x1 * w1 + b, a = sigmoid(z).
 y, x1 = 1.0, 1.1
 
@@ -46,7 +50,10 @@ a = jax.nn.sigmoid(x1 * w1 + b)
 print(f"by hand:        dL/dw1 {(a - y) * x1:.4f}  dL/db {a - y:.4f}")
 
 
-# %% `jit` compiles a whole function with XLA; `vmap` maps a function over a batch axis
+# %%
+print("\n# `jit` compiles a whole function with XLA; `vmap` maps a function over a batch axis")
+
+
 @jax.jit
 def affine(w, x, b):
     return w @ x + b
@@ -57,18 +64,21 @@ xs = jax.random.normal(jax.random.key(1), (5, 4))
 batched = jax.vmap(affine, in_axes=(None, 0, None))(w, xs, 1.0)  # one call per row of xs
 print("vmap:", batched.shape, "equals xs @ w.T + 1:", bool(jnp.allclose(batched, xs @ w.T + 1.0)))
 
-# %% Random numbers: explicit, typed keys instead of a global seed
+# %%
+print("\n# Random numbers: explicit, typed keys instead of a global seed")
 key = jax.random.key(123)
 k1, k2 = jax.random.split(key)  # never reuse a key: split it into new ones
 print(jax.random.uniform(k1, (3,)), jax.random.uniform(k1, (3,)))  # same key -> same numbers
 print(jax.random.uniform(k2, (3,)))  # a different key -> different numbers
 
-# %% Pytrees: nested dicts/lists/tuples of arrays, the way JAX holds model parameters
+# %%
+print("\n# Pytrees: nested dicts/lists/tuples of arrays, the way JAX holds model parameters")
 tree = {"layer1": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}, "scale": jnp.ones(())}
 print(jax.tree.map(jnp.shape, tree))
 print("leaves:", len(jax.tree.leaves(tree)), "numbers:", sum(x.size for x in jax.tree.leaves(tree)))
 
-# %% A.5 A multilayer network as pure functions over a params pytree
+# %%
+print("\n# A.5 A multilayer network as pure functions over a params pytree")
 # NeuralNetwork(num_inputs, num_outputs): 2 hidden layers of 30 and 20 units with ReLU.
 SIZES = (30, 20)
 
@@ -97,7 +107,10 @@ print("NeuralNetwork(50, 3) trainable parameters:", count_params(params_50_3))
 print("output for one random input:", mlp(params_50_3, jax.random.uniform(k1, (1, 50))))
 
 
-# %% A.5 The same network as a Flax NNX module: objects that own their parameters
+# %%
+print("\n# A.5 The same network as a Flax NNX module: objects that own their parameters")
+
+
 class NeuralNetwork(nnx.Module):
     def __init__(self, num_inputs: int, num_outputs: int, *, rngs: nnx.Rngs):
         self.layers = nnx.Sequential(
@@ -116,7 +129,8 @@ nnx_50_3 = NeuralNetwork(50, 3, rngs=nnx.Rngs(123))
 nnx_count = sum(p.size for p in jax.tree.leaves(nnx.state(nnx_50_3, nnx.Param)))
 print("NNX NeuralNetwork(50, 3) trainable parameters:", nnx_count)
 
-# %% A.6 The appendix's toy data and a seeded loader
+# %%
+print("\n# A.6 The appendix's toy data and a seeded loader")
 from gptflax.data import DataLoader
 
 X_train = np.array([[-1.2, 3.1], [-0.9, 2.9], [-0.5, 2.6], [2.3, -1.1], [2.7, -1.5]], np.float32)
@@ -126,7 +140,8 @@ y_test = np.array([0, 1])
 train_loader = DataLoader(X_train, y_train, batch_size=2, shuffle=True, drop_last=True, seed=123)
 print("batches per epoch:", len(train_loader))  # 5 examples, batch 2, drop_last -> 2
 
-# %% A.7 Training, functional style: jit a pure step, optax updates the params
+# %%
+print("\n# A.7 Training, functional style: jit a pure step, optax updates the params")
 NUM_EPOCHS, LR = 3, 0.5
 tx = optax.sgd(LR)
 
@@ -160,7 +175,8 @@ acc_fn = (
 )
 print("functional accuracy train/test:", acc_fn)
 
-# %% A.7 Training, NNX style: the optimizer updates the module in place
+# %%
+print("\n# A.7 Training, NNX style: the optimizer updates the module in place")
 model = NeuralNetwork(2, 2, rngs=nnx.Rngs(123))
 optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
 
@@ -180,7 +196,8 @@ for epoch in range(NUM_EPOCHS):
 acc_nnx = accuracy(model, X_train, y_train), accuracy(model, X_test, y_test)
 print("NNX accuracy train/test:", acc_nnx)
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert tensor3d.shape == (2, 2, 2) and t9[0, 0] == 9 and t[0, 0] == 1
 assert abs(grad_w1 - (a - y) * x1) < 1e-6 and abs(grad_b - (a - y)) < 1e-6
 assert round(float(grad_w1), 4) == -0.0898 and round(float(grad_b), 4) == -0.0817  # appendix A.4

@@ -6,7 +6,8 @@
 # By default: the 124M model, context 256, 15 epochs (about 15 minutes on 2 CPU cores).
 # GPTFLAX_QUICK=1 trains a tiny model for 3 epochs instead.
 
-# %% D.1 Learning-rate warmup: the step counts
+# %%
+print("\n# D.1 Learning-rate warmup: the step counts")
 import math
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 from labkit import QUICK, run_dir
 
-from gptflax import datasets, gpt
+from gptflax import files, gpt
 from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import sample_text
@@ -34,7 +35,7 @@ from gptflax.train import (
 RUNS = run_dir("labD")  # runs/labD, or runs/quick/labD in quick mode
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 n_epochs = 3 if QUICK else 15
-text_data = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
+text_data = files.resolve("the-verdict.txt").read_text(encoding="utf-8")
 train_loader, val_loader = train_val_loaders(text_data, cfg.context_length, batch_size=2)
 
 # The appendix's numbers are for the 124M run: 9 batches per epoch, 15 epochs.
@@ -45,11 +46,14 @@ total_steps = len(train_loader) * n_epochs
 warmup_steps = int(0.2 * total_steps)
 print("this run:   total steps", total_steps, "warmup steps", warmup_steps)
 
-# %% D.1-D.2 Linear warmup, then cosine decay, as an optax schedule
+# %%
+print("\n# D.1-D.2 Linear warmup, then cosine decay, as an optax schedule")
 initial_lr, peak_lr, min_lr = 1e-4, 0.01, 1e-5  # the appendix's illustration
 illustration = warmup_cosine_schedule(
     peak_lr, book_total_steps, book_warmup_steps, initial_lr, min_lr
 )
+
+np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 lrs = [float(illustration(step)) for step in range(book_total_steps)]
 # The appendix computes the same thing inside its loop:
 lr_increment = (peak_lr - initial_lr) / book_warmup_steps
@@ -66,7 +70,8 @@ print(f"lr at step 0: {lrs[0]:.2e}, at step {book_warmup_steps}: {lrs[book_warmu
 print(f"lr at the last step: {lrs[-1]:.2e}")
 print("learning-rate plot:", plot_learning_rate(lrs, f"{RUNS}/lr_schedule.png"))
 
-# %% D.3 Gradient clipping: scale all gradients down when their global norm exceeds 1.0
+# %%
+print("\n# D.3 Gradient clipping: scale all gradients down when their global norm exceeds 1.0")
 params = gpt.init_params(jax.random.key(123), cfg)
 inputs, targets = next(iter(train_loader.batches(0)))
 grads = jax.grad(loss_fn)(params, inputs, targets, cfg)
@@ -85,7 +90,8 @@ for _ in range(book_warmup_steps + 1):
     out, clip_state = late_clip.update(grads, clip_state)
     clip_norms.append(float(optax.tree.norm(out)))
 
-# %% D.4 The training loop with warmup, cosine decay and clipping
+# %%
+print("\n# D.4 The training loop with warmup, cosine decay and clipping")
 schedule = warmup_cosine_schedule(1e-3, total_steps, warmup_steps, initial_lr=1e-5, min_lr=1e-5)
 tx = make_optimizer(schedule, weight_decay=0.1, max_grad_norm=1.0, clip_from_step=warmup_steps)
 tokenizer = gpt2_tokenizer()
@@ -120,7 +126,8 @@ plot = plot_losses(
 final_train, final_val = history.train_losses[-1], history.val_losses[-1]
 print(f"final: train loss {final_train:.3f}, val loss {final_val:.3f}; plots in {RUNS}/")
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert (book_total_steps, book_warmup_steps) == (135, 27)
 np.testing.assert_allclose(lrs, by_hand, rtol=1e-5)
 assert math.isclose(lrs[0], initial_lr, rel_tol=1e-5)  # float32 arithmetic

@@ -10,7 +10,8 @@
 # model (2 epochs: LoRA backpropagates through all 12 blocks, slow on a CPU), else a fresh model.
 # GPTFLAX_QUICK=1: a fresh tiny model, 2 epochs.
 
-# %% E.2-E.3 The data and the starting model, as in lab 6
+# %%
+print("\n# E.2-E.3 The data and the starting model, as in lab 6")
 import os
 import time
 from functools import partial
@@ -36,6 +37,8 @@ from gptflax.losses import classification_loss
 from gptflax.tokenizer import gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer, train_step
 
+np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
+
 RANK, ALPHA = 16, 16
 train_loader, val_loader, test_loader = spam_loaders(gpt2_tokenizer(), batch_size=8)
 
@@ -47,7 +50,8 @@ cfg, params = start.cfg, start.params
 params = replace_out_head(params, jax.random.key(123), num_classes=2)
 print(f"starting point: {start.about}\n{cfg}")
 
-# %% E.4 LoRA matrices for every linear layer; B = 0, so nothing changes yet
+# %%
+print("\n# E.4 LoRA matrices for every linear layer; B = 0, so nothing changes yet")
 lora = init_lora(jax.random.key(7), params, rank=RANK)
 n_total, n_lora = nn.count_params(params), nn.count_params(lora)
 print(f"total parameters {n_total:,}; LoRA trainable parameters {n_lora:,}")
@@ -58,7 +62,9 @@ print("max |change| at initialisation:", float(jnp.abs(logits_lora_init - logits
 before_acc = calc_accuracy_loader(params, test_loader, cfg, num_batches=10)
 print(f"test accuracy before fine-tuning (10 batches): {before_acc:.4f}")
 
-# %% E.4 Fine-tuning only A and B: AdamW 5e-5 as in the appendix (a larger step for the tiny model)
+# %%
+print("\n# E.4 Fine-tuning only A and B")
+# AdamW 5e-5 as in the appendix (a larger step for the tiny model).
 num_epochs = 2 if QUICK or start.kind != "gpt2" else 5
 lr = 1e-3 if QUICK else 5e-5
 tx = lora_optimizer(make_optimizer(lr, weight_decay=0.1))
@@ -88,7 +94,8 @@ state, history = fit(
 )
 base_after, lora_after = state.params["base"], state.params["lora"]
 
-# %% Merging the update into the weights for inference: one matmul per layer again
+# %%
+print("\n# Merging the update into the weights for inference: one matmul per layer again")
 merged = merge_lora(base_after, lora_after, ALPHA, RANK)
 after = {
     name: calc_accuracy_loader(merged, loader, cfg)
@@ -99,7 +106,8 @@ base_unchanged = all(
     jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), base_after, params))
 )
 
-# %% Side by side with lab 6's approach: trainable parameters and time per step, one batch
+# %%
+print("\n# Side by side with lab 6's approach: trainable parameters and time per step, one batch")
 mask = trainable_mask(base_after, n_last_blocks=1)
 n_last_block = count_trainable(base_after, mask)
 batch = next(iter(train_loader.batches(0, 1)))
@@ -132,7 +140,8 @@ medians = [np.median(t) for t in times.values()]
 ratio = medians[1] / medians[0]
 print(f"LoRA step / last-block step: {ratio:.2f}x (LoRA backpropagates through every block)")
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert float(jnp.abs(logits_lora_init - logits_before).max()) == 0.0  # B = 0: nothing changes
 assert base_unchanged  # the base weights stay frozen
 if cfg.emb_dim == 768 and cfg.n_layers == 12:  # the 124M classifier

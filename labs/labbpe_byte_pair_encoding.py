@@ -7,14 +7,15 @@
 # same code and give tiktoken's ids. Each step is derived inline, then checked against
 # `gptflax.bpe`. GPTFLAX_QUICK=1 skips the timing of the slow, book-style training loop.
 
-# %% Bonus §1.1 Bits and bytes: any text is a sequence of bytes, so 256 base tokens cover it
+# %%
+print("\n# Bonus §1.1 Bits and bytes: any text is a sequence of bytes, so 256 base tokens cover it")
 import time
 from collections import Counter
 from itertools import pairwise
 
 from labkit import QUICK, run_dir
 
-from gptflax import bpe, datasets
+from gptflax import bpe, files
 from gptflax.tokenizer import gpt2_tokenizer
 
 RUNS = run_dir("labbpe")  # runs/labbpe, or runs/quick/labbpe in quick mode
@@ -22,11 +23,12 @@ RUNS = run_dir("labbpe")  # runs/labbpe, or runs/quick/labbpe in quick mode
 sample = "This is some text"
 print("bytes of", repr(sample), "->", list(sample.encode("utf-8")))
 print("an emoji needs several:", list("🙂".encode())[:4], "- still ids 0-255")
-raw_text = datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
-spam_text = datasets.resolve("sms_spam_collection/SMSSpamCollection.tsv").read_text("utf-8")
+raw_text = files.resolve("the-verdict.txt").read_text(encoding="utf-8")
+spam_text = files.resolve("sms_spam_collection/SMSSpamCollection.tsv").read_text("utf-8")
 print(f"the-verdict: {len(raw_text):,} characters, all ASCII: {raw_text.isascii()}")
 
-# %% Bonus §1.2-1.3 Pieces and pairs: count adjacent pairs inside words, never across them
+# %%
+print("\n# Bonus §1.2-1.3 Pieces and pairs: count adjacent pairs inside words, never across them")
 # The book's pre-tokenizer: a word keeps one leading space, written "Ġ" (GPT-2's symbol for it).
 pieces = Counter(bpe.BPETokenizerSimple().pretokenize(raw_text))
 print(f"{sum(pieces.values()):,} pieces, {len(pieces):,} distinct; first:", list(pieces)[:8])
@@ -36,13 +38,15 @@ for piece, n in pieces.items():
         pair_counts[pair] += n
 print("most frequent pairs:", pair_counts.most_common(4))
 
-# %% Bonus §1.4 One merge: replace every ("Ġ", "t") by a new token "Ġt", left to right
+# %%
+print('\n# Bonus §1.4 One merge: replace every ("Ġ", "t") by a new token "Ġt", left to right')
 first_pair = max(pair_counts.items(), key=lambda kv: kv[1])[0]  # ties: first seen, as the book
 word = list(" that".replace(" ", bpe.SPACE_MARK))
 merged = bpe.merge_pair(word, first_pair, "".join(first_pair))
 print(f"merge {first_pair}: {word} -> {merged}")
 
-# %% Bonus §2 Training the book's way: recount every pair after every merge
+# %%
+print("\n# Bonus §2 Training the book's way: recount every pair after every merge")
 # Ids: 0-255 the bytes, 256 "Ġ", 257 <|endoftext|>, then one new id per merge up to vocab_size.
 base = {b: chr(b) for b in range(256)} | {256: bpe.SPACE_MARK, 257: bpe.EOT}
 symbol_of = bpe.STYLES["book"][1]  # byte -> symbol: chr(b), and "Ġ" for the space
@@ -81,7 +85,8 @@ print(
 )
 print("last merges:", [tokenizer.vocab[i] for i in range(995, 1000)])
 
-# %% Training on half a megabyte: the SMS Spam Collection, 1,000 merges
+# %%
+print("\n# Training on half a megabyte: the SMS Spam Collection, 1,000 merges")
 spam_tok = bpe.BPETokenizerSimple()
 t0 = time.perf_counter()
 spam_tok.train(spam_text, vocab_size=258 + 1000)
@@ -98,7 +103,8 @@ if not QUICK:  # the book's loop on the same text, 10 merges timed and extrapola
         f"({t_ten * 100 / t_spam:.0f}x)"
     )
 
-# %% Bonus §3.1 Encoding: the book's left-to-right sweep, and merges in the order learned
+# %%
+print("\n# Bonus §3.1 Encoding: the book's left-to-right sweep, and merges in the order learned")
 jack = "Jack embraced beauty through art and life."
 
 
@@ -138,14 +144,17 @@ print(
     f"{by_rank:,}, the sweep {by_sweep:,}"
 )
 
-# %% Bonus §3.1-3.2 Decoding, saving and loading
+# %%
+print("\n# Bonus §3.1-3.2 Decoding, saving and loading")
 print(repr(tokenizer.decode(ranked)), repr(tokenizer.decode(swept)))
 tokenizer.save_vocab_and_merges(f"{RUNS}/vocab.json", f"{RUNS}/bpe_merges.json")
 reloaded = bpe.BPETokenizerSimple()
 reloaded.load_vocab_and_merges(f"{RUNS}/vocab.json", f"{RUNS}/bpe_merges.json")
 print("after saving and loading:", reloaded.encode(jack) == ranked, repr(reloaded.decode(ranked)))
 
-# %% Bonus §3.3 GPT-2's own files: encoder.json (50,257 tokens) and vocab.bpe (50,000 merges)
+# %%
+print("\n# Bonus §3.3 GPT-2's own files")
+# encoder.json (50,257 tokens) and vocab.bpe (50,000 merges).
 gpt2 = bpe.gpt2_bpe()
 tiktoken_gpt2 = gpt2_tokenizer()
 edge_cases = {
@@ -189,7 +198,8 @@ print("allowed:", gpt2.encode(f"a {bpe.EOT} b", allowed_special={bpe.EOT}))
 verdict_ids = gpt2.encode(raw_text)
 print(f"the-verdict: {len(verdict_ids):,} tokens")
 
-# %% Speed: encoding the spam collection, side by side with tiktoken (Rust)
+# %%
+print("\n# Speed: encoding the spam collection, side by side with tiktoken (Rust)")
 gpt2_fresh = bpe.gpt2_bpe()  # an empty piece cache, so nothing is remembered from above
 t0 = time.perf_counter()
 ours = gpt2_fresh.encode(spam_text)
@@ -203,7 +213,8 @@ print(
     f"{mb / t_tiktoken:.2f} MB/s; tiktoken is {t_ours / t_tiktoken:.0f}x faster"
 )
 
-# %% Checks
+# %%
+print("\n# Checks")
 assert len(tokenizer.vocab) == 1000 and len(tokenizer.bpe_merges) == 742
 assert book_merges == tokenizer.bpe_merges  # the recounting loop and local updates agree
 assert not [t for t in tokenizer.vocab.values() if bpe.SPACE_MARK in t[1:]]  # marker leads only

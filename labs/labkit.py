@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 
 import jax
 
-from gptflax import checkpoint, datasets, nn
+from gptflax import checkpoint, files, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.families import family
 from gptflax.weights import load_gpt2
@@ -52,7 +52,7 @@ def starting_model(
         try:
             cfg, params = load_gpt2(size)
             return Start("gpt2", f"OpenAI's GPT-2 {size}", cfg.replace(drop_rate=0.0), params, size)
-        except datasets.DataFileError as e:
+        except files.DataFileError as e:
             print(f"GPT-2 {size} weights not available: {str(e).splitlines()[0]}")
     if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
         cfg, params = checkpoint.load_model(checkpoint_dir)

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 4)  # before any JAX call: multi-device tests
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from gptflax import datasets  # noqa: E402
+from gptflax import files  # noqa: E402
 from gptflax.config import TINY  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def verdict_text() -> str:
     """The book's ch. 2/5 corpus, from the mirror (tests run offline)."""
-    return datasets.resolve("the-verdict.txt").read_text(encoding="utf-8")
+    return files.resolve("the-verdict.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

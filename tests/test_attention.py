@@ -1,4 +1,5 @@
-"""Attention (Book ch. 3): the chapter's values, and each step against an independent one."""
+"""Attention (Book ch. 3): the library's final form against independent computations (lab 3
+checks the chapter's values and its intermediate forms)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,44 +11,12 @@ from gptflax import nn
 
 pytestmark = pytest.mark.lab3
 
-# "Your journey starts with one step": the chapter's 3-d embeddings of the six tokens.
-INPUTS = jnp.array(
-    [
-        [0.43, 0.15, 0.89],
-        [0.55, 0.87, 0.66],
-        [0.57, 0.85, 0.64],
-        [0.22, 0.58, 0.33],
-        [0.77, 0.25, 0.10],
-        [0.05, 0.80, 0.55],
-    ]
-)
 
-
-def test_simplified_attention_book_values_for_query_2():
-    context, weights = A.simple_self_attention(INPUTS)
-    scores = INPUTS @ INPUTS[1]
-    np.testing.assert_allclose(scores, [0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865], atol=5e-5)
-    np.testing.assert_allclose(
-        weights[1], [0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581], atol=5e-5
-    )
-    np.testing.assert_allclose(context[1], [0.4419, 0.6515, 0.5683], atol=5e-5)
-    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
-
-
-def test_v1_and_v2_agree_when_given_the_same_matrices():
-    v2 = A.init_qkv(jax.random.key(0), 3, 2)
-    v1 = {name: p["kernel"] for name, p in v2.items()}
-    np.testing.assert_allclose(A.self_attention_v1(v1, INPUTS), A.self_attention_v2(v2, INPUTS))
-    assert A.self_attention_v1(A.init_self_attention_v1(jax.random.key(1), 3, 2), INPUTS).shape == (
-        6,
-        2,
-    )
-
-
-def test_both_causal_masks_give_the_same_weights():
+def test_causal_softmax_is_the_softmax_over_the_past():
     scores = jax.random.normal(jax.random.key(0), (6, 6))
-    renorm, neg_inf = A.renormalized_causal_weights(scores), A.causal_softmax(scores)
-    np.testing.assert_allclose(renorm, neg_inf, rtol=1e-6, atol=1e-7)
+    neg_inf = A.causal_softmax(scores)
+    masked = jnp.where(jnp.tril(jnp.ones((6, 6))) > 0, jnp.exp(scores), 0.0)  # independent form
+    np.testing.assert_allclose(neg_inf, masked / masked.sum(-1, keepdims=True), rtol=1e-6)
     assert jnp.all(jnp.triu(neg_inf, k=1) == 0)
     np.testing.assert_allclose(neg_inf.sum(-1), 1.0, rtol=1e-6)
     assert neg_inf[0, 0] == 1.0  # the first token can only attend to itself
@@ -77,27 +46,12 @@ def test_dropout_at_the_gpt_rate_on_an_odd_size_keeps_the_mean_exactly():
 
 
 def test_causal_attention_ignores_the_future():
-    params = A.init_qkv(jax.random.key(0), 3, 4)
-    x = jax.random.normal(jax.random.key(1), (2, 6, 3))
+    params = A.init_multi_head_attention(jax.random.key(0), 4, 4)
+    x = jax.random.normal(jax.random.key(1), (2, 6, 4))
     changed = x.at[:, 4:].set(7.0)
-    out, out_changed = A.causal_attention(params, x), A.causal_attention(params, changed)
+    out, out_changed = (A.multi_head_attention(params, y, 2) for y in (x, changed))
     np.testing.assert_allclose(out[:, :4], out_changed[:, :4], rtol=1e-6)
     assert not np.allclose(out[:, 4:], out_changed[:, 4:])
-
-
-def test_wrapper_of_heads_equals_fused_attention_with_the_same_weights():
-    d_in, d_head, n_heads = 3, 2, 3
-    heads = [A.init_qkv(k, d_in, d_head) for k in jax.random.split(jax.random.key(0), n_heads)]
-    fused = {
-        name: {"kernel": jnp.concatenate([h[name]["kernel"] for h in heads], axis=1)}
-        for name in ("W_query", "W_key", "W_value")
-    }
-    d_out = d_head * n_heads
-    fused["out_proj"] = {"kernel": jnp.eye(d_out), "bias": jnp.zeros(d_out)}  # the wrapper has none
-    x = jax.random.normal(jax.random.key(1), (2, 6, d_in))
-    wrapper_out = A.multi_head_attention_wrapper(heads, x)
-    np.testing.assert_allclose(wrapper_out, A.multi_head_attention(fused, x, n_heads), rtol=1e-5)
-    assert wrapper_out.shape == (2, 6, 6)
 
 
 def test_dropout_in_attention_needs_a_key_and_is_reproducible():

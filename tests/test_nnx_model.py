@@ -110,3 +110,12 @@ def test_params_of_another_config_are_refused():
     params = gpt.init_params(jax.random.key(0), CFG)
     with pytest.raises(ValueError, match="do not fit"):
         from_params(CFG.replace(emb_dim=64, n_heads=4), params)
+
+
+def test_the_twin_draws_weights_and_biases_as_pytorch_does():
+    params = to_params(GPTModel(CFG.replace(emb_dim=256, n_heads=4), rngs=nnx.Rngs(0)))
+    fc1 = jax.tree.map(lambda leaf: leaf[0], params["trf_blocks"]["ff"]["fc1"])  # 256 -> 1024
+    bound = 1 / np.sqrt(256)
+    for leaf in (fc1["kernel"], fc1["bias"]):  # U(-bound, bound): std bound / sqrt(3)
+        assert float(jnp.abs(leaf).max()) <= bound
+        np.testing.assert_allclose(float(leaf.std()), bound / np.sqrt(3), rtol=0.1)

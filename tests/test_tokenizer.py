@@ -2,7 +2,7 @@
 
 import pytest
 
-from gptflax import datasets
+from gptflax import files
 from gptflax.tokenizer import (
     EOT,
     EOT_ID,
@@ -69,7 +69,7 @@ def test_bpe_on_the_verdict(verdict_text):
 
 def test_bpe_vocabulary_is_gpt2s():
     tok = gpt2_tokenizer()
-    ranks = load_bpe_ranks(datasets.resolve("gpt2.tiktoken"))
+    ranks = load_bpe_ranks(files.resolve("gpt2.tiktoken"))
     assert len(ranks) == 50_256 and sorted(ranks.values()) == list(range(50_256))
     assert tok.n_vocab == 50_257 and tok.eot_token == EOT_ID
     assert tok.encode(EOT, allowed_special={EOT}) == [EOT_ID]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gptflax import datasets, gpt
+from gptflax import files, gpt
 from gptflax.config import GPTConfig
 from gptflax.weights import gpt2_config, load_gpt2, load_gpt2_file
 
@@ -87,11 +87,11 @@ def test_loaded_params_give_the_reference_logits(tmp_path, prefix):
     np.testing.assert_allclose(gpt.forward(params, tokens, CFG), expected, rtol=2e-4, atol=2e-4)
 
 
-def test_load_gpt2_resolves_the_file_through_datasets(tmp_path, monkeypatch):
+def test_load_gpt2_resolves_the_file_through_files(tmp_path, monkeypatch):
     cfg = gpt2_config("124M")
     assert cfg.qkv_bias and cfg.context_length == 1024 and cfg.emb_dim == 768
-    small = {"gpt2/124M/model.safetensors": datasets.DataFile("gpt2/124M/model.safetensors", ())}
-    monkeypatch.setattr(datasets, "FILES", {**datasets.FILES, **small})
+    small = {"gpt2/124M/model.safetensors": files.DataFile("gpt2/124M/model.safetensors", ())}
+    monkeypatch.setattr(files, "FILES", {**files.FILES, **small})
     monkeypatch.setattr("gptflax.weights.gpt2_config", lambda size: CFG)
     (tmp_path / "gpt2" / "124M").mkdir(parents=True)
     save_file(hf_gpt2_tensors(CFG), str(tmp_path / "gpt2" / "124M" / "model.safetensors"))
@@ -100,7 +100,7 @@ def test_load_gpt2_resolves_the_file_through_datasets(tmp_path, monkeypatch):
 
 
 def test_missing_weights_say_where_to_get_them(tmp_path):
-    with pytest.raises(datasets.DataFileError) as err:
+    with pytest.raises(files.DataFileError) as err:
         load_gpt2("355M", cache_dir=tmp_path, mirrors=[], download=False)
     assert "huggingface.co/openai-community/gpt2-medium" in str(err.value)
     assert str(tmp_path / "gpt2" / "355M" / "model.safetensors") in str(err.value)

@@ -1,4 +1,4 @@
-"""gptflax.datasets: cache -> mirrors -> download, verified every time, never half-written."""
+"""gptflax.files: cache -> mirrors -> download, verified every time, never half-written."""
 
 import hashlib
 import http.server
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gptflax import datasets
-from gptflax.datasets import DataFile, DataFileError, resolve
+from gptflax import files
+from gptflax.files import DataFile, DataFileError, resolve
 
 pytestmark = pytest.mark.lab2
 
@@ -34,16 +34,16 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.mark.parametrize("name", BOOK_FILES)
 def test_book_files_resolve_from_the_mirror_and_verify(name, tmp_path):
     path = resolve(name, cache_dir=tmp_path)
-    spec = datasets.FILES[name]
+    spec = files.FILES[name]
     assert path.stat().st_size == spec.size
-    assert datasets.sha256_of(path) == spec.sha256
+    assert files.sha256_of(path) == spec.sha256
     assert path.parent != tmp_path  # found in a mirror: nothing copied into the cache
     assert spec.urls[0].startswith("https://")
 
 
 def test_gpt2_weights_are_named_for_every_book_size():
     for size in ("124M", "355M", "774M", "1558M"):
-        spec = datasets.FILES[f"gpt2/{size}/model.safetensors"]
+        spec = files.FILES[f"gpt2/{size}/model.safetensors"]
         assert spec.urls[0].startswith("https://huggingface.co/openai-community/gpt2")
 
 
@@ -58,8 +58,7 @@ def test_a_corrupt_cache_copy_is_skipped_for_a_good_mirror_copy(tmp_path):
     (tmp_path / "the-verdict.txt").write_text("not the story")
     path = resolve("the-verdict.txt", cache_dir=tmp_path)
     assert (
-        path.parent != tmp_path
-        and datasets.sha256_of(path) == datasets.FILES["the-verdict.txt"].sha256
+        path.parent != tmp_path and files.sha256_of(path) == files.FILES["the-verdict.txt"].sha256
     )
 
 
@@ -89,7 +88,7 @@ def test_mirror_folders_come_from_the_environment(tmp_path, monkeypatch):
     b.mkdir()
     (b / "f.txt").write_bytes(b"hello")
     monkeypatch.setenv("GPTFLAX_MIRROR", f"{a}:{b}")
-    assert datasets.default_mirrors() == [a, b]
+    assert files.default_mirrors() == [a, b]
     assert resolve(spec_for(b"hello"), cache_dir=tmp_path / "cache") == b / "f.txt"
 
 
@@ -178,8 +177,8 @@ def test_unknown_names_list_the_known_ones():
 
 
 def test_save_json_never_leaves_half_a_file(tmp_path):
-    path = datasets.save_json([{"a": 1}], tmp_path / "out.json")
+    path = files.save_json([{"a": 1}], tmp_path / "out.json")
     with pytest.raises(TypeError):
-        datasets.save_json([{"a": object()}], path)
+        files.save_json([{"a": object()}], path)
     assert json.loads(path.read_text()) == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
