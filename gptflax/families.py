@@ -4,7 +4,8 @@ A family module (`gptflax.gpt`, or a toy one in the tests) provides the function
 `INTERFACE`, over a params dict whose transformer blocks are stacked under "trf_blocks". Decoding,
 the losses, the training loop, checkpoints, the classification head, freezing and LoRA call them
 through `family(cfg)` and never ask which family they hold. A new family is one module and a
-frozen-dataclass config, joined by `register`.
+frozen-dataclass config, joined by `register`. The config passes through `jax.jit` as a static
+value, so decorate its class with `jax.tree_util.register_static`, as `GPTConfig` is.
 """
 
 from __future__ import annotations
