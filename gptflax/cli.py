@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptflax import checkpoint, files, gpt
+from gptflax import checkpoint, files
 from gptflax.config import GPT2_PRESETS, TINY, GPTConfig
 from gptflax.data import train_val_loaders
+from gptflax.families import family
 from gptflax.generate import generate, sample_text, trim_at_eos
 from gptflax.losses import loss_fn, mixed_precision
 from gptflax.parallel import data_mesh
@@ -105,7 +106,7 @@ def train_main(argv: list[str] | None = None) -> int:
         lr, args.weight_decay, max_grad_norm=args.max_grad_norm, clip_from_step=warmup_steps
     )
     k_init, k_train = jax.random.split(jax.random.key(args.seed))
-    state = init_train_state(gpt.init_params(k_init, cfg), tx)
+    state = init_train_state(family(cfg).init_params(k_init, cfg), tx)
     history = None
     if args.resume and checkpoint.latest_step(ckpt_dir) is not None:
         state, history = resume(ckpt_dir, state, cfg)

@@ -53,7 +53,8 @@ def family(cfg) -> ModuleType:
 
 def config_to_dict(cfg) -> dict:
     """A JSON-ready record of a config, naming its family."""
-    (name,) = [n for n, t in _CONFIGS.items() if t is type(cfg)]
+    family(cfg)  # a clear error for a config of no registered family
+    name = next(n for n, t in _CONFIGS.items() if t is type(cfg))
     return {"family": name, **dataclasses.asdict(cfg)}
 
 

@@ -58,13 +58,9 @@ def init_params(key: jax.Array, cfg: GPTConfig) -> dict:
     }
 
 
-def _split(key: jax.Array | None, n: int) -> list:
-    return list(jax.random.split(key, n)) if key is not None else [None] * n
-
-
 def block(params: dict, x: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None) -> jax.Array:
     """Pre-norm transformer block with shortcut connections: (B, T, D) -> (B, T, D) (Book §4.5)."""
-    k_att, k_drop1, k_drop2 = _split(key, 3)
+    k_att, k_drop1, k_drop2 = nn.split_key(key, 3)
     with jax.named_scope("attention"):
         shortcut = x
         x = nn.layer_norm(params["norm1"], x)
@@ -126,7 +122,7 @@ def hidden(
     params: dict, tokens: jax.Array, cfg: GPTConfig, *, key: jax.Array | None = None
 ) -> jax.Array:
     """(B, T) ids -> (B, T, D) final hidden states, what the output head reads (Book §4.6)."""
-    k_emb, k_blocks = _split(key, 2)
+    k_emb, k_blocks = nn.split_key(key, 2)
     x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
     return final_norm(params, run_blocks(params["trf_blocks"], x, cfg, key=k_blocks))
 

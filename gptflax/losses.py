@@ -10,6 +10,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from gptflax import nn
 from gptflax.families import family
 
 IGNORE_INDEX = -100
@@ -56,7 +57,7 @@ def classifier_forward(
     """The family's forward with no gradient through the embeddings and the first
     `frozen_blocks` blocks, so that their backward pass is never computed: (B, T) -> (B, T, C)."""
     fam = family(cfg)
-    k_emb, k_frozen, k_rest = jax.random.split(key, 3) if key is not None else (None,) * 3
+    k_emb, k_frozen, k_rest = nn.split_key(key, 3)
     x = fam.embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
     blocks = params["trf_blocks"]
     if frozen_blocks:

@@ -79,6 +79,11 @@ def _gelu_jvp(primals, tangents):
     return 0.5 * x * (1.0 + t), slope * x_dot
 
 
+def split_key(key: jax.Array | None, n: int) -> list:
+    """n independent keys from `key`, or n Nones when there is none (evaluation: no dropout)."""
+    return list(jax.random.split(key, n)) if key is not None else [None] * n
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Zero elements with probability `rate`, scale the rest by 1/(1-rate); key None: identity.
 

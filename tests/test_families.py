@@ -108,6 +108,8 @@ def test_a_family_must_provide_the_whole_interface():
         families.register("half", ToyConfig, half)
     with pytest.raises(TypeError, match="no model family is registered for dict"):
         families.family({})
+    with pytest.raises(TypeError, match="no model family is registered for dict"):
+        families.config_to_dict({})  # a checkpoint cannot record a config of no family
 
 
 @pytest.mark.parametrize("options", [{}, {"temperature": 1.0, "top_k": 5}])
