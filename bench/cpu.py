@@ -1,0 +1,178 @@
+"""The CPU benchmark: train steps and decoding beside the book's PyTorch code; NNX vs functional."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from baselines import starting_models, torch, torch_generators, torch_train_step
+from flax import nnx
+from timing import M124, SMALL, TINY, interleaved, matmul_gflops, train_flops, wait
+
+from gptflax import gpt
+from gptflax.config import GPTConfig
+from gptflax.generate import generate
+from gptflax.losses import cross_entropy, loss_fn, mixed_precision
+from gptflax.nnx_model import from_params
+from gptflax.train import init_train_state, make_optimizer, train_step
+
+# glibc settings the Makefile exports (see there): without them every XLA step page-faults its
+# scratch memory in again, and JAX's times here come out 15-35% slower.
+MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def bench_train(
+    cfg: GPTConfig, batch: int, repeats: int, peak: float, bf16=False, with_torch=True
+) -> dict:
+    """One AdamW step (tokens/s, share of the matmul peak `peak` in GFLOP/s), with the book's."""
+    tm, params = starting_models(cfg, with_torch)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32)
+    y = np.roll(x, -1, axis=1)
+    tx = make_optimizer(4e-4, weight_decay=0.1)
+    loss = partial(loss_fn, cfg=cfg)
+    step = jax.jit(partial(train_step, loss=mixed_precision(loss) if bf16 else loss, tx=tx),
+                   donate_argnums=0)  # fmt: skip
+    state = [init_train_state(jax.tree.map(jnp.copy, params), tx)]  # donated: own arrays
+    key = jax.random.key(1)
+
+    def jax_step():
+        state[0], metrics = step(state[0], (x, y), key)
+        wait(metrics["loss"])
+
+    fns = {"gptflax (jax.jit)": jax_step}
+    if tm is not None and not bf16:
+        fns["book PyTorch"] = torch_train_step(tm, x, y)
+    res = interleaved(fns, repeats)
+    flops = train_flops(cfg, batch, cfg.context_length)
+    for r in res.values():
+        r["tokens_per_s"] = batch * cfg.context_length / r["min_s"]
+        r["model_tflops_per_step"] = flops / 1e12
+        r["share_of_matmul_peak"] = flops / r["min_s"] / 1e9 / peak
+    if "book PyTorch" in res:
+        res["speedup_vs_book"] = res["book PyTorch"]["min_s"] / res["gptflax (jax.jit)"]["min_s"]
+        res["speedup_vs_book_median"] = (
+            res["book PyTorch"]["median_s"] / res["gptflax (jax.jit)"]["median_s"]
+        )
+    return res
+
+
+def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
+    """One AdamW step three ways, eval mode (no dropout): functional, nnx.jit, split/merge."""
+    cfg = cfg.replace(drop_rate=0.0)
+    params = gpt.init_params(jax.random.key(0), cfg)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32))
+    y = jnp.roll(x, -1, axis=1)
+    tx = optax.adamw(4e-4, weight_decay=0.1)
+    step = jax.jit(partial(train_step, loss=partial(loss_fn, cfg=cfg), tx=tx), donate_argnums=0)
+    state = [init_train_state(jax.tree.map(jnp.copy, params), tx)]  # donated: own arrays
+
+    def functional():
+        state[0], m = step(state[0], (x, y), jax.random.key(0))
+        wait(m["loss"])
+
+    def nnx_loss(m):
+        return cross_entropy(m(x), y)  # the same loss as the functional step
+
+    def nnx_train(m, opt):
+        value, grads = nnx.value_and_grad(nnx_loss)(m)
+        opt.update(m, grads)
+        return value
+
+    twin = from_params(cfg, params)
+    optimizer = nnx.Optimizer(twin, tx, wrt=nnx.Param)
+    nnx_step = nnx.jit(nnx_train)
+    other = from_params(cfg, params)  # its own arrays: split/merge donates them
+    graphdef, nnx_state = nnx.split((other, nnx.Optimizer(other, tx, wrt=nnx.Param)))
+    holder = [nnx_state]
+
+    @partial(jax.jit, donate_argnums=0)
+    def split_merge_step(s):
+        m, opt = nnx.merge(graphdef, s)
+        value = nnx_train(m, opt)
+        return nnx.state((m, opt)), value
+
+    def merged():
+        holder[0], value = split_merge_step(holder[0])
+        wait(value)
+
+    fns = {
+        "functional jax.jit": functional,
+        "NNX nnx.jit": lambda: wait(nnx_step(twin, optimizer)),
+        "NNX split/merge under jax.jit": merged,
+    }
+    return interleaved(fns, repeats)
+
+
+def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int) -> dict:
+    """Greedy tokens/s at batch 1 from a 4-token prompt."""
+    cfg = cfg.replace(drop_rate=0.0)
+    tm, params = starting_models(cfg)
+    prompt = np.array([[6109, 3626, 6100, 345]], dtype=np.int32)  # "Every effort moves you"
+    fns = {
+        "gptflax, no cache": lambda: generate(params, prompt, new_tokens, cfg, use_cache=False),
+        "gptflax, KV cache": lambda: generate(params, prompt, new_tokens, cfg),
+    }
+    if tm is not None:
+        fns = {**torch_generators(tm, prompt, new_tokens), **fns}
+    res = interleaved(fns, repeats)
+    for r in res.values():
+        r["tokens_per_s"] = new_tokens / r["min_s"]
+    return res
+
+
+def cpu_report(repeats: int, quick: bool) -> dict:
+    """Every CPU measurement, as the report bench.json holds."""
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count())
+    load_before = os.getloadavg()[0]
+    n = 512 if quick else 4096
+    peak_by = matmul_gflops(n)
+    peak = max(peak_by.values())
+    if quick:
+        train_cases = nnx_cases = [(TINY, "tiny", 2)]
+        gen_cfg, new_tokens = TINY, 20
+    else:
+        train_cases = [(SMALL, "small (4x256)", 8), (M124, "124M", 2), (M124, "124M", 8)]
+        nnx_cases, gen_cfg, new_tokens = [(SMALL, "small (4x256)", 8), (M124, "124M", 2)], M124, 200
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})",
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+        "matmul_n": n,
+        "matmul_gflops": peak_by,
+        "train": [],
+        "nnx": [],
+    }
+    for cfg, name, batch in train_cases:
+        print(f"train step: {name}, batch {batch}", flush=True)
+        res = bench_train(cfg, batch, repeats, peak)
+        report["train"].append({"config": name, "batch": batch, "results": res})
+        bf16 = bench_train(cfg, batch, repeats, peak, bf16=True)["gptflax (jax.jit)"]
+        report["train"].append(
+            {"config": name, "batch": batch, "results": {"gptflax bf16 (jax.jit)": bf16}}
+        )
+    for cfg, name, batch in nnx_cases:
+        print(f"functional vs NNX: {name}, batch {batch}", flush=True)
+        report["nnx"].append(
+            {"config": name, "batch": batch, "results": bench_nnx(cfg, batch, repeats)}
+        )
+    print("generation", flush=True)
+    report["generate"] = {
+        "config": f"{gen_cfg.n_layers} layers x {gen_cfg.emb_dim}",
+        "new_tokens": new_tokens,
+        "results": bench_generate(gen_cfg, new_tokens, max(2, repeats // 2)),
+    }
+    report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
+    report["loaded"] = load_before > 0.5  # the load after is mostly this benchmark's own
+    return report
