@@ -61,3 +61,90 @@ GPT2_PRESETS = {
 }
 # A model small enough for tests and quick mode: same vocabulary, tiny everything else.
 TINY = GPTConfig(context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class Llama3RoPE:
+    """Llama 3's rotary-frequency rescaling: slow rotations slowed by `factor`, fast ones kept."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context_length: int = 8192
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama architecture (the book's bonus: GPT to Llama), defaults of SmolLM2-135M.
+
+    What GPT's config has no field for: `n_kv_heads` key/value heads shared by the query heads
+    (grouped-query attention), the feed-forward's `hidden_dim`, the rotary `rope_base` (and Llama
+    3's `rope_scaling`), RMSNorm's `rms_eps`, and whether the output head is the token embedding.
+    No dropout, no biases, no positional embedding table."""
+
+    vocab_size: int = 49152
+    context_length: int = 8192
+    emb_dim: int = 576
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    hidden_dim: int = 1536
+    n_layers: int = 30
+    rope_base: float = 100_000.0
+    rope_scaling: Llama3RoPE | None = None
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # read back from a checkpoint's JSON
+            object.__setattr__(self, "rope_scaling", Llama3RoPE(**self.rope_scaling))
+        if self.emb_dim % self.n_heads or (self.emb_dim // self.n_heads) % 2:
+            raise ValueError(
+                f"emb_dim={self.emb_dim} must split into n_heads={self.n_heads} heads of an even "
+                "size (rotary embeddings rotate pairs)"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
+                "each key/value head serves the same number of query heads"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def same_weights_as(self, other) -> bool:
+        """Whether params of one fit the other: equal in every field but the context length (no
+        weight depends on it: positions are rotations, not a table)."""
+        return type(other) is LlamaConfig and self.replace(context_length=0) == other.replace(
+            context_length=0
+        )
+
+    def replace(self, **changes) -> LlamaConfig:
+        """A copy with some fields changed, e.g. `cfg.replace(context_length=2048)`."""
+        return dataclasses.replace(self, **changes)
+
+
+SMOLLM2_135M = LlamaConfig()
+_LLAMA_3_2 = LlamaConfig(
+    vocab_size=128_256, context_length=131_072, emb_dim=2048, n_heads=32, n_kv_heads=8,
+    hidden_dim=8192, n_layers=16, rope_base=500_000.0, rope_scaling=Llama3RoPE(),
+)  # fmt: skip
+# Hugging Face's config.json of each model, in the book's names.
+LLAMA_PRESETS = {
+    "SmolLM2-135M": SMOLLM2_135M,
+    "SmolLM2-360M": SMOLLM2_135M.replace(
+        emb_dim=960, n_heads=15, n_kv_heads=5, hidden_dim=2560, n_layers=32
+    ),  # fmt: skip
+    "SmolLM2-1.7B": SMOLLM2_135M.replace(
+        emb_dim=2048, n_heads=32, n_kv_heads=32, hidden_dim=8192, n_layers=24, rope_base=130_000.0
+    ),  # fmt: skip
+    "Llama-3.2-1B": _LLAMA_3_2,
+    "Llama-3.2-3B": _LLAMA_3_2.replace(emb_dim=3072, n_heads=24, n_layers=28),
+}
+# A Llama small enough for tests and quick mode: two key/value heads for four query heads.
+LLAMA_TINY = LlamaConfig(
+    vocab_size=256, context_length=64, emb_dim=32, n_heads=4, n_kv_heads=2, hidden_dim=64,
+    n_layers=2,
+)  # fmt: skip

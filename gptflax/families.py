@@ -13,18 +13,18 @@ from __future__ import annotations
 import dataclasses
 from types import ModuleType
 
-from gptflax import gpt
-from gptflax.config import GPTConfig
+from gptflax import gpt, llama
+from gptflax.config import GPTConfig, LlamaConfig
 
 INTERFACE = {
     "init_params": "(key, cfg) -> params",
     "embed": "(params, tokens (B, T), cfg, *, key=None) -> (B, T, D)",
     "run_blocks": "(params['trf_blocks'], x (B, T, D), cfg, *, key=None) -> (B, T, D)",
-    "final_norm": "(params, x (B, T, D)) -> (B, T, D)",
+    "final_norm": "(params, x (B, T, D), cfg) -> (B, T, D)",
     "head": "(params, h (B, T, D)) -> (B, T, V)",
     "hidden": "(params, tokens, cfg, *, key=None) -> (B, T, D): final_norm(run_blocks(embed))",
     "forward": "(params, tokens, cfg, *, key=None) -> (B, T, V): head(hidden)",
-    "init_cache": "(cfg, batch_size, dtype) -> an empty KV cache",
+    "init_cache": "(cfg, batch_size, length, dtype) -> an empty KV cache of `length` positions",
     "forward_cached": "(params, tokens (B, S), cache, start (B,), cfg) -> ((B, S, V), cache)",
 }
 
@@ -68,3 +68,4 @@ def config_from_dict(record: dict):
 
 
 register("gpt", GPTConfig, gpt)
+register("llama", LlamaConfig, llama)

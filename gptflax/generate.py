@@ -7,7 +7,8 @@ Two ways to decode, giving the same tokens:
   attention makes the padding harmless: position t never sees positions after it.
 - With a KV cache (`generate_cached`), the prompt runs once (prefill) and each new token runs
   alone, reading the keys and values of earlier positions from the cache. The whole loop is one
-  jitted `lax.while_loop`, compiled once per prompt window width.
+  jitted `lax.while_loop`, compiled once per prompt window width and cache size (both powers of
+  two: the cache holds the positions a call can reach, not the whole context).
 
 `generate` uses the cache whenever prompt and new tokens fit in the context; beyond it the book's
 sliding window needs every position recomputed, so it falls back to the loop.
@@ -123,20 +124,21 @@ def generate(
     return idx
 
 
-@partial(jax.jit, static_argnames=("temperature", "top_k"))
+@partial(jax.jit, static_argnames=("cache_len", "temperature", "top_k"))
 def _decode_with_cache(
-    params, window, lengths, max_new_tokens, eos_id, key, cfg, temperature, top_k
+    params, window, lengths, max_new_tokens, eos_id, key, cfg, cache_len, temperature, top_k
 ):
     """Prefill the right-padded prompts window (B, W) of `lengths` (B,), then decode in a
-    `lax.while_loop` -> (B, context_length) buffer of new ids and how many steps ran.
-    Padding slots in the cache are overwritten by new tokens before any query can see them.
+    `lax.while_loop` with a cache of `cache_len` positions -> (B, cache_len) buffer of new ids
+    and how many steps ran. Padding slots in the cache are overwritten by new tokens before any
+    query can see them.
     """
     batch, fam = window.shape[0], family(cfg)
     params = nn.unstack_blocks(params)  # once, so no token slices a layer out of the stack
-    cache = fam.init_cache(cfg, batch, params["tok_emb"]["embedding"].dtype)
+    cache = fam.init_cache(cfg, batch, cache_len, params["tok_emb"]["embedding"].dtype)
     logits, cache = fam.forward_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
     last_logits = logits[jnp.arange(batch), lengths - 1]  # (B, V)
-    out = jnp.zeros((batch, cfg.context_length), jnp.int32)
+    out = jnp.zeros((batch, cache_len), jnp.int32)
 
     def unfinished(state):
         i, _, _, _, done = state
@@ -185,9 +187,11 @@ def generate_cached(
     window = np.zeros((len(rows), window_width(int(lengths.max()), cfg.context_length)), np.int32)
     for b, r in enumerate(rows):
         window[b, : len(r)] = r
+    # The cache holds the positions this call can reach, in few distinct sizes (few compilations).
+    cache_len = window_width(int(lengths.max()) + max_new_tokens, cfg.context_length)
     out, steps = _decode_with_cache(
         params, window, lengths, max_new_tokens, -1 if eos_id is None else eos_id, key,
-        cfg, temperature, top_k,
+        cfg, cache_len, temperature, top_k,
     )  # fmt: skip
     return np.asarray(out)[:, : int(steps)]
 

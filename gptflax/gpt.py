@@ -107,7 +107,7 @@ def run_blocks(
     return x
 
 
-def final_norm(params: dict, x: jax.Array) -> jax.Array:
+def final_norm(params: dict, x: jax.Array, cfg: GPTConfig) -> jax.Array:
     """The layer norm after the last block: (B, T, D) -> (B, T, D)."""
     return nn.layer_norm(params["final_norm"], x)
 
@@ -124,7 +124,7 @@ def hidden(
     """(B, T) ids -> (B, T, D) final hidden states, what the output head reads (Book §4.6)."""
     k_emb, k_blocks = nn.split_key(key, 2)
     x = embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
-    return final_norm(params, run_blocks(params["trf_blocks"], x, cfg, key=k_blocks))
+    return final_norm(params, run_blocks(params["trf_blocks"], x, cfg, key=k_blocks), cfg)
 
 
 def forward(
@@ -134,9 +134,10 @@ def forward(
     return head(params, hidden(params, tokens, cfg, key=key))
 
 
-def init_cache(cfg: GPTConfig, batch_size: int, dtype=jnp.float32) -> tuple:
-    """An empty KV cache: keys and values of every layer and position, (L, B, T_max, H, Dh) each."""
-    shape = (cfg.n_layers, batch_size, cfg.context_length, cfg.n_heads, cfg.head_dim)
+def init_cache(cfg: GPTConfig, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
+    """An empty KV cache of `length` positions: keys and values of every layer, (L, B, length, H,
+    Dh) each."""
+    shape = (cfg.n_layers, batch_size, length, cfg.n_heads, cfg.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
@@ -168,5 +169,5 @@ def forward_cached(
         x, (k, v) = block_cached(layer_params, x, cfg, (cache[0][i], cache[1][i]), positions)
         keys.append(k)  # (B, T_max, H, Dh)
         values.append(v)
-    logits = head(params, final_norm(params, x))  # x: (B, S, D)
+    logits = head(params, final_norm(params, x, cfg))  # x: (B, S, D)
     return logits, (jnp.stack(keys), jnp.stack(values))

@@ -65,7 +65,7 @@ def classifier_forward(
         x = jax.lax.stop_gradient(fam.run_blocks(first, x, cfg, key=k_frozen))
         blocks = jax.tree.map(lambda leaf: leaf[frozen_blocks:], blocks)
     x = fam.run_blocks(blocks, x, cfg, key=k_rest)
-    return fam.head(params, fam.final_norm(params, x))
+    return fam.head(params, fam.final_norm(params, x, cfg))
 
 
 def classification_logits(

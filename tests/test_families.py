@@ -63,7 +63,7 @@ def run_blocks(blocks, x, cfg, *, key=None):
     return jax.lax.scan(step, x, blocks)[0]
 
 
-def final_norm(params, x):
+def final_norm(params, x, cfg):
     return nn.layer_norm(params["final_norm"], x)
 
 
@@ -72,28 +72,29 @@ def head(params, h):
 
 
 def hidden(params, tokens, cfg, *, key=None):
-    return final_norm(params, run_blocks(params["trf_blocks"], embed(params, tokens, cfg), cfg))
+    x = run_blocks(params["trf_blocks"], embed(params, tokens, cfg), cfg)
+    return final_norm(params, x, cfg)
 
 
 def forward(params, tokens, cfg, *, key=None):
     return head(params, hidden(params, tokens, cfg))
 
 
-def init_cache(cfg, batch_size, dtype=jnp.float32):
-    return jnp.zeros((cfg.n_layers, batch_size, cfg.context_length, cfg.emb_dim), dtype)
+def init_cache(cfg, batch_size, length, dtype=jnp.float32):
+    return jnp.zeros((cfg.n_layers, batch_size, length, cfg.emb_dim), dtype)
 
 
 def forward_cached(params, tokens, cache, start, cfg):
     params = nn.unstack_blocks(params)
     positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
-    visible = jnp.arange(cfg.context_length) <= positions[..., None]  # (B, S, T_max)
+    visible = jnp.arange(cache.shape[2]) <= positions[..., None]  # (B, S, T_cache)
     x, layers = embed(params, tokens, cfg), []
     for i, layer in enumerate(params["trf_blocks"]):
         seen = cache[i].at[jnp.arange(len(tokens))[:, None], positions].set(x)  # (B, T_max, D)
         running_mean = jnp.einsum("bst,btd->bsd", visible, seen) / (positions + 1)[..., None]
         x = x + jnp.tanh(nn.linear(layer["mix"], running_mean))
         layers.append(seen)
-    return head(params, final_norm(params, x)), jnp.stack(layers)
+    return head(params, final_norm(params, x, cfg)), jnp.stack(layers)
 
 
 families.register("toy", ToyConfig, sys.modules[__name__])
