@@ -11,16 +11,16 @@ import jax
 import numpy as np
 
 from gptflax import checkpoint, files
-from gptflax.config import GPT2_PRESETS, TINY, GPTConfig
+from gptflax.config import GPT2_PRESETS, SMOLLM2_135M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.families import family
-from gptflax.generate import generate, sample_text, trim_at_eos
+from gptflax.generate import chat, generate, sample_text, trim_at_eos
 from gptflax.losses import loss_fn, mixed_precision
 from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
-from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, text_to_token_ids
+from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, smollm2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer, resume, warmup_cosine_schedule
-from gptflax.weights import load_gpt2
+from gptflax.weights import load_gpt2, load_smollm2
 
 PRESETS = {**GPT2_PRESETS, "tiny": TINY}
 
@@ -150,14 +150,17 @@ def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gptflax generate",
         description="Continue a prompt with a trained model (a checkpoint folder written by "
-        "`python -m gptflax train`) or with OpenAI's GPT-2 weights. Temperature 0 is greedy; "
-        "above 0 it samples (Book §5.3), optionally from the top-k tokens only.",
+        "`python -m gptflax train`), OpenAI's GPT-2 weights or SmolLM2-135M-Instruct, or chat "
+        "with SmolLM2 (--chat). Temperature 0 is greedy; above 0 it samples (Book §5.3), "
+        "optionally from the top-k tokens only.",
     )
-    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("prompt", nargs="?", help="the text to continue")
+    p.add_argument("--chat", metavar="MESSAGE", help="a user message to answer (chat models)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/train/checkpoints")
     src.add_argument("--gpt2", choices=GPT2_PRESETS, help="OpenAI's GPT-2 weights of this size")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add at most")
+    src.add_argument("--model", choices=["smollm2"], help="SmolLM2-135M-Instruct (a Llama)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=50, help="tokens to add at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     p.add_argument("--seed", type=int, default=123, help="sampling seed: same seed, same text")
@@ -165,26 +168,41 @@ def generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_for_generation(args) -> tuple[GPTConfig, dict]:
+def load_for_generation(args) -> tuple:
     if args.gpt2:
         return load_gpt2(args.gpt2)
+    if args.model:
+        return load_smollm2()
     return checkpoint.load_model(args.checkpoint)
 
 
+def tokenizer_for(cfg):
+    """The tokenizer of a model's vocabulary: SmolLM2's 49,152 tokens, else GPT-2's."""
+    return smollm2_tokenizer() if cfg.vocab_size == SMOLLM2_135M.vocab_size else gpt2_tokenizer()
+
+
 def generate_main(argv: list[str] | None = None) -> int:
-    args = generate_parser().parse_args(argv)
+    parser = generate_parser()
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.chat is None):
+        parser.error("give a prompt to continue or --chat MESSAGE, not both and not neither")
     try:
         cfg, params = load_for_generation(args)
     except (checkpoint.CheckpointError, files.DataFileError, ValueError) as e:
         sys.exit(str(e))
-    tokenizer = gpt2_tokenizer()
-    ids = text_to_token_ids(args.prompt, tokenizer)
+    tokenizer = tokenizer_for(cfg)
+    if args.chat is not None:
+        if not hasattr(tokenizer, "encode_chat"):
+            sys.exit("--chat needs a chat model (--model smollm2, or a checkpoint of one)")
+        return _chat(args, cfg, params, tokenizer)
+    ids = tokenizer.encode(args.prompt, allowed_special="all")
     if len(ids) >= cfg.context_length:
         sys.exit(
             f"the prompt has {len(ids)} tokens; this model's context holds "
             f"{cfg.context_length}: shorten the prompt"
         )
-    eos = None if args.no_eos else EOT_ID
+    end = getattr(tokenizer, "eos_id", EOT_ID)
+    eos = None if args.no_eos else end
     out = generate(
         params,
         [ids],
@@ -195,8 +213,17 @@ def generate_main(argv: list[str] | None = None) -> int:
         eos_id=eos,
         key=jax.random.key(args.seed),
     )
-    new = trim_at_eos(out[0][len(ids) :], EOT_ID) if eos is not None else out[0][len(ids) :]
+    new = trim_at_eos(out[0][len(ids) :], end) if eos is not None else out[0][len(ids) :]
     print(args.prompt + tokenizer.decode([int(i) for i in new]))
+    return 0
+
+
+def _chat(args, cfg, params, tokenizer) -> int:
+    messages = [{"role": "user", "content": args.chat}]
+    if (n := len(tokenizer.encode_chat(messages))) >= cfg.context_length:
+        sys.exit(f"the chat has {n} tokens; this model's context holds {cfg.context_length}")
+    decoding = dict(temperature=args.temperature, top_k=args.top_k, key=jax.random.key(args.seed))
+    print(chat(params, cfg, tokenizer, messages, args.max_new_tokens, **decoding))
     return 0
 
 

@@ -217,3 +217,12 @@ def sample_text(
     encoded = np.array([tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})])
     out = generate(params, encoded, max_new_tokens, cfg, **decoding)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
+
+
+def chat(params: dict, cfg, tokenizer, messages: list[dict], max_new_tokens: int = 256, **decoding):
+    """The model's reply to a chat: messages [{"role": "user", "content": ...}, ...] go through
+    the tokenizer's chat template, and the reply ends at its end-of-turn token (not included).
+    `decoding` takes `generate`'s options: temperature, top_k, key."""
+    ids = tokenizer.encode_chat(messages)
+    out = generate(params, [ids], max_new_tokens, cfg, eos_id=tokenizer.eos_id, **decoding)
+    return tokenizer.decode(trim_at_eos(out[0, len(ids) :], tokenizer.eos_id))

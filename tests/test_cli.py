@@ -88,3 +88,22 @@ def test_python_m_gptflax_runs_the_commands(run_dir):
     assert out.stdout.startswith("Every effort") and len(out.stdout) > len("Every effort\n")
     usage = gptflax("fly")
     assert usage.returncode == 2 and "usage: python -m gptflax {train,generate}" in usage.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.labllama
+def test_chat_with_smollm2_from_the_command_line(capsys):
+    question = "What is the capital of France?"
+    assert generate_main(["--model", "smollm2", "--chat", question]) == 0
+    assert capsys.readouterr().out == "The capital of France is Paris.\n"
+    assert generate_main(["The capital of France is", "--model", "smollm2", "-n", "2"]) == 0
+    assert capsys.readouterr().out == "The capital of France is Paris.\n"
+
+
+def test_chat_needs_one_input_and_a_chat_model(run_dir, capsys):
+    ckpt = str(run_dir / "checkpoints")
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+        generate_main(["hi", "--chat", "hello", "--checkpoint", ckpt])
+    assert "not both and not neither" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--chat needs a chat model"):
+        generate_main(["--chat", "hello", "--checkpoint", ckpt])
