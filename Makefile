@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Labs in reading order: the JAX primer first, then chapters 2-7 (each followed by its bonus
-# labs), then appendices D and E.
-LAB_ORDER := A 2 bpe 3 4 5 6 7 D E
+# labs: bpe after 2, llama after 5), then appendices D and E.
+LAB_ORDER := A 2 bpe 3 4 5 llama 6 7 D E
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 # glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
 # allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
