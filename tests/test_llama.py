@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import llama, nn
+from gptflax import checkpoint, llama, nn
 from gptflax.config import LLAMA_PRESETS, LLAMA_TINY, Llama3RoPE, LlamaConfig
 from gptflax.generate import generate, generate_cached
 
@@ -147,3 +147,14 @@ def test_config_checks_and_identity():
     assert not CFG.same_weights_as(CFG.replace(n_kv_heads=4))
     scaled = CFG.replace(rope_scaling={"factor": 8.0})  # as a checkpoint's JSON gives it back
     assert scaled.rope_scaling == Llama3RoPE(factor=8.0)
+
+
+def test_a_llama_checkpoint_loads_back_with_its_config(tmp_path):
+    cfg = CFG.replace(rope_scaling=Llama3RoPE(factor=8.0, original_context_length=16))
+    params = llama.init_params(jax.random.key(7), cfg)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", 1, params, cfg=cfg)
+    loaded_cfg, loaded = checkpoint.load_model(tmp_path / "ckpt")
+    assert loaded_cfg == cfg  # the nested rope scaling survives the JSON
+    np.testing.assert_array_equal(
+        llama.forward(loaded, TOKENS, cfg), llama.forward(params, TOKENS, cfg)
+    )
