@@ -96,8 +96,6 @@ def test_chat_with_smollm2_from_the_command_line(capsys):
     question = "What is the capital of France?"
     assert generate_main(["--model", "smollm2", "--chat", question]) == 0
     assert capsys.readouterr().out == "The capital of France is Paris.\n"
-    assert generate_main(["The capital of France is", "--model", "smollm2", "-n", "2"]) == 0
-    assert capsys.readouterr().out == "The capital of France is Paris.\n"
 
 
 def test_chat_needs_one_input_and_a_chat_model(run_dir, capsys):
