@@ -40,13 +40,16 @@ BOOK_BLOCK_LINEARS = {
 }
 
 
-def _getter(state_dict, cfg: GPTConfig):
+def _getter(tensors, source: str, model: str):
+    """`get(name, shape)`: the float32 array named `name` in `tensors` (read from `source`),
+    checked to have `shape`; the errors say which model the file was expected to hold."""
+
     def get(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        if key not in state_dict:
-            raise KeyError(f"state_dict has no {key!r}: is it a book GPTModel for {cfg}?")
-        value = np.asarray(state_dict[key], dtype=np.float32)
+        if key not in tensors:
+            raise KeyError(f"{source} has no {key!r}: is it {model}?")
+        value = np.asarray(tensors[key], dtype=np.float32)
         if value.shape != shape:
-            raise ValueError(f"{key}: shape {value.shape}, expected {shape} for {cfg}")
+            raise ValueError(f"{source}: {key}: shape {value.shape}, expected {shape} for {model}")
         return value
 
     return get
@@ -54,7 +57,7 @@ def _getter(state_dict, cfg: GPTConfig):
 
 def from_book_state_dict(state_dict, cfg: GPTConfig) -> dict:
     """gptflax params from the book's PyTorch GPTModel state_dict (Book §4.6 names)."""
-    get = _getter(state_dict, cfg)
+    get = _getter(state_dict, "state_dict", f"a book GPTModel for {cfg}")
     d, v = cfg.emb_dim, cfg.vocab_size
 
     def linear(prefix: str, d_in: int, d_out: int, bias: bool = True) -> dict:
@@ -93,7 +96,7 @@ def from_book_state_dict(state_dict, cfg: GPTConfig) -> dict:
 def from_hf_gpt2(tensors, cfg: GPTConfig) -> dict:
     """gptflax params from the tensors of a Hugging Face GPT-2 file (`wte.weight`, `h.0...`)."""
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    get = _getter(tensors, cfg)
+    get = _getter(tensors, "the GPT-2 file", f"GPT-2 for {cfg}")
     d = cfg.emb_dim
 
     def norm(prefix: str) -> dict:
@@ -291,18 +294,6 @@ def read_gguf(path) -> tuple[dict, dict]:
     }
 
 
-def _checked_getter(tensors: dict, where) -> callable:
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in tensors:
-            raise KeyError(f"{where} has no tensor {name!r}: is it a Llama model?")
-        value = tensors[name]
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected {shape}")
-        return value
-
-    return get
-
-
 def load_gguf(path, dtype=np.float32) -> tuple[LlamaConfig, dict]:
     """(config, params) of a Llama-architecture GGUF file (llama.cpp's format)."""
     meta, tensors = read_gguf(path)
@@ -314,7 +305,7 @@ def load_gguf(path, dtype=np.float32) -> tuple[LlamaConfig, dict]:
             key = f"blk.{i}.{name}.weight"
             if key in tensors:
                 tensors[key] = unpermute_rope_rows(tensors[key], heads)
-    return cfg, from_llama_tensors(_checked_getter(tensors, path), cfg, source=1, dtype=dtype)
+    return cfg, from_llama_tensors(_getter(tensors, path, "a Llama"), cfg, source=1, dtype=dtype)
 
 
 def _check_rope_freqs(freq_factors: np.ndarray, cfg: LlamaConfig, path) -> None:
@@ -373,7 +364,7 @@ def load_hf_llama(folder, dtype=np.float32) -> tuple[LlamaConfig, dict]:
             f"{folder} is not a readable Hugging Face Llama folder (config.json and safetensors "
             f"files): {e}"
         ) from e
-    return cfg, from_llama_tensors(_checked_getter(tensors, folder), cfg, source=0, dtype=dtype)
+    return cfg, from_llama_tensors(_getter(tensors, folder, "a Llama"), cfg, source=0, dtype=dtype)
 
 
 def load_smollm2(dtype=np.float32, **resolve_options) -> tuple[LlamaConfig, dict]:
