@@ -206,9 +206,8 @@ def final_norm(params: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
 def head(params: dict, h: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, V) logits: `out_head`, or the token embedding when the two are tied."""
     with jax.named_scope("head"):
-        if "out_head" in params:
-            return nn.linear(params["out_head"], h)
-        return h @ params["tok_emb"]["embedding"].T.astype(h.dtype)
+        tied = {"kernel": params["tok_emb"]["embedding"].T}  # (D, V)
+        return nn.linear(params.get("out_head", tied), h)
 
 
 def hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, key=None) -> jax.Array:
