@@ -50,14 +50,14 @@ def gpt2_byte_symbols() -> list[str]:
     return symbols
 
 
-# style -> (pre-tokenizer, symbol of each byte); SmolLM2 first cuts off every digit on its own
-# (Hugging Face's Digits(individual_digits=True)), then runs GPT-2's pattern on the rest.
+# style -> (pre-tokenizer, symbol of each byte, what is cut off as pieces of its own first).
+# SmolLM2 cuts off every digit (Hugging Face's Digits(individual_digits=True)), then runs GPT-2's
+# pattern on each stretch between digits.
 STYLES = {
-    "book": (BOOK_PATTERN, [SPACE_MARK if b == 32 else chr(b) for b in range(256)]),
-    "gpt2": (GPT2_PATTERN, gpt2_byte_symbols()),
-    "smollm2": (GPT2_PATTERN, gpt2_byte_symbols()),
+    "book": (BOOK_PATTERN, [SPACE_MARK if b == 32 else chr(b) for b in range(256)], None),
+    "gpt2": (GPT2_PATTERN, gpt2_byte_symbols(), None),
+    "smollm2": (GPT2_PATTERN, gpt2_byte_symbols(), r"\p{N}"),
 }
-DIGIT = regex.compile(r"(\p{N})")
 
 
 class BPETokenizerSimple:
@@ -73,8 +73,9 @@ class BPETokenizerSimple:
     def _set_style(self, style: str) -> None:
         if style not in STYLES:
             raise ValueError(f"unknown BPE style {style!r}; use one of {', '.join(STYLES)}")
-        pattern, symbols = STYLES[style]
+        pattern, symbols, isolated = STYLES[style]
         self.style, self._pattern, self._symbols = style, regex.compile(pattern), symbols
+        self._isolated = regex.compile(f"({isolated})") if isolated else None
         self._byte_of = {chr(b): b for b in range(256)} if style == "book" else {}
         self._byte_of |= {s: b for b, s in enumerate(symbols)}
         self._cache: dict[str, list[int]] = {}
@@ -158,9 +159,9 @@ class BPETokenizerSimple:
 
     def pretokenize(self, text: str) -> list[str]:
         """Cut text into the pieces that BPE works inside (merges never cross two pieces)."""
-        if self.style != "smollm2":
+        if self._isolated is None:
             return self._pattern.findall(text)
-        parts = DIGIT.split(text)  # odd parts are single digits
+        parts = self._isolated.split(text)  # odd parts are the isolated pieces
         return [p for i, part in enumerate(parts) if part
                 for p in ([part] if i % 2 else self._pattern.findall(part))]  # fmt: skip
 
