@@ -19,6 +19,7 @@ can reach) and from Hugging Face safetensors folders (`load_hf_llama`).
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import jax
@@ -268,13 +269,21 @@ def llama_config_from_gguf(meta: dict, tensor_names) -> LlamaConfig:
 
 
 def gguf_reader(path):
-    """A `gguf.GGUFReader` of the file, with a clear error for one that is not GGUF."""
-    from gguf import GGUFReader
-
+    """A `gguf.GGUFReader` of the file, with a clear error for one that is not GGUF. Parsing
+    takes seconds for a real model, so the tokenizer and the weights share one reader of an
+    unchanged file (the reader maps the file; it does not hold its tensors in memory)."""
     try:
-        return GGUFReader(str(path))
+        stat = Path(path).stat()
+        return _parsed_gguf(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable GGUF file ({e}); fetch it again") from e
+
+
+@lru_cache(maxsize=2)
+def _parsed_gguf(path: str, mtime_ns: int, size: int):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
 
 
 def gguf_metadata(reader) -> dict:
