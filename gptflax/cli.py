@@ -11,14 +11,14 @@ import jax
 import numpy as np
 
 from gptflax import checkpoint, files
-from gptflax.config import GPT2_PRESETS, SMOLLM2_135M, TINY
+from gptflax.config import GPT2_PRESETS, TINY
 from gptflax.data import train_val_loaders
 from gptflax.families import family
 from gptflax.generate import chat, generate, sample_text, trim_at_eos
 from gptflax.losses import loss_fn, mixed_precision
 from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
-from gptflax.tokenizer import EOT_ID, gpt2_tokenizer, smollm2_tokenizer
+from gptflax.tokenizer import end_token_id, gpt2_tokenizer, tokenizer_for
 from gptflax.train import fit, init_train_state, make_optimizer, resume, warmup_cosine_schedule
 from gptflax.weights import load_gpt2, load_smollm2
 
@@ -176,11 +176,6 @@ def load_for_generation(args) -> tuple:
     return checkpoint.load_model(args.checkpoint)
 
 
-def tokenizer_for(cfg):
-    """The tokenizer of a model's vocabulary: SmolLM2's 49,152 tokens, else GPT-2's."""
-    return smollm2_tokenizer() if cfg.vocab_size == SMOLLM2_135M.vocab_size else gpt2_tokenizer()
-
-
 def generate_main(argv: list[str] | None = None) -> int:
     parser = generate_parser()
     args = parser.parse_args(argv)
@@ -201,8 +196,7 @@ def generate_main(argv: list[str] | None = None) -> int:
             f"the prompt has {len(ids)} tokens; this model's context holds "
             f"{cfg.context_length}: shorten the prompt"
         )
-    end = getattr(tokenizer, "eos_id", EOT_ID)
-    eos = None if args.no_eos else end
+    eos = None if args.no_eos else end_token_id(tokenizer)
     out = generate(
         params,
         [ids],
@@ -213,7 +207,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         eos_id=eos,
         key=jax.random.key(args.seed),
     )
-    new = trim_at_eos(out[0][len(ids) :], end) if eos is not None else out[0][len(ids) :]
+    new = trim_at_eos(out[0][len(ids) :], eos) if eos is not None else out[0][len(ids) :]
     print(args.prompt + tokenizer.decode([int(i) for i in new]))
     return 0
 

@@ -15,7 +15,7 @@ import optax
 from gptflax import files, nn
 from gptflax.data import DataLoader
 from gptflax.losses import classification_logits
-from gptflax.tokenizer import EOT_ID
+from gptflax.tokenizer import end_token_id
 
 
 def replace_out_head(params: dict, key: jax.Array, num_classes: int = 2) -> dict:
@@ -78,10 +78,9 @@ def _num_correct(params, tokens, labels, cfg, pad_token_id):
     return (logits.argmax(axis=-1) == labels).sum()
 
 
-def classify_review(
-    text: str, params: dict, tokenizer, cfg, max_length: int, pad_token_id: int = EOT_ID
-) -> str:
+def classify_review(text: str, params: dict, tokenizer, cfg, max_length: int) -> str:
     """ "spam" or "not spam" for one text, padded like the training data (Book §6.8)."""
+    pad_token_id = end_token_id(tokenizer)
     ids = tokenizer.encode(text)[: min(max_length, cfg.context_length)]
     tokens = jnp.array([ids + [pad_token_id] * (max_length - len(ids))])
     logits = classification_logits(params, tokens, cfg)
@@ -129,13 +128,12 @@ def random_split(
     return [(texts[a:b], labels[a:b]) for a, b in bounds]
 
 
-def encode_padded(
-    texts: list[str], tokenizer, max_length: int | None = None, pad_token_id: int = EOT_ID
-) -> np.ndarray:
-    """Token ids, cut to max_length (default: the longest text) and right-padded: (N, T) (§6.3)."""
+def encode_padded(texts: list[str], tokenizer, max_length: int | None = None) -> np.ndarray:
+    """Token ids, cut to max_length (default: the longest text) and right-padded with the
+    tokenizer's end token: (N, T) (§6.3)."""
     encoded = [tokenizer.encode(t)[:max_length] for t in texts]
     width = max_length or max(len(e) for e in encoded)
-    out = np.full((len(encoded), width), pad_token_id, dtype=np.int32)
+    out = np.full((len(encoded), width), end_token_id(tokenizer), dtype=np.int32)
     for row, ids in zip(out, encoded, strict=True):
         row[: len(ids)] = ids
     return out

@@ -20,7 +20,7 @@ from gptflax.config import GPTConfig
 from gptflax.data import DataLoader
 from gptflax.generate import generate_cached, trim_at_eos
 from gptflax.losses import IGNORE_INDEX
-from gptflax.tokenizer import EOT_ID
+from gptflax.tokenizer import EOT_ID, end_token_id
 
 INTRO = (
     "Below is an instruction that describes a task. "
@@ -157,17 +157,18 @@ def generate_responses(
     batch_size: int = 16,
 ) -> list[Completion]:
     """Greedy completions of each entry's prompt, batch_size prompts at a time with the KV cache,
-    stopping at end-of-text (§7.7). max_new_tokens is cut to what the context leaves after the
-    longest prompt. A short last batch is filled up with copies, so it compiles nothing new."""
+    stopping at the tokenizer's end token (§7.7). max_new_tokens is cut to what the context
+    leaves after the longest prompt. A short last batch is filled up with copies, so it compiles
+    nothing new."""
     prompts = [tokenizer.encode(format_input(e)) for e in entries]
     max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
-    completions = []
+    end, completions = end_token_id(tokenizer), []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         filled = chunk + [chunk[0]] * (batch_size - len(chunk))
-        new_ids = generate_cached(params, filled, max_new_tokens, cfg, eos_id=EOT_ID)
+        new_ids = generate_cached(params, filled, max_new_tokens, cfg, eos_id=end)
         for row in new_ids[: len(chunk)]:
-            kept = trim_at_eos(row, EOT_ID)
+            kept = trim_at_eos(row, end)
             completions.append(Completion(tokenizer.decode(kept), len(kept) < len(row)))
     return completions
 

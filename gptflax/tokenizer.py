@@ -13,6 +13,7 @@ from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer reg
 
 from gptflax import files
 from gptflax.bpe import BPETokenizerSimple
+from gptflax.config import SMOLLM2_135M
 
 UNK, EOT = "<|unk|>", "<|endoftext|>"
 EOT_ID = 50256  # GPT-2's id of <|endoftext|>
@@ -135,3 +136,14 @@ def smollm2_tokenizer(gguf_path: str | None = None) -> ChatTokenizer:
     tokenizer = ChatTokenizer("smollm2", SMOLLM2_SYSTEM)
     tokenizer.load_tokens_and_merges(tokens, meta["tokenizer.ggml.merges"], specials, "smollm2")
     return tokenizer
+
+
+def tokenizer_for(cfg):
+    """The tokenizer of a model's vocabulary: SmolLM2's 49,152 tokens, else GPT-2's."""
+    return smollm2_tokenizer() if cfg.vocab_size == SMOLLM2_135M.vocab_size else gpt2_tokenizer()
+
+
+def end_token_id(tokenizer) -> int:
+    """The id that ends a text and pads a batch (Book §6.3, §7.3): GPT-2's <|endoftext|>
+    (50,256), or a chat tokenizer's end of turn (SmolLM2's <|im_end|>, 2: also its padding id)."""
+    return tokenizer.eos_id if isinstance(tokenizer, ChatTokenizer) else tokenizer.eot_token

@@ -15,7 +15,8 @@ import jax
 from gptflax import checkpoint, files, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.families import family
-from gptflax.weights import load_gpt2
+from gptflax.tokenizer import tokenizer_for
+from gptflax.weights import load_gpt2, load_smollm2
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
 
@@ -28,12 +29,13 @@ def run_dir(lab: str) -> str:
 
 
 class Start(NamedTuple):
-    """The model a fine-tuning lab starts from, and where it came from."""
+    """The model a fine-tuning lab starts from, where it came from, and its tokenizer."""
 
-    kind: Literal["gpt2", "checkpoint", "fresh"]
+    kind: Literal["gpt2", "smollm2", "checkpoint", "fresh"]
     about: str  # one line for people, e.g. "OpenAI's GPT-2 124M"
     cfg: object
     params: dict
+    tokenizer: object
     gpt2_size: str | None = None
 
 
@@ -44,22 +46,32 @@ def starting_model(
     gpt2_sizes: tuple[str, ...] = ("124M",),
     checkpoint_dir: str | Path | None = None,
     fresh_cfg=FRESH_CFG,
+    smollm2: bool = True,
 ) -> Start:
-    """The first that exists of: OpenAI's GPT-2 in `gpt2_sizes` order, the latest checkpoint in
-    `checkpoint_dir` (e.g. lab 5's model), fresh random params of `fresh_cfg`. Dropout is off:
-    the book fine-tunes without it."""
+    """The first that exists of: OpenAI's GPT-2 in `gpt2_sizes` order, SmolLM2-135M-Instruct
+    (with `smollm2`), the latest checkpoint in `checkpoint_dir` (e.g. lab 5's model), fresh
+    random params of `fresh_cfg`. Dropout is off: the book fine-tunes without it."""
     for size in gpt2_sizes:
         try:
             cfg, params = load_gpt2(size)
-            return Start("gpt2", f"OpenAI's GPT-2 {size}", cfg.replace(drop_rate=0.0), params, size)
+            cfg = cfg.replace(drop_rate=0.0)
+            return Start("gpt2", f"OpenAI's GPT-2 {size}", cfg, params, tokenizer_for(cfg), size)
         except files.DataFileError as e:
             print(f"GPT-2 {size} weights not available: {str(e).splitlines()[0]}")
+    if smollm2:
+        try:
+            cfg, params = load_smollm2()
+            about = "SmolLM2-135M-Instruct (a Llama; GPT-2's weights are absent)"
+            return Start("smollm2", about, cfg, params, tokenizer_for(cfg))
+        except files.DataFileError as e:
+            print(f"SmolLM2 weights not available: {str(e).splitlines()[0]}")
     if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
         cfg, params = checkpoint.load_model(checkpoint_dir)
         about = f"the checkpoint in {checkpoint_dir}"
-        return Start("checkpoint", about, cfg.replace(drop_rate=0.0), params)
+        return Start("checkpoint", about, cfg.replace(drop_rate=0.0), params, tokenizer_for(cfg))
     params = family(fresh_cfg).init_params(jax.random.key(123), fresh_cfg)
     about = f"fresh random weights ({nn.count_params(params):,} parameters)"
     if checkpoint_dir is not None:
         about += f"; no checkpoint in {checkpoint_dir} (run its lab first for a pretrained one)"
-    return Start("fresh", about, fresh_cfg.replace(drop_rate=0.0), params)
+    cfg = fresh_cfg.replace(drop_rate=0.0)
+    return Start("fresh", about, cfg, params, tokenizer_for(cfg))

@@ -38,3 +38,11 @@ def tiny_cfg():
 def small_cfg():
     """TINY with a 97-token vocabulary: for tests that need no real text, compiles fast."""
     return TINY.replace(vocab_size=97)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(cfg, params) of SmolLM2-135M-Instruct, loaded once per test run (a few seconds)."""
+    from gptflax.weights import load_smollm2
+
+    return load_smollm2()

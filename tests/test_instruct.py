@@ -14,7 +14,7 @@ import pytest
 from gptflax import generate as G
 from gptflax import gpt, instruct
 from gptflax.losses import cross_entropy, loss_fn
-from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
+from gptflax.tokenizer import EOT_ID, end_token_id, gpt2_tokenizer, smollm2_tokenizer
 
 pytestmark = pytest.mark.lab7
 
@@ -107,6 +107,24 @@ def test_batched_responses_equal_one_by_one_decoding(data, small_cfg):
         alone = G.generate(params, prompt, 6, cfg, eos_id=EOT_ID, use_cache=False)
         new = G.trim_at_eos(alone[0, prompt.shape[1] :], EOT_ID)
         assert completion.text == tok.decode(new)
+
+
+@pytest.mark.parametrize(
+    "tokenizer, model_end, stops",
+    [(gpt2_tokenizer, EOT_ID, True), (gpt2_tokenizer, 2, False),
+     (smollm2_tokenizer, 2, True), (smollm2_tokenizer, 0, False)],  # 0: SmolLM2's <|endoftext|>
+)  # fmt: skip
+def test_responses_end_at_the_tokenizers_end_token(data, small_cfg, tokenizer, model_end, stops):
+    tok, cfg = tokenizer(), small_cfg.replace(vocab_size=50257, context_length=128)
+    params = gpt.init_params(jax.random.key(1), cfg)
+    # A model that always says `model_end`: constant final features, one nonzero head column.
+    params["final_norm"] = {"scale": jnp.zeros(cfg.emb_dim), "shift": jnp.ones(cfg.emb_dim)}
+    head = jnp.zeros_like(params["out_head"]["kernel"]).at[:, model_end].set(1.0)
+    params["out_head"] = {"kernel": head}
+    got = instruct.generate_responses(params, data[:2], tok, cfg, max_new_tokens=4)
+    assert (model_end == end_token_id(tok)) == stops
+    assert all(c.finished == stops for c in got)
+    assert all(c.text == ("" if stops else tok.decode([model_end] * 4)) for c in got)
 
 
 def test_completion_response_and_format():

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, gpt, nn
+from gptflax import checkpoint, files, gpt, nn
+from gptflax.tokenizer import gpt2_tokenizer, smollm2_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "labs"))
 import labkit  # noqa: E402
@@ -20,7 +21,7 @@ def test_starting_model_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
 ):
     monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
     monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
-    start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
     assert start.kind == "fresh" and "no checkpoint in" in start.about
     assert start.cfg == small_cfg.replace(drop_rate=0.0) and start.gpt2_size is None
     assert nn.count_params(start.params) == nn.count_params(
@@ -30,7 +31,7 @@ def test_starting_model_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
     saved_cfg = small_cfg.replace(drop_rate=0.1)
     saved = gpt.init_params(jax.random.key(5), saved_cfg)
     checkpoint.save_checkpoint(tmp_path / "ckpt", 3, saved, cfg=saved_cfg)
-    start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
     assert start.kind == "checkpoint" and start.about == f"the checkpoint in {tmp_path / 'ckpt'}"
     assert start.cfg == saved_cfg.replace(drop_rate=0.0)  # fine-tuning runs without dropout
     jax.tree.map(np.testing.assert_array_equal, start.params, saved)
@@ -43,3 +44,26 @@ def test_quick_runs_write_under_runs_quick(tmp_path, monkeypatch):
     monkeypatch.setattr(labkit, "QUICK", False)
     assert labkit.run_dir("lab9") == str(Path("runs", "lab9"))
     assert (tmp_path / "runs" / "quick" / "lab9").is_dir() and (tmp_path / "runs" / "lab9").is_dir()
+
+
+def test_smollm2_comes_after_gpt2_and_before_a_checkpoint(
+    tmp_path, monkeypatch, small_cfg, smollm2
+):
+    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
+    monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", 1, gpt.init_params(jax.random.key(5), small_cfg),
+                               cfg=small_cfg)  # fmt: skip
+    monkeypatch.setattr(labkit, "load_smollm2", lambda: smollm2)  # the one loaded for the session
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    assert start.kind == "smollm2" and start.params is smollm2[1] and start.cfg is smollm2[0]
+    assert start.tokenizer is smollm2_tokenizer() and "SmolLM2-135M-Instruct" in start.about
+
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
+    assert start.kind == "checkpoint" and start.tokenizer is gpt2_tokenizer()
+
+    def missing():
+        raise files.DataFileError("SmolLM2-135M-Instruct.Q4_1.gguf: no copy found")
+
+    monkeypatch.setattr(labkit, "load_smollm2", missing)
+    start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
+    assert start.kind == "checkpoint" and start.cfg == small_cfg

@@ -4,18 +4,14 @@ checked by lab llama (also in bf16), the command-line test, and against transfor
 
 import pytest
 
-from gptflax import nn
+from gptflax import files, nn
 from gptflax.config import SMOLLM2_135M
-from gptflax.tokenizer import SMOLLM2_SYSTEM, smollm2_tokenizer
-from gptflax.weights import load_smollm2
+from gptflax.finetune import encode_padded
+from gptflax.tokenizer import SMOLLM2_SYSTEM, end_token_id, smollm2_tokenizer, tokenizer_for
+from gptflax.weights import gguf_metadata, gguf_reader
 
 pytestmark = [pytest.mark.labllama, pytest.mark.slow]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_smollm2()
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +45,14 @@ def test_digits_are_split_one_by_one(tok):
     assert digits == list("202417")
     with pytest.raises(ValueError, match="special token"):
         tok.encode("<|im_end|>")  # specials only where the caller allows them
+
+
+def test_the_end_token_ends_replies_and_pads_batches(smollm2, tok):
+    meta = gguf_metadata(gguf_reader(files.smollm2_gguf()))
+    end = end_token_id(tok)
+    assert end == tok.encode("<|im_end|>", allowed_special="all")[0] == tok.eos_id
+    assert end == meta["tokenizer.ggml.padding_token_id"] == meta["tokenizer.ggml.eos_token_id"]
+    assert tokenizer_for(smollm2[0]) is tok  # the model's own tokenizer, built once
+    padded = encode_padded(["Win a prize now", "Hi"], tok)
+    assert padded[1, : len(tok.encode("Hi"))].tolist() == tok.encode("Hi")
+    assert (padded[1, len(tok.encode("Hi")) :] == end).all() and (padded[0] != end).all()
