@@ -78,12 +78,16 @@ def _num_correct(params, tokens, labels, cfg, pad_token_id):
     return (logits.argmax(axis=-1) == labels).sum()
 
 
-def classify_review(text: str, params: dict, tokenizer, cfg, max_length: int) -> str:
-    """ "spam" or "not spam" for one text, padded like the training data (Book §6.8)."""
+def classify_review(
+    text: str, params: dict, tokenizer, cfg, max_length: int, at_last_real_token: bool = False
+) -> str:
+    """ "spam" or "not spam" for one text, padded like the training data and read at the last
+    position (Book §6.8), or at its last real token."""
     pad_token_id = end_token_id(tokenizer)
     ids = tokenizer.encode(text)[: min(max_length, cfg.context_length)]
     tokens = jnp.array([ids + [pad_token_id] * (max_length - len(ids))])
-    logits = classification_logits(params, tokens, cfg)
+    read_at = pad_token_id if at_last_real_token else None
+    logits = classification_logits(params, tokens, cfg, pad_token_id=read_at)
     return "spam" if int(logits.argmax(axis=-1)[0]) == 1 else "not spam"
 
 

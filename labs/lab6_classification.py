@@ -6,9 +6,10 @@
 # norm and the head, train, and classify new messages.
 #
 # Starting weights, in order of preference: OpenAI's GPT-2 124M (the book's setting: AdamW 5e-5,
-# 5 epochs, test accuracy >= 95%), else SmolLM2-135M-Instruct, a Llama (the same settings; it
-# reaches the book's band too), else the model lab 5 pretrained on "The Verdict", else a fresh
-# random model (2 epochs for these two). GPTFLAX_QUICK=1 uses a fresh tiny model, 2 epochs.
+# 5 epochs, test accuracy >= 95%), else SmolLM2-135M-Instruct, a Llama (2 epochs, AdamW 2e-4,
+# predictions read at the last real token: the book's band too), else the model lab 5 pretrained
+# on "The Verdict", else a fresh random model (2 epochs for these two). GPTFLAX_QUICK=1 uses a
+# fresh tiny model, 2 epochs.
 
 # %%
 print("\n# §6.2 The dataset: balanced, then split 70/10/20")
@@ -76,6 +77,11 @@ max_length = x_test.shape[1]
 num_batches = [len(loader) for loader in (train_loader, val_loader, test_loader)]
 print(f"padded to {max_length} tokens with id {pad_id}; batches: {num_batches}")
 assert max_length <= cfg.context_length
+# The book reads the prediction at the last position, padding for most texts. GPT-2 learns to
+# carry the text there; SmolLM2 learns it slowly (94-96% test accuracy after 5 epochs, measured),
+# so from SmolLM2 the lab reads at each text's last real token (97% after 2). The last section
+# compares both.
+read_at = pad_id if start.kind == "smollm2" else None  # pad_token_id=None: the last position
 
 
 # %%
@@ -103,28 +109,31 @@ if isinstance(cfg, GPTConfig):
 # %%
 print("\n# §6.6 Loss and accuracy before fine-tuning: about a coin flip")
 before = {
-    name: calc_accuracy_loader(params, loader, cfg, num_batches=10)
+    name: calc_accuracy_loader(params, loader, cfg, num_batches=10, pad_token_id=read_at)
     for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
 }
 print("accuracy before fine-tuning (10 batches):", before)
 loss_before = {
-    name: calc_loss_loader(lambda x, y: classification_loss(params, x, y, cfg), loader, 5)
+    name: calc_loss_loader(
+        lambda x, y: classification_loss(params, x, y, cfg, pad_token_id=read_at), loader, 5
+    )
     for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
 }
 print("loss before fine-tuning (5 batches):", {k: round(v, 3) for k, v in loss_before.items()})
 
 # %%
 print("\n# §6.7 Fine-tuning: AdamW 5e-5, weight decay 0.1, gradients only where the mask allows")
-num_epochs = 5 if start.kind == "gpt2" else 2  # the book's 5; 2 keep CPU runs ~15 min
-lr = 1e-3 if QUICK else 5e-5  # a tiny random model needs a larger step to learn in 2 epochs
+num_epochs = 5 if start.kind == "gpt2" else 2  # the book's 5; 2 keep CPU runs short
+# A tiny random model needs a larger step to learn in 2 epochs, SmolLM2 a larger one than GPT-2.
+lr = 1e-3 if QUICK else 2e-4 if start.kind == "smollm2" else 5e-5
 tx = optax.chain(make_optimizer(lr, weight_decay=0.1), freeze(mask))
-loss = partial(classification_loss, cfg=cfg, frozen_blocks=cfg.n_layers - 1)
+loss = partial(classification_loss, cfg=cfg, frozen_blocks=cfg.n_layers - 1, pad_token_id=read_at)
 
 
 def epoch_accuracies(p):
     return {
-        "train_acc": calc_accuracy_loader(p, train_loader, cfg, num_batches=5),
-        "val_acc": calc_accuracy_loader(p, val_loader, cfg, num_batches=5),
+        "train_acc": calc_accuracy_loader(p, train_loader, cfg, 5, pad_token_id=read_at),
+        "val_acc": calc_accuracy_loader(p, val_loader, cfg, 5, pad_token_id=read_at),
     }
 
 
@@ -154,7 +163,7 @@ plot_values(epochs, examples, train_accs, val_accs, f"{RUNS}/accuracy.png", labe
 # %%
 print("\n# §6.8 Accuracy on the whole splits, and classifying new messages")
 after = {
-    name: calc_accuracy_loader(tuned, loader, cfg)
+    name: calc_accuracy_loader(tuned, loader, cfg, pad_token_id=read_at)
     for name, loader in (("train", train_loader), ("val", val_loader), ("test", test_loader))
 }
 print("accuracy after fine-tuning:", after)
@@ -162,14 +171,17 @@ spam_text = (
     "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
 )
 ham_text = "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
-verdicts = [classify_review(t, tuned, tokenizer, cfg, max_length) for t in (spam_text, ham_text)]
+verdicts = [
+    classify_review(t, tuned, tokenizer, cfg, max_length, at_last_real_token=read_at is not None)
+    for t in (spam_text, ham_text)
+]
 print(verdicts)
 
 # %%
 print("\n# Last position, or last real token?")
-# The book reads the prediction at the last position, which
-# is padding for every text shorter than 120 tokens, so the answer can depend on how much padding
-# follows the text. Pad the test texts to 128 instead of 120 and count changed predictions:
+# The last position is padding for every text shorter than 120 tokens, so a prediction read there
+# can depend on how much padding follows the text; one read at the text's last real token cannot
+# (causal attention). Pad the test texts to 128 instead of 120 and count changed predictions:
 x_test_128 = encode_padded(test_texts, tokenizer, max_length=128)
 
 
@@ -182,7 +194,7 @@ def both_readings(tokens):
 
 
 def predictions(x):
-    batches = [both_readings(t) for t, _ in DataLoader(x, y_test, batch_size=8, drop_last=False)]
+    batches = [both_readings(t) for t, _ in DataLoader(x, y_test, batch_size=20)]  # 300 = 15 * 20
     return [np.concatenate([np.asarray(b[i]) for b in batches]) for i in (0, 1)]
 
 
@@ -192,10 +204,11 @@ print(
     f"predictions changed by 8 more padding tokens: last position {changed_last} of 300, "
     f"last real token {changed_real} of 300"
 )
-test_last_real = float(np.mean(real_120 == y_test))
+test_last, test_last_real = float(np.mean(last_120 == y_test)), float(np.mean(real_120 == y_test))
+trained_on = "the last position" if read_at is None else "the last real token"
 print(
-    f"test accuracy read at the last real token: {test_last_real:.4f} (the head was trained on "
-    f"the last position; train with pad_token_id={pad_id} to read real tokens throughout)"
+    f"test accuracy read at the last position {test_last:.4f}, at the last real token "
+    f"{test_last_real:.4f} (the head was trained on {trained_on})"
 )
 
 # %%
@@ -220,7 +233,7 @@ one_block = nn.count_params(tuned["trf_blocks"]) // cfg.n_layers  # (fit consume
 norm = cfg.emb_dim * (2 if isinstance(cfg, GPTConfig) else 1)  # a layer norm shifts, RMSNorm not
 assert n_trainable == one_block + norm + cfg.emb_dim * 2 + 2
 assert same and meta["max_length"] == max_length
-assert np.mean(last_120 == y_test) == after["test"]  # the book's reading, computed twice
+assert (test_last if read_at is None else test_last_real) == after["test"]  # computed twice
 assert changed_real == 0  # causal attention: the padding after a text cannot change its token
 assert val_losses[-1] < loss_before["val"]  # fine-tuning lowers the (5-batch) validation loss
 if start.kind in ("gpt2", "smollm2"):  # the book's band (§6.8: 95.67% test accuracy)
