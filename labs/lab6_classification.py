@@ -81,7 +81,7 @@ assert max_length <= cfg.context_length
 # carry the text there; SmolLM2 learns it slowly (94-96% test accuracy after 5 epochs, measured),
 # so from SmolLM2 the lab reads at each text's last real token (97% after 2). The last section
 # compares both.
-read_at = pad_id if start.kind == "smollm2" else None  # pad_token_id=None: the last position
+read_at = start.read_at  # a padding id, or None: the last position
 
 
 # %%

@@ -15,7 +15,7 @@ import jax
 from gptflax import checkpoint, files, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.families import family
-from gptflax.tokenizer import tokenizer_for
+from gptflax.tokenizer import end_token_id, tokenizer_for
 from gptflax.weights import load_gpt2, load_smollm2
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
@@ -37,6 +37,13 @@ class Start(NamedTuple):
     params: dict
     tokenizer: object
     gpt2_size: str | None = None
+
+    @property
+    def read_at(self) -> int | None:
+        """Where the spam classifiers (labs 6, E) read a prediction: None for the book's last
+        position, or the padding id for each text's last real token (SmolLM2's choice: it learns
+        to carry the text to the last position slowly)."""
+        return end_token_id(self.tokenizer) if self.kind == "smollm2" else None
 
 
 FRESH_CFG = GPT_CONFIG_124M.replace(context_length=256)  # lab 5's model when none was saved

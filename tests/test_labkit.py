@@ -57,9 +57,11 @@ def test_smollm2_comes_after_gpt2_and_before_a_checkpoint(
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
     assert start.kind == "smollm2" and start.params is smollm2[1] and start.cfg is smollm2[0]
     assert start.tokenizer is smollm2_tokenizer() and "SmolLM2-135M-Instruct" in start.about
+    assert start.read_at == 2  # its spam classifier reads the last real token, before <|im_end|>
 
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
     assert start.kind == "checkpoint" and start.tokenizer is gpt2_tokenizer()
+    assert start.read_at is None  # the book's last position
 
     def missing():
         raise files.DataFileError("SmolLM2-135M-Instruct.Q4_1.gguf: no copy found")
