@@ -16,11 +16,18 @@ import labkit  # noqa: E402
 pytestmark = pytest.mark.lab6
 
 
-def test_starting_model_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
-    tmp_path, monkeypatch, small_cfg
-):
-    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
+@pytest.fixture
+def no_gpt2(tmp_path, monkeypatch):
+    """Data resolution that finds no GPT-2 weights: an empty cache and mirror. GPT-2's tokenizer
+    (from the real mirror) is built first; the loaders hand it out with the model."""
+    gpt2_tokenizer()
+    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))
     monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
+
+
+def test_starting_model_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
+    tmp_path, no_gpt2, small_cfg
+):
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
     assert start.kind == "fresh" and "no checkpoint in" in start.about
     assert start.cfg == small_cfg.replace(drop_rate=0.0) and start.gpt2_size is None
@@ -47,10 +54,8 @@ def test_quick_runs_write_under_runs_quick(tmp_path, monkeypatch):
 
 
 def test_smollm2_comes_after_gpt2_and_before_a_checkpoint(
-    tmp_path, monkeypatch, small_cfg, smollm2
+    tmp_path, monkeypatch, no_gpt2, small_cfg, smollm2
 ):
-    monkeypatch.setenv("GPTFLAX_DATA", str(tmp_path / "cache"))  # no GPT-2 anywhere
-    monkeypatch.setenv("GPTFLAX_MIRROR", str(tmp_path / "mirror"))
     checkpoint.save_checkpoint(tmp_path / "ckpt", 1, gpt.init_params(jax.random.key(5), small_cfg),
                                cfg=small_cfg)  # fmt: skip
     monkeypatch.setattr(labkit, "load_smollm2", lambda: smollm2)  # the one loaded for the session
