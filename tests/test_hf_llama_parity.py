@@ -12,7 +12,7 @@ import pytest
 from gptflax import files, llama
 from gptflax.generate import generate
 from gptflax.tokenizer import smollm2_tokenizer
-from gptflax.weights import load_hf_llama, load_smollm2
+from gptflax.weights import load_hf_llama
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -31,9 +31,9 @@ def hf_smollm2():
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
 
 
-def test_logits_and_greedy_tokens_equal_transformers_from_the_same_gguf(hf_smollm2):
+def test_logits_and_greedy_tokens_equal_transformers_from_the_same_gguf(hf_smollm2, smollm2):
     model, hf_tok = hf_smollm2
-    cfg, params = load_smollm2()
+    cfg, params = smollm2
     ids = hf_tok(PROMPT)["input_ids"]
     assert ids == smollm2_tokenizer().encode(PROMPT)
     with torch.no_grad():
