@@ -1,5 +1,6 @@
 """Low-rank adaptation (appendix E): train A (in, r) and B (r, out) beside each frozen linear
-kernel W, so that the layer computes x @ W + (alpha / rank) * x @ A @ B.
+kernel W, so that the layer computes x @ W + (alpha / rank) * x @ A @ B: side by side while
+training (`attach_lora`), merged into W for inference (`merge_lora`).
 
 The LoRA params mirror the model's: every `kernel` (all attention and feed-forward linears, and
 the output head, as the appendix replaces every nn.Linear) gets {"A", "B"} of the same leading
@@ -32,25 +33,45 @@ def init_lora(key: jax.Array, params: dict, rank: int) -> dict:
     return {name: sub for name, sub in lora.items() if sub}
 
 
-def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
-    """Params whose kernels include the low-rank update: W + (alpha / rank) * A @ B."""
-    merged = dict(params)
+def _with_lora(params: dict, lora: dict, combine) -> dict:
+    """Params in which each adapted linear layer's dict is `combine(layer, A, B)`."""
+    out = dict(params)
     for name, sub in lora.items():
         if "A" in sub:
-            update = (alpha / rank) * (sub["A"] @ sub["B"])  # (..., in, out)
-            merged[name] = {**params[name], "kernel": params[name]["kernel"] + update}
+            out[name] = combine(params[name], sub["A"], sub["B"])
         else:
-            merged[name] = merge_lora(params[name], sub, alpha, rank)
-    return merged
+            out[name] = _with_lora(params[name], sub, combine)
+    return out
+
+
+def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
+    """Params whose kernels include the low-rank update: W + (alpha / rank) * A @ B. For
+    inference: one matmul per layer again."""
+
+    def merge(layer, a, b):
+        return {**layer, "kernel": layer["kernel"] + (alpha / rank) * (a @ b)}  # (..., in, out)
+
+    return _with_lora(params, lora, merge)
+
+
+def attach_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
+    """Params whose adapted layers carry lora_A = (alpha / rank) * A and lora_B = B beside the
+    kernel, so that `nn.linear` computes x @ W + (x @ lora_A) @ lora_B: for training. No (in, out)
+    update is formed, and with W frozen autodiff forms no (in, out) weight gradient either."""
+
+    def attach(layer, a, b):
+        return {**layer, "lora_A": (alpha / rank) * a, "lora_B": b}
+
+    return _with_lora(params, lora, attach)
 
 
 def lora_loss(loss, alpha: float, rank: int):
     """Turn `loss(params, *batch, key=)` into a loss over {"base": params, "lora": lora} that
-    differentiates only the LoRA params (the base gets no gradient computed at all)."""
+    differentiates only the LoRA params, computed in the side-by-side form (`attach_lora`)."""
 
     def wrapped(both: dict, *batch, key=None):
         base = jax.lax.stop_gradient(both["base"])
-        return loss(merge_lora(base, both["lora"], alpha, rank), *batch, key=key)
+        return loss(attach_lora(base, both["lora"], alpha, rank), *batch, key=key)
 
     return wrapped
 

@@ -33,13 +33,17 @@ def init_linear(key: jax.Array, d_in: int, d_out: int, bias: bool = True) -> dic
 
 
 def linear(params: dict, x: jax.Array) -> jax.Array:
-    """x (..., d_in) -> (..., d_out); adds the bias when the params have one.
+    """x (..., d_in) -> (..., d_out); adds the bias when the params have one, and a LoRA
+    update x @ lora_A @ lora_B when they carry one.
 
     The leading axes are flattened first, so the matmul is 2-D, (N, d_in) @ (d_in, d_out), and so
     is the weight gradient autodiff derives from it: XLA's CPU backend runs that form at full speed
     (the README's speed section has the numbers).
     """
-    y = x.reshape(-1, x.shape[-1]) @ params["kernel"]  # (N, d_out)
+    x2d = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    y = x2d @ params["kernel"]  # (N, d_out)
+    if "lora_A" in params:  # appendix E's low-rank path beside the frozen kernel (gptflax.lora)
+        y = y + (x2d @ params["lora_A"]) @ params["lora_B"]  # (N, r) @ (r, d_out)
     y = y.reshape(*x.shape[:-1], y.shape[-1])  # (..., d_out)
     return y + params["bias"] if "bias" in params else y
 

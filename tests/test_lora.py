@@ -1,6 +1,8 @@
 """LoRA (appendix E): the appendix's parameter count, a no-op at initialisation, the low-rank
 update equal to its explicit form, and training that moves only A and B."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from gptflax import gpt, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.finetune import replace_out_head
-from gptflax.lora import init_lora, lora_loss, lora_optimizer, merge_lora
+from gptflax.lora import attach_lora, init_lora, lora_loss, lora_optimizer, merge_lora
 from gptflax.losses import classification_loss
 from gptflax.train import init_train_state, make_optimizer, train_step
 
@@ -50,6 +52,30 @@ def test_merged_kernels_equal_the_explicit_low_rank_path(small_cfg):
     merged_layer = jax.tree.map(lambda leaf: leaf[1], merged["trf_blocks"]["ff"]["fc1"])
     np.testing.assert_allclose(nn.linear(merged_layer, x), explicit, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(merged["tok_emb"]["embedding"], params["tok_emb"]["embedding"])
+
+
+def test_side_by_side_training_form_equals_the_merged_form(small_cfg):
+    params = classifier(small_cfg)
+    lora = init_lora(jax.random.key(2), params, rank=4)
+    lora = jax.tree.map(lambda x: x + 0.1, lora)  # nonzero B
+    tokens, labels = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]]), jnp.array([0, 1])
+    attached = attach_lora(params, lora, alpha=8, rank=4)
+    assert set(attached["trf_blocks"]["ff"]["fc1"]) == {"kernel", "bias", "lora_A", "lora_B"}
+    np.testing.assert_array_equal(attached["trf_blocks"]["ff"]["fc1"]["kernel"],
+                                  params["trf_blocks"]["ff"]["fc1"]["kernel"])  # fmt: skip
+    side_by_side, merged = (
+        gpt.forward(p, tokens, small_cfg) for p in (attached, merge_lora(params, lora, 8, 4))
+    )
+    np.testing.assert_allclose(side_by_side, merged, rtol=1e-5, atol=1e-5)
+
+    def merged_loss(both, x, y):  # the form the side-by-side one replaces
+        base = jax.lax.stop_gradient(both["base"])
+        return classification_loss(merge_lora(base, both["lora"], 8, 4), x, y, small_cfg)
+
+    both = {"base": params, "lora": lora}
+    loss = lora_loss(lambda p, x, y, key=None: classification_loss(p, x, y, small_cfg), 8, 4)
+    got, want = jax.grad(loss)(both, tokens, labels), jax.grad(merged_loss)(both, tokens, labels)
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), got, want)
 
 
 def test_training_moves_only_a_and_b(small_cfg):
