@@ -218,7 +218,8 @@ if start.kind == "gpt2":  # GPT-2 follows the response format after 2 epochs (§
 LAB5_MODEL = {"in_format": 0.909, "f1": 0.221}
 if QUICK:  # measured: val loss 10.96 -> 7.93 (200 examples, 50 steps); format not learned yet
     assert after["val"] < before["val"] - 2.0
-elif start.kind == "smollm2":  # a model that can speak: clearly better than both
+elif start.kind == "smollm2":  # a model that can speak: clearly better than both. Measured
+    # (19 min): validation loss 2.51 -> 0.54, in the format 4.5% -> 95.5%, F1 0.098 -> 0.632
     assert in_format > max(in_format_before, LAB5_MODEL["in_format"]), in_format
     assert f1 > max(f1_before, LAB5_MODEL["f1"]) + 0.05, (f1_before, f1)
 elif start.kind != "gpt2":

@@ -166,7 +166,8 @@ assert base_unchanged  # the base weights stay frozen
 if cfg.emb_dim == 768 and cfg.n_layers == 12:  # the 124M classifier
     assert n_lora == 2_666_528  # appendix E
     assert n_lora < n_last_block  # 2,666,528 LoRA vs 7,088,642 last-block parameters
-if start.kind in ("gpt2", "smollm2"):  # the appendix's result is about 97.7% test accuracy
+if start.kind in ("gpt2", "smollm2"):  # the appendix's result is about 97.7% test accuracy;
+    # measured from SmolLM2 (1 epoch, 24 min): 99.8% train, 99.3% val, 98.0% test
     assert after["test"] >= 0.95, after
 else:  # measured: quick 84.7% test; from lab 5's model (2 epochs) 87.3% test, 85.2% val,
     # 87.8% train (lab 6's last-block run: 85.3% test); a coin flip gets 50%
