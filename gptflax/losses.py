@@ -80,6 +80,14 @@ def classification_logits(
     """Class logits (B, C) read at the last position (the book, §6.6), or, with pad_token_id, at
     each row's last token before its right padding."""
     logits = classifier_forward(params, tokens, cfg, key=key, frozen_blocks=frozen_blocks)
+    return read_class_logits(logits, tokens, pad_token_id)
+
+
+def read_class_logits(
+    logits: jax.Array, tokens: jax.Array, pad_token_id: int | None = None
+) -> jax.Array:
+    """The (B, C) class logits of (B, T, C) ones: at the last position, or, with pad_token_id, at
+    each row's last token before its right padding."""
     if pad_token_id is None:
         return logits[:, -1, :]
     last = jnp.maximum((tokens != pad_token_id).sum(axis=1) - 1, 0)  # (B,)

@@ -17,7 +17,6 @@ import os
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -39,7 +38,7 @@ from gptflax.finetune import (
     spam_loaders,
     trainable_mask,
 )
-from gptflax.losses import classification_loss, classifier_forward
+from gptflax.losses import classification_loss, classifier_forward, read_class_logits
 from gptflax.nnx_model import GPTModel
 from gptflax.plots import plot_values
 from gptflax.tokenizer import end_token_id
@@ -190,8 +189,7 @@ x_test_128 = encode_padded(test_texts, tokenizer, max_length=128)
 def both_readings(tokens):
     """Predictions read at the last position and at the last real token, from one forward."""
     logits = classifier_forward(tuned, tokens, cfg)  # (B, T, 2)
-    last_real = (tokens != pad_id).sum(axis=1) - 1  # (B,)
-    return logits[:, -1].argmax(-1), logits[jnp.arange(len(tokens)), last_real].argmax(-1)
+    return tuple(read_class_logits(logits, tokens, at).argmax(-1) for at in (None, pad_id))
 
 
 def predictions(x):
