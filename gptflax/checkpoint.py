@@ -2,12 +2,14 @@
 
 A checkpoint directory holds one numbered sub-directory per save (the epoch, in `fit`). Each has
 three items: `params`, `train` (step and optimizer state) and `meta` (the model config and whatever
-the caller records, e.g. the loss history). Orbax writes a save into a temporary directory and
-renames it into place only when complete, so a save cut short is never listed or loaded.
+the caller records, e.g. the loss history). Orbax writes a save into a temporary directory, puts
+its commit marker in last and renames it into place, so a save cut short is never listed or
+loaded; the next save deletes what it left behind.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -18,6 +20,33 @@ from gptflax.families import config_from_dict, config_to_dict, family
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or was saved for another model."""
+
+
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a save before renaming it into place
+STAGING = ".orbax-checkpoint-tmp"  # orbax stages save N in N.orbax-checkpoint-tmp-<timestamp>
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """The steps of `directory`'s complete checkpoints: numbered folders with the commit marker."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / COMMIT_MARKER).is_file()
+    )
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Delete what saves cut short left behind: staging folders and numbered folders without
+    the commit marker (neither can be loaded)."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        unfinished = p.name.isdigit() and not (p / COMMIT_MARKER).is_file()
+        if p.is_dir() and (STAGING in p.name or unfinished):
+            shutil.rmtree(p)
 
 
 def _manager(directory: str | Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
@@ -37,7 +66,11 @@ def save_checkpoint(
     meta: dict | None = None,
     max_to_keep: int | None = None,
 ) -> Path:
-    """Save params (and optionally {"step", "opt_state"} and JSON `meta`) as checkpoint `step`."""
+    """Save params (and optionally {"step", "opt_state"} and JSON `meta`) as checkpoint `step`,
+    after deleting what earlier saves cut short left in `directory`."""
+    if step in complete_steps(directory):
+        raise CheckpointError(f"{directory} already has checkpoint {step}: not overwriting it")
+    _remove_leftovers(Path(directory))
     items = {
         "params": ocp.args.StandardSave(params),
         "meta": ocp.args.JsonSave({"config": config_to_dict(cfg), **(meta or {})}),
@@ -45,18 +78,14 @@ def save_checkpoint(
     if train_state is not None:
         items["train"] = ocp.args.StandardSave(train_state)
     with _manager(directory, max_to_keep) as mngr:
-        if step in mngr.all_steps():
-            raise CheckpointError(f"{directory} already has checkpoint {step}: not overwriting it")
         mngr.save(step, args=ocp.args.Composite(**items))
     return Path(directory) / str(step)
 
 
 def latest_step(directory: str | Path) -> int | None:
     """The newest complete checkpoint in `directory`, or None."""
-    if not Path(directory).is_dir():
-        return None
-    with _manager(directory) as mngr:
-        return mngr.latest_step()
+    steps = complete_steps(directory)
+    return steps[-1] if steps else None
 
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
@@ -118,8 +147,7 @@ def load_model(directory: str | Path, step: int | None = None) -> tuple[object, 
 def _existing_step(directory: str | Path, step: int | None) -> int:
     if not Path(directory).is_dir():
         raise CheckpointError(f"no checkpoint directory {directory}")
-    with _manager(directory) as mngr:
-        steps = mngr.all_steps()
+    steps = complete_steps(directory)
     if not steps:
         raise CheckpointError(f"{directory} holds no complete checkpoint")
     if step is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,82 +24,217 @@ from gptflax.train import fit, init_train_state, make_optimizer, resume, warmup_
 from gptflax.weights import load_gpt2, load_smollm2
 
 PRESETS = {**GPT2_PRESETS, "tiny": TINY}
+RUN_ONLY = {"resume", "run_dir", "debug"}  # options that are not settings of the run itself
+
+
+class CommandError(Exception):
+    """A bad input found after the options were parsed: reported in one line, exit status 1."""
+
+
+def _ranged(kind: type, ok, what: str):
+    """An argparse type: the text as `kind` (int or float), accepted when ok(value)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            name = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {name}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+AT_LEAST_1 = _ranged(int, lambda v: v >= 1, "at least 1")
+ABOVE_0 = _ranged(float, lambda v: v > 0, "above 0")
+NOT_NEGATIVE = _ranged(float, lambda v: v >= 0, "0 or more")
+FRACTION = _ranged(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+SHARE = _ranged(float, lambda v: 0 < v < 1, "between 0 and 1")
 
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gptflax train",
+        usage="%(prog)s [TEXT] [options]  (--help lists them)",
         description="Pretrain a GPT on a text file, as chapter 5 does (the defaults are the book's "
-        "settings: 124M model, context 256, batch 2, AdamW lr 4e-4, weight decay 0.1, 10 epochs). "
-        "The first 90% of the characters train, the rest validate. Checkpoints (after every "
-        "epoch) and the loss plot go to --run-dir; --resume continues from its last checkpoint.",
+        "settings). The first 90%% of the characters train, the rest validate. Checkpoints "
+        "(after every epoch) and the loss plot go to --run-dir; --resume continues from its last "
+        "checkpoint with the run's saved settings, changed only where you give an option.",
     )
     p.add_argument(
         "text", nargs="?", help="a UTF-8 text file (default: the book's the-verdict.txt)"
     )
-    p.add_argument("--run-dir", default="runs/train", help="where checkpoints and plots go")
+    p.add_argument(
+        "--run-dir",
+        default="runs/train",
+        help="where checkpoints and plots go (default: %(default)s)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
-    p.add_argument("--model", default="124M", choices=PRESETS, help="architecture preset")
-    p.add_argument("--context-length", type=int, default=256, help="tokens per training window")
-    p.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training text")
-    p.add_argument("--batch-size", type=int, default=2, help="windows per step")
-    p.add_argument("--lr", type=float, default=4e-4, help="learning rate (the peak, with warmup)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled decay")
+    p.add_argument(
+        "--model",
+        default="124M",
+        choices=PRESETS,
+        help="the architecture: GPT-2's 124M (the book's), 355M, 774M or 1558M, or tiny (2 "
+        "layers of width 32, trains in seconds on a CPU: for trying things out) "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=AT_LEAST_1,
+        default=256,
+        help="tokens per training window (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drop-rate", type=FRACTION, default=0.1, help="dropout rate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=AT_LEAST_1,
+        default=10,
+        help="passes over the training text, in all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size", type=AT_LEAST_1, default=2, help="windows per step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--lr",
+        type=ABOVE_0,
+        default=4e-4,
+        help="learning rate, the peak with warmup (default: %(default)s)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=NOT_NEGATIVE,
+        default=0.1,
+        help="AdamW's decoupled decay (default: %(default)s)",
+    )
     p.add_argument(
         "--warmup",
-        type=float,
+        type=FRACTION,
         default=0.0,
         help="fraction of steps of linear warmup before cosine decay (appendix D: 0.2); "
-        "0 keeps the learning rate constant",
+        "0 keeps the learning rate constant (default: %(default)s)",
     )
     p.add_argument(
         "--max-grad-norm",
-        type=float,
+        type=ABOVE_0,
         default=None,
-        help="clip gradients to this global norm after warmup (appendix D: 1.0)",
+        help="clip gradients to this global norm after warmup (appendix D: 1.0; default: no "
+        "clipping)",
     )
-    p.add_argument("--train-ratio", type=float, default=0.9, help="share of the text to train on")
-    p.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
-    p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--bf16", action="store_true", help="bf16 compute, float32 master weights")
+    p.add_argument(
+        "--train-ratio",
+        type=SHARE,
+        default=0.9,
+        help="share of the text to train on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-freq",
+        type=AT_LEAST_1,
+        default=5,
+        help="evaluate every N steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-iter",
+        type=AT_LEAST_1,
+        default=5,
+        help="batches per evaluation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=123,
+        help="seed of the initial weights, the "
+        "shuffling and dropout: same seed, same run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bf16 compute, float32 master weights",
+    )
     p.add_argument(
         "--fused-attention",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="jax.nn.dot_product_attention (cuDNN flash attention on GPUs); needs --drop-rate 0",
     )
     p.add_argument(
         "--start-context",
         default="Every effort moves you",
-        help="prompt for the sample printed after each epoch",
+        help="prompt for the sample printed after each epoch (default: %(default)r)",
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options written on the command line, as opposed to left at their defaults."""
+    unset = object()  # argparse fills in defaults only where the namespace has no value yet
+    blank = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    seen = vars(parser.parse_args(argv, namespace=blank))
+    return {name for name, value in seen.items() if value is not unset and value is not None}
 
 
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
-    ckpt_dir = Path(args.run_dir).absolute() / "checkpoints"
-    if checkpoint.latest_step(ckpt_dir) is not None and not args.resume:
-        sys.exit(f"{ckpt_dir} holds checkpoints: pass --resume to continue, or another --run-dir")
-    path = Path(args.text) if args.text else files.resolve("the-verdict.txt")
-    if not path.is_file():
-        sys.exit(f"no text file {path}")
-    text = path.read_text(encoding="utf-8")
+    return _run(args, lambda: _train(args, _given(train_parser(), argv)))
+
+
+def _run(args, command) -> int:
+    """command(); an error or Ctrl-C ends it with a short message (a traceback with --debug)."""
     try:
-        cfg = PRESETS[args.model].replace(
-            context_length=args.context_length,
-            drop_rate=args.drop_rate,
-            fused_attention=args.fused_attention,
+        return command()
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, CommandError | checkpoint.CheckpointError | files.DataFileError):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            first_line = (str(e).splitlines() or [""])[0][:300]
+            print(f"error: {type(e).__name__}: {first_line} (--debug shows where)", file=sys.stderr)
+        return 1
+
+
+def _train(args, given: set[str]) -> int:
+    if args.text:
+        args.text = str(Path(args.text).absolute())  # the run records where its text is
+    ckpt_dir = Path(args.run_dir).absolute() / "checkpoints"
+    kept = checkpoint.latest_step(ckpt_dir)
+    if kept is not None and not args.resume:
+        raise CommandError(
+            f"{ckpt_dir} holds checkpoints: pass --resume to continue, or another --run-dir"
         )
+    if args.resume and kept is None:
+        print(f"nothing to resume in {ckpt_dir}: starting the run")
+    saved_cfg = _take_saved_settings(args, given, ckpt_dir) if kept is not None else None
+    text, path = _read_text(args.text)
+    try:
+        cfg = (
+            saved_cfg or PRESETS[args.model].replace(context_length=args.context_length)
+        ).replace(drop_rate=args.drop_rate, fused_attention=args.fused_attention)
     except ValueError as e:
-        sys.exit(f"bad model settings: {e}")
+        raise CommandError(f"bad model settings: {e}") from None
     try:
         train_loader, val_loader = train_val_loaders(
             text, cfg.context_length, args.batch_size, args.train_ratio, args.seed
         )
     except ValueError as e:
-        sys.exit(f"{path}: {e} (or lower --context-length, or change --train-ratio)")
+        raise CommandError(
+            f"{path}: {e}; use a longer text, a smaller --context-length or another --train-ratio"
+        ) from None
+    if len(train_loader) == 0:
+        raise CommandError(
+            f"{path}: the training part has {train_loader.num_examples} windows of "
+            f"{cfg.context_length} tokens, fewer than one batch: lower --batch-size"
+        )
     total_steps = args.epochs * len(train_loader)
     warmup_steps = int(args.warmup * total_steps)
     lr = warmup_cosine_schedule(args.lr, total_steps, warmup_steps) if warmup_steps else args.lr
@@ -108,29 +244,40 @@ def train_main(argv: list[str] | None = None) -> int:
     k_init, k_train = jax.random.split(jax.random.key(args.seed))
     state = init_train_state(family(cfg).init_params(k_init, cfg), tx)
     history = None
-    if args.resume and checkpoint.latest_step(ckpt_dir) is not None:
+    if kept is not None:
         state, history = resume(ckpt_dir, state, cfg)
+        if args.epochs <= history.epochs_done:
+            raise CommandError(
+                f"the run has trained {history.epochs_done} epochs: pass --epochs above "
+                f"{history.epochs_done} to train more"
+            )
         print(f"resuming after epoch {history.epochs_done} (step {int(state.step)})")
     print(f"{path}: {len(text):,} characters; {len(train_loader)} batches per epoch; {cfg}")
     mesh = data_mesh(args.batch_size)
     print(f"data parallel over {mesh.size} of {len(jax.devices())} {jax.default_backend()} devices")
     tokenizer = gpt2_tokenizer()
-    state, history = fit(
-        state,
-        train_loader,
-        val_loader,
-        cfg,
-        tx,
-        num_epochs=args.epochs,
-        key=k_train,
-        eval_freq=args.eval_freq,
-        eval_iter=args.eval_iter,
-        checkpoint_dir=ckpt_dir,
-        history=history,
-        sample_fn=lambda p: sample_text(p, tokenizer, args.start_context, cfg),
-        mesh=mesh,
-        loss=mixed_precision(partial(loss_fn, cfg=cfg)) if args.bf16 else None,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    try:
+        state, history = fit(
+            state,
+            train_loader,
+            val_loader,
+            cfg,
+            tx,
+            num_epochs=args.epochs,
+            key=k_train,
+            eval_freq=args.eval_freq,
+            eval_iter=args.eval_iter,
+            checkpoint_dir=ckpt_dir,
+            history=history,
+            meta={"options": options},
+            sample_fn=lambda p: sample_text(p, tokenizer, args.start_context, cfg),
+            mesh=mesh,
+            loss=mixed_precision(partial(loss_fn, cfg=cfg)) if args.bf16 else None,
+        )
+    except KeyboardInterrupt:
+        print(_interrupted(ckpt_dir, args.run_dir), file=sys.stderr)
+        return 130
     epochs = np.linspace(0, args.epochs, len(history.train_losses))
     plot = plot_losses(
         epochs,
@@ -146,9 +293,61 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _take_saved_settings(args, given: set[str], ckpt_dir: Path):
+    """The saved run's config; args not given on the command line take the run's saved values.
+    Options that contradict the run's architecture are refused, by name."""
+    _, meta = checkpoint.read_meta(ckpt_dir)
+    cfg, saved = meta["config"], meta.get("options", {})
+    clashes = []
+    if "context_length" in given and args.context_length != cfg.context_length:
+        clashes.append(
+            f"--context-length {args.context_length} (the run's is {cfg.context_length})"
+        )
+    preset = PRESETS[args.model].replace(context_length=cfg.context_length)
+    if "model" in given and not preset.same_weights_as(cfg):
+        clashes.append(f"--model {args.model} (the run's is {saved.get('model', cfg)})")
+    if clashes:
+        raise CommandError(
+            f"{ckpt_dir} holds another model than {' and '.join(clashes)}: leave those options "
+            "out to resume, or train into another --run-dir"
+        )
+    for name, value in saved.items():
+        if name not in given:
+            setattr(args, name, value)
+        elif getattr(args, name) != value and name not in ("model", "context_length", "epochs"):
+            flag = f"--{name.replace('_', '-')}"
+            print(f"changed from the saved run: {flag} {getattr(args, name)} (was {value})")
+    return cfg
+
+
+def _read_text(name: str | None) -> tuple[str, Path]:
+    path = Path(name) if name else files.resolve("the-verdict.txt")
+    if not path.is_file():
+        raise CommandError(f"no text file {path}")
+    try:
+        return path.read_text(encoding="utf-8"), path
+    except UnicodeDecodeError as e:
+        raise CommandError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}): "
+            "save it as UTF-8"
+        ) from None
+
+
+def _interrupted(ckpt_dir: Path, run_dir: str) -> str:
+    kept = checkpoint.latest_step(ckpt_dir)
+    if kept is None:
+        return "interrupted before the first epoch ended: nothing was saved"
+    return (
+        f"interrupted: epoch {kept} is kept in {ckpt_dir} (the epoch under way is not); "
+        f"continue with: python -m gptflax train --run-dir {run_dir} --resume"
+    )
+
+
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gptflax generate",
+        usage="%(prog)s PROMPT | --chat MESSAGE, and --checkpoint DIR | --gpt2 SIZE | --model "
+        "smollm2 [options]  (--help lists them)",
         description="Continue a prompt with a trained model (a checkpoint folder written by "
         "`python -m gptflax train`), OpenAI's GPT-2 weights or SmolLM2-135M-Instruct, or chat "
         "with SmolLM2 (--chat). Temperature 0 is greedy; above 0 it samples (Book §5.3), "
@@ -157,23 +356,41 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the text to continue")
     p.add_argument("--chat", metavar="MESSAGE", help="a user message to answer (chat models)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/train/checkpoints")
+    src.add_argument(
+        "--checkpoint",
+        help="a run's checkpoint folder (runs/NAME/checkpoints, or "
+        "runs/NAME): its latest checkpoint",
+    )
     src.add_argument("--gpt2", choices=GPT2_PRESETS, help="OpenAI's GPT-2 weights of this size")
     src.add_argument("--model", choices=["smollm2"], help="SmolLM2-135M-Instruct (a Llama)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=50, help="tokens to add at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
-    p.add_argument("--seed", type=int, default=123, help="sampling seed: same seed, same text")
-    p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument(
+        "-n",
+        "--max-new-tokens",
+        type=AT_LEAST_1,
+        default=50,
+        help="tokens to add at most (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=NOT_NEGATIVE,
+        default=0.0,
+        help="0: greedy; above 0: sample (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=AT_LEAST_1,
+        default=None,
+        help="sample from the k likeliest tokens (1 to the vocabulary size; default: from all)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=123,
+        help="sampling seed: same seed, same text (default: %(default)s)",
+    )
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
-
-
-def load_for_generation(args) -> tuple:
-    if args.gpt2:
-        return load_gpt2(args.gpt2)
-    if args.model:
-        return load_smollm2()
-    return checkpoint.load_model(args.checkpoint)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -181,18 +398,25 @@ def generate_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.chat is None):
         parser.error("give a prompt to continue or --chat MESSAGE, not both and not neither")
-    try:
-        cfg, params = load_for_generation(args)
-    except (checkpoint.CheckpointError, files.DataFileError, ValueError) as e:
-        sys.exit(str(e))
+    if not (args.chat if args.prompt is None else args.prompt).strip():
+        parser.error("the prompt is empty: give some text to continue")
+    return _run(args, lambda: _generate(parser, args))
+
+
+def _generate(parser: argparse.ArgumentParser, args) -> int:
+    cfg, params = _load_for_generation(args)
+    if args.top_k is not None and args.top_k > cfg.vocab_size:
+        parser.error(f"argument --top-k: must be at most the vocabulary size, {cfg.vocab_size}")
     tokenizer = tokenizer_for(cfg)
     if args.chat is not None:
         if not hasattr(tokenizer, "encode_chat"):
-            sys.exit("--chat needs a chat model (--model smollm2, or a checkpoint of one)")
+            raise CommandError(
+                "--chat needs a chat model (--model smollm2, or a checkpoint of one)"
+            )
         return _chat(args, cfg, params, tokenizer)
     ids = tokenizer.encode(args.prompt, allowed_special="all")
     if len(ids) >= cfg.context_length:
-        sys.exit(
+        raise CommandError(
             f"the prompt has {len(ids)} tokens; this model's context holds "
             f"{cfg.context_length}: shorten the prompt"
         )
@@ -212,10 +436,25 @@ def generate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load_for_generation(args) -> tuple:
+    if args.gpt2:
+        return load_gpt2(args.gpt2)
+    if args.model:
+        return load_smollm2()
+    folder = Path(args.checkpoint)
+    if checkpoint.latest_step(folder) is None and checkpoint.latest_step(folder / "checkpoints"):
+        folder = folder / "checkpoints"  # a run folder: its checkpoints
+    step, _ = checkpoint.read_meta(folder)
+    print(f"loading checkpoint {folder / str(step)}", file=sys.stderr)
+    return checkpoint.load_model(folder, step)
+
+
 def _chat(args, cfg, params, tokenizer) -> int:
     messages = [{"role": "user", "content": args.chat}]
     if (n := len(tokenizer.encode_chat(messages))) >= cfg.context_length:
-        sys.exit(f"the chat has {n} tokens; this model's context holds {cfg.context_length}")
+        raise CommandError(
+            f"the chat has {n} tokens; this model's context holds {cfg.context_length}"
+        )
     decoding = dict(temperature=args.temperature, top_k=args.top_k, key=jax.random.key(args.seed))
     print(chat(params, cfg, tokenizer, messages, args.max_new_tokens, **decoding))
     return 0

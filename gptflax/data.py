@@ -16,8 +16,8 @@ def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray
     ids = np.asarray(token_ids, dtype=np.int32)
     if len(ids) <= max_length:
         raise ValueError(
-            f"{len(ids)} tokens are too few for max_length={max_length}: "
-            f"need at least {max_length + 1}; use a longer text or a smaller max_length"
+            f"{len(ids)} tokens are too few for windows of {max_length} tokens: a window and "
+            f"its shifted target need {max_length + 1}"
         )
     starts = np.arange(0, len(ids) - max_length, stride)  # Book §2.6: range(0, len - T, stride)
     idx = starts[:, None] + np.arange(max_length)  # (N, T)
@@ -106,6 +106,16 @@ def train_val_loaders(
     """
     split = int(train_ratio * len(text))
     args = dict(batch_size=batch_size, max_length=context_length, stride=context_length)
-    train = create_dataloader_v1(text[:split], **args, shuffle=True, seed=seed)
-    val = create_dataloader_v1(text[split:], **args, shuffle=False, drop_last=False)
+
+    def loader(part: str, name: str, **options) -> DataLoader:
+        try:
+            return create_dataloader_v1(part, **args, **options)
+        except ValueError as e:
+            raise ValueError(f"the {name}: {e}") from None
+
+    first, last = f"{train_ratio:.0%}", f"{1 - train_ratio:.0%}"
+    train = loader(
+        text[:split], f"training part (the first {first} of the text)", shuffle=True, seed=seed
+    )
+    val = loader(text[split:], f"validation part (the last {last})", shuffle=False, drop_last=False)
     return train, val

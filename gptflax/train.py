@@ -6,7 +6,10 @@ text file from the command line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -151,15 +154,17 @@ def fit(
     epoch_metrics: Callable[[dict], dict] | None = None,
     checkpoint_dir: str | Path | None = None,
     history: History | None = None,
+    meta: dict | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, History]:
     """Train for num_epochs, evaluating every eval_freq steps (Book §5.2's train_model_simple).
 
     `loss(params, *batch, key=None)` defaults to next-token cross-entropy; chapter 6 passes a
     classification loss. After each epoch, `sample_fn(params)` text and `epoch_metrics(params)`
-    (e.g. accuracies, §6.7) are recorded. With `checkpoint_dir`, saves after every epoch; pass
-    the state and history of `resume(...)` to continue an interrupted run: the result is the
-    same as an uninterrupted run's. With a `mesh` (`parallel.data_mesh`), the state is
+    (e.g. accuracies, §6.7) are recorded. With `checkpoint_dir`, saves after every epoch (with
+    the JSON record `meta`, if given); a Ctrl-C during a save takes effect once the save is
+    complete. Pass the state and history of `resume(...)` to continue an interrupted run: the
+    result is the same as an uninterrupted run's. With a `mesh` (`parallel.data_mesh`), the state is
     replicated and every batch split across its devices. The `state` passed in stays usable: fit
     copies it once, and each step then donates its own copy's buffers to the next.
     """
@@ -170,41 +175,48 @@ def fit(
     loss = loss or partial(loss_fn, cfg=cfg)
     step_fn = jax.jit(partial(train_step, loss=loss, tx=tx), donate_argnums=0)
     eval_fn = jax.jit(loss)
-    bar = tqdm(
+    with tqdm(
         total=num_epochs * len(train_loader), initial=int(state.step), unit="step", mininterval=1.0
-    )
-    for epoch in range(history.epochs_done, num_epochs):
-        for batch in train_loader.batches(epoch):
-            t0 = time.perf_counter()
-            if mesh is not None:
-                batch = parallel.shard_batch(batch, mesh)
-            state, metrics = step_fn(state, batch, key)
-            value = float(metrics["loss"])  # waits for the step: honest timings
-            tokens = batch[0].size
-            history.total_tokens += tokens
-            history.total_examples += len(batch[0])
-            bar.update()
-            bar.set_postfix(
-                loss=f"{value:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}"
-            )
-            step = int(state.step) - 1  # the book's global_step: 0 after the first update
-            if step % eval_freq == 0:
-                _evaluate(
-                    state.params, eval_fn, train_loader, val_loader, eval_iter, history, step, bar
+    ) as bar:
+        for epoch in range(history.epochs_done, num_epochs):
+            for batch in train_loader.batches(epoch):
+                t0 = time.perf_counter()
+                if mesh is not None:
+                    batch = parallel.shard_batch(batch, mesh)
+                state, metrics = step_fn(state, batch, key)
+                value = float(metrics["loss"])  # waits for the step: honest timings
+                tokens = batch[0].size
+                history.total_tokens += tokens
+                history.total_examples += len(batch[0])
+                bar.update()
+                bar.set_postfix(
+                    loss=f"{value:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}"
                 )
-        history.epochs_done = epoch + 1
-        if sample_fn is not None:
-            history.samples.append(sample_fn(state.params))
-            bar.write(f"Ep {epoch + 1} sample: {history.samples[-1]!r}")
-        if epoch_metrics is not None:
-            history.epoch_metrics.append(epoch_metrics(state.params))
-            bar.write(
-                f"Ep {epoch + 1}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in history.epoch_metrics[-1].items())
-            )
-        if checkpoint_dir is not None:
-            save_train_checkpoint(checkpoint_dir, state, cfg, history)
-    bar.close()
+                step = int(state.step) - 1  # the book's global_step: 0 after the first update
+                if step % eval_freq == 0:
+                    _evaluate(
+                        state.params,
+                        eval_fn,
+                        train_loader,
+                        val_loader,
+                        eval_iter,
+                        history,
+                        step,
+                        bar,
+                    )
+            history.epochs_done = epoch + 1
+            if sample_fn is not None:
+                history.samples.append(sample_fn(state.params))
+                bar.write(f"Ep {epoch + 1} sample: {history.samples[-1]!r}")
+            if epoch_metrics is not None:
+                history.epoch_metrics.append(epoch_metrics(state.params))
+                bar.write(
+                    f"Ep {epoch + 1}: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in history.epoch_metrics[-1].items())
+                )
+            if checkpoint_dir is not None:
+                with _interrupt_after():
+                    save_train_checkpoint(checkpoint_dir, state, cfg, history, meta)
     return state, history
 
 
@@ -228,10 +240,28 @@ def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, ste
 # --- checkpoints and resuming (Book §5.4) ---------------------------------------------------------
 
 
-def save_train_checkpoint(directory, state: TrainState, cfg, history: History) -> Path:
-    """Save the params, optimizer state and history as checkpoint number history.epochs_done."""
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold back a Ctrl-C that comes during the block, and raise it once the block is done."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only main
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def save_train_checkpoint(
+    directory, state: TrainState, cfg, history: History, meta: dict | None = None
+) -> Path:
+    """Save the params, optimizer state, history and `meta` as checkpoint history.epochs_done."""
     train_state = {"step": state.step, "opt_state": state.opt_state}
-    meta = {"history": dataclasses.asdict(history)}
+    meta = {**(meta or {}), "history": dataclasses.asdict(history)}
     return checkpoint.save_checkpoint(
         directory, history.epochs_done, state.params, cfg=cfg, train_state=train_state, meta=meta
     )

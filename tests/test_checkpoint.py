@@ -1,5 +1,7 @@
 """Checkpoints (Book §5.4): round trip, atomic saves, and clear errors for the wrong or broken."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -56,6 +58,21 @@ def test_a_save_cut_short_is_never_listed_or_loaded(saved, small_cfg):
     (partial / "params").mkdir(parents=True)
     (partial / "params" / "junk").write_bytes(b"half")
     assert checkpoint.latest_step(directory) == 1
+    params, _, _ = checkpoint.load_checkpoint(directory, cfg=small_cfg, params_like=state.params)
+    jax.tree.map(np.testing.assert_array_equal, params, state.params)
+
+
+def test_the_next_save_clears_what_cut_short_saves_left(saved, small_cfg):
+    directory, state, _ = saved
+    staged = directory / "2.orbax-checkpoint-tmp-1234567890"  # a save killed while staging
+    (staged / "params").mkdir(parents=True)
+    unmarked = directory / "3"  # a step folder without orbax's commit marker
+    shutil.copytree(directory / "1", unmarked)
+    (unmarked / checkpoint.COMMIT_MARKER).unlink()
+    assert checkpoint.complete_steps(directory) == [1] and checkpoint.latest_step(directory) == 1
+    checkpoint.save_checkpoint(directory, 3, state.params, cfg=small_cfg)  # not blocked by "3"
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "3"]
+    assert checkpoint.complete_steps(directory) == [1, 3]
     params, _, _ = checkpoint.load_checkpoint(directory, cfg=small_cfg, params_like=state.params)
     jax.tree.map(np.testing.assert_array_equal, params, state.params)
 

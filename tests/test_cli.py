@@ -1,17 +1,45 @@
-"""The command lines: train, resume, refuse to clobber a run, generate, and clear errors."""
+"""The command lines, driven as a user would: train, resume, generate, and every bad input ending
+in a short message with exit status 2 (usage) or 1 (runtime), Ctrl-C in 130."""
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from gptflax import checkpoint
+from gptflax.checkpoint import CheckpointError
 from gptflax.cli import generate_main, train_main
 
 pytestmark = pytest.mark.lab5
 
 TINY_RUN = ["--model", "tiny", "--context-length", "32", "--batch-size", "8", "--eval-freq", "10"]
+COMMANDS = {"train": train_main, "generate": generate_main}
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli("train", *args) -> (exit status, stdout, stderr), as a shell would see them."""
+
+    def run(command, *argv):
+        capsys.readouterr()
+        try:
+            status = COMMANDS[command](list(argv))
+        except SystemExit as e:  # argparse's usage errors
+            status = e.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def short_error(err: str, lines: int = 2) -> bool:
+    """A message of at most `lines` lines, without a traceback."""
+    return "Traceback" not in err and 0 < len(err.strip().splitlines()) <= lines
 
 
 @pytest.fixture(scope="module")
@@ -26,82 +54,208 @@ def test_train_writes_checkpoints_and_a_plot(run_dir):
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_finished_run_is_not_overwritten_without_resume(run_dir):
-    with pytest.raises(SystemExit, match="pass --resume"):
-        train_main([*TINY_RUN, "--epochs", "2", "--run-dir", str(run_dir)])
+def test_a_finished_run_is_not_overwritten_without_resume(run_dir, cli):
+    status, _, err = cli("train", *TINY_RUN, "--epochs", "2", "--run-dir", str(run_dir))
+    assert status == 1 and "pass --resume" in err and short_error(err, 1)
     assert checkpoint.latest_step(run_dir / "checkpoints") == 1
 
 
-def test_resume_continues_from_the_last_epoch(run_dir, capsys, tmp_path):
+def test_resume_takes_the_runs_settings_and_continues_it_exactly(run_dir, cli, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
-    assert train_main([*TINY_RUN, "--epochs", "2", "--run-dir", str(resumed), "--resume"]) == 0
-    assert "resuming after epoch 1" in capsys.readouterr().out
-    assert checkpoint.latest_step(resumed / "checkpoints") == 2
+    status, out, _ = cli("train", "--run-dir", str(resumed), "--resume", "--epochs", "2")
+    assert status == 0 and "resuming after epoch 1" in out
+    whole = tmp_path / "whole"
+    assert cli("train", *TINY_RUN, "--epochs", "2", "--run-dir", str(whole))[0] == 0
+    _, meta = checkpoint.read_meta(resumed / "checkpoints", 2)
+    _, uninterrupted = checkpoint.read_meta(whole / "checkpoints", 2)
+    assert meta["config"] == uninterrupted["config"] and meta["config"].context_length == 32
+    assert meta["history"]["train_losses"] == uninterrupted["history"]["train_losses"]
+    assert meta["history"]["val_losses"] == uninterrupted["history"]["val_losses"]
 
 
-def test_generate_from_a_checkpoint(run_dir, capsys):
-    argv = ["Every effort", "--checkpoint", str(run_dir / "checkpoints"), "--max-new-tokens", "5"]
-    assert generate_main(argv) == 0
-    greedy = capsys.readouterr().out
-    assert greedy.startswith("Every effort") and len(greedy) > len("Every effort\n")
+def test_resume_refuses_options_that_contradict_the_run_by_name(run_dir, cli):
+    argv = ["--run-dir", str(run_dir), "--resume", "--epochs", "2"]
+    status, _, err = cli("train", *argv, "--context-length", "64", "--model", "124M")
+    assert status == 1 and short_error(err, 1)
+    assert (
+        "--context-length 64 (the run's is 32)" in err and "--model 124M (the run's is tiny)" in err
+    )
+    status, _, err = cli("train", "--run-dir", str(run_dir), "--resume", "--epochs", "1")
+    assert status == 1 and "pass --epochs above 1" in err
+    assert checkpoint.complete_steps(run_dir / "checkpoints") == [1]
+
+
+def test_a_damaged_checkpoint_stops_resume_in_one_line(run_dir, cli, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    for f in (broken / "checkpoints" / "1" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * 7)
+    argv = ["--run-dir", str(broken), "--resume", "--epochs", "2"]
+    status, _, err = cli("train", *argv)
+    assert status == 1 and "damaged or incomplete" in err and short_error(err, 1)
+    with pytest.raises(CheckpointError):  # --debug: the error itself, with its traceback
+        train_main([*argv, "--debug"])
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--epochs 0",
+        "--batch-size 0",
+        "--context-length 0",
+        "--eval-freq 0",
+        "--eval-iter 0",
+        "--warmup 2",
+        "--warmup -0.1",
+        "--lr -1",
+        "--lr nan",
+        "--drop-rate 1",
+        "--train-ratio 1",
+        "--max-grad-norm 0",
+        "--weight-decay -1",
+        "--seed x",
+        "--model 7B",
+    ],
+)
+def test_impossible_train_options_are_usage_errors(cli, option, tmp_path):
+    status, _, err = cli("train", *option.split(), "--run-dir", str(tmp_path))
+    assert status == 2 and short_error(err) and f"argument {option.split()[0]}" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hi", "--top-k", "0"],
+        ["hi", "--top-k", "-3"],
+        ["hi", "--temperature", "-1"],
+        ["hi", "-n", "-5"],
+        [""],
+        ["  "],
+        ["--chat", ""],
+        ["hi", "--chat", "hello"],  # both
+        [],  # neither
+    ],
+)
+def test_impossible_generate_options_are_usage_errors(cli, argv, run_dir):
+    status, out, err = cli("generate", *argv, "--checkpoint", str(run_dir / "checkpoints"))
+    assert status == 2 and short_error(err) and out == ""
+
+
+def test_top_k_beyond_the_vocabulary_is_a_usage_error(cli, run_dir):
+    argv = ["hi", "--checkpoint", str(run_dir), "--top-k", "100000", "--temperature", "1"]
+    status, out, err = cli("generate", *argv)
+    assert status == 2 and "at most the vocabulary size, 50257" in err and out == ""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"caf\xe9 au lait", "is not UTF-8 text (byte 0xe9 at position 3)"),
+        (b"Only a few words here.", "too few for windows of 32 tokens"),
+    ],
+)
+def test_unusable_training_text_is_a_one_line_error(cli, tmp_path, text, message):
+    path = tmp_path / "text.txt"
+    path.write_bytes(text)
+    status, _, err = cli("train", str(path), *TINY_RUN, "--run-dir", str(tmp_path / "r"))
+    assert status == 1 and message in err and short_error(err, 1)
+
+
+def test_a_batch_larger_than_the_training_windows_is_a_one_line_error(cli, tmp_path):
+    argv = [*TINY_RUN, "--batch-size", "1000", "--run-dir", str(tmp_path)]
+    status, _, err = cli("train", *argv)
+    assert status == 1 and "fewer than one batch: lower --batch-size" in err and short_error(err, 1)
+
+
+def test_generate_from_a_checkpoint_or_its_run_folder(run_dir, cli):
+    argv = ["Every effort", "--checkpoint", str(run_dir / "checkpoints"), "-n", "5"]
+    status, greedy, err = cli("generate", *argv)
+    assert status == 0 and greedy.startswith("Every effort") and len(greedy) > len("Every effort\n")
+    assert err == f"loading checkpoint {run_dir / 'checkpoints' / '1'}\n"
+    assert cli("generate", "Every effort", "--checkpoint", str(run_dir), "-n", "5")[1] == greedy
     sampled = [*argv, "--temperature", "1.0", "--top-k", "5", "--seed", "7"]
-    generate_main(sampled)
-    first = capsys.readouterr().out
-    generate_main(sampled)
-    assert capsys.readouterr().out == first  # same seed, same text
+    first = cli("generate", *sampled)[1]
+    assert cli("generate", *sampled)[1] == first  # same seed, same text
 
 
-def test_generate_errors_are_clear(run_dir, tmp_path):
+def test_generate_errors_are_one_line(run_dir, cli, tmp_path):
     ckpt = str(run_dir / "checkpoints")
-    with pytest.raises(SystemExit, match="shorten the prompt"):
-        generate_main(["word " * 40, "--checkpoint", ckpt])
-    with pytest.raises(SystemExit, match="no checkpoint directory"):
-        generate_main(["hi", "--checkpoint", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="put it at"):
-        generate_main(["hi", "--gpt2", "124M"])
-
-
-def test_a_text_too_short_for_the_context_is_a_clear_error(tmp_path):
-    short = tmp_path / "short.txt"
-    short.write_text("Only a few words here.")
-    with pytest.raises(SystemExit, match="too few for max_length"):
-        train_main([str(short), *TINY_RUN, "--run-dir", str(tmp_path / "r")])
-
-
-def test_bf16_and_fused_attention_train_from_the_command_line(tmp_path, capsys):
-    args = [*TINY_RUN, "--epochs", "1", "--drop-rate", "0", "--run-dir", str(tmp_path)]
-    assert train_main([*args, "--bf16", "--fused-attention"]) == 0
-    assert (tmp_path / "checkpoints" / "1").is_dir()
-    with pytest.raises(SystemExit, match="fused_attention has no attention dropout"):
-        train_main([*TINY_RUN, "--fused-attention", "--run-dir", str(tmp_path / "b")])
-
-
-def test_python_m_gptflax_runs_the_commands(run_dir):
-    def gptflax(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "gptflax", *args], capture_output=True, text=True, timeout=300
-        )
-
-    out = gptflax("generate", "Every effort", "--checkpoint", str(run_dir / "checkpoints"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("Every effort") and len(out.stdout) > len("Every effort\n")
-    usage = gptflax("fly")
-    assert usage.returncode == 2 and "usage: python -m gptflax {train,generate}" in usage.stderr
+    cases = [
+        (["word " * 40, "--checkpoint", ckpt], "shorten the prompt"),
+        (["hi", "--checkpoint", str(tmp_path / "missing")], "no checkpoint directory"),
+        (["hi", "--checkpoint", str(tmp_path)], "holds no complete checkpoint"),
+        (["hi", "--gpt2", "124M"], "put it at"),
+        (["--chat", "hello", "--checkpoint", ckpt], "--chat needs a chat model"),
+    ]
+    for argv, message in cases:
+        status, _, err = cli("generate", *argv)
+        assert status == 1 and message in err and "Traceback" not in err, (argv, err)
 
 
 @pytest.mark.slow
 @pytest.mark.labllama
-def test_chat_with_smollm2_from_the_command_line(capsys):
-    question = "What is the capital of France?"
-    assert generate_main(["--model", "smollm2", "--chat", question]) == 0
-    assert capsys.readouterr().out == "The capital of France is Paris.\n"
+def test_chat_with_smollm2_from_the_command_line(cli):
+    status, out, _ = cli(
+        "generate", "--model", "smollm2", "--chat", "What is the capital of France?"
+    )
+    assert status == 0 and out == "The capital of France is Paris.\n"
 
 
-def test_chat_needs_one_input_and_a_chat_model(run_dir, capsys):
-    ckpt = str(run_dir / "checkpoints")
-    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
-        generate_main(["hi", "--chat", "hello", "--checkpoint", ckpt])
-    assert "not both and not neither" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--chat needs a chat model"):
-        generate_main(["--chat", "hello", "--checkpoint", ckpt])
+def test_bf16_and_fused_attention_train_from_the_command_line(tmp_path, cli):
+    args = [*TINY_RUN, "--epochs", "1", "--drop-rate", "0", "--run-dir", str(tmp_path)]
+    assert cli("train", *args, "--bf16", "--fused-attention")[0] == 0
+    assert checkpoint.read_meta(tmp_path / "checkpoints")[1]["options"]["bf16"] is True
+    status, _, err = cli("train", *TINY_RUN, "--fused-attention", "--run-dir", str(tmp_path / "b"))
+    assert status == 1 and "fused_attention has no attention dropout" in err
+
+
+def test_help_shows_the_defaults(cli):
+    status, out, _ = cli("train", "--help")
+    assert status == 0
+    for option, default in [("--epochs", "10"), ("--lr", "0.0004"), ("--seed", "123")]:
+        help_text = out[out.index(option) :].split("\n  -")[0]
+        assert f"(default: {default})" in " ".join(help_text.split()), option
+    assert "tiny (2 layers of width 32" in " ".join(out.split())
+
+
+def gptflax(*args, **popen):
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptflax", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def test_python_m_gptflax_runs_the_commands(run_dir):
+    out, err = gptflax("generate", "Every effort", "--checkpoint", str(run_dir)).communicate()
+    assert out.startswith("Every effort") and len(out) > len("Every effort\n"), err[-2000:]
+    usage = gptflax("fly")
+    assert usage.wait() == 2 and "usage: python -m gptflax {train,generate}" in usage.stderr.read()
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_continue(tmp_path):
+    run = gptflax(
+        "train", *TINY_RUN, "--batch-size", "2", "--epochs", "100", "--run-dir", str(tmp_path)
+    )
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 240
+    while checkpoint.latest_step(ckpts) is None and run.poll() is None:
+        assert time.monotonic() < deadline, "no epoch finished in 4 minutes"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    kept = checkpoint.latest_step(ckpts)
+    last = err.strip().splitlines()[-1]
+    assert run.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert last == (
+        f"interrupted: epoch {kept} is kept in {ckpts} (the epoch under way is not); "
+        f"continue with: python -m gptflax train --run-dir {tmp_path} --resume"
+    )
+    assert sorted(os.listdir(ckpts)) == [str(s) for s in checkpoint.complete_steps(ckpts)]
+    options = checkpoint.read_meta(ckpts)[1]["options"]
+    assert json.dumps(options) and options["epochs"] == 100 and options["batch_size"] == 2

@@ -1,6 +1,9 @@
 """Losses, the train step, appendix D's schedule and clipping, and resuming (Book ch. 5, App. D)."""
 
 import math
+import os
+import signal
+import time
 from functools import partial
 
 import jax
@@ -14,6 +17,7 @@ from gptflax.config import TINY
 from gptflax.data import DataLoader, train_val_loaders
 from gptflax.losses import cross_entropy, loss_fn
 from gptflax.train import (
+    _interrupt_after,
     calc_loss_loader,
     clip_by_global_norm_from,
     fit,
@@ -161,3 +165,13 @@ def test_a_resumed_run_equals_an_uninterrupted_one(small_cfg, tmp_path):
     assert resumed.train_losses == full.train_losses and resumed.val_losses == full.val_losses
     assert resumed.tokens_seen == full.tokens_seen and resumed.steps == full.steps
     jax.tree.map(np.testing.assert_array_equal, resumed_state.params, full_state.params)
+
+
+def test_a_ctrl_c_during_a_save_takes_effect_once_the_save_is_done():
+    finished, before = [], signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _interrupt_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler has run by now
+        finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is before
