@@ -138,12 +138,20 @@ assert bpe_ids == [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 425
                    2114, 286, 617, 34680, 27271, 13]
 # fmt: on
 assert tokenizer.decode(bpe_ids) == bpe_text
+assert unknown_ids == [33901, 86, 343, 86, 220, 959]
 assert tokenizer.decode(unknown_ids) == "Akwirw ier"
 assert len(enc_text) == 5_145
+assert x == [290, 4920, 2241, 287] and y == [4920, 2241, 287, 257]
 assert first_batch[0].tolist() == [[40, 367, 2885, 1464]]
 assert first_batch[1].tolist() == [[367, 2885, 1464, 1807]]
 assert second_batch[0].tolist() == [[367, 2885, 1464, 1807]]
 assert second_batch[1].tolist() == [[2885, 1464, 1807, 3619]]
+# fmt: off
+assert batch_inputs.tolist() == [[40, 367, 2885, 1464], [1807, 3619, 402, 271],
+                                 [10899, 2138, 257, 7026], [15632, 438, 2016, 257],
+                                 [922, 5891, 1576, 438], [568, 340, 373, 645],
+                                 [1049, 5975, 284, 502], [284, 3285, 326, 11]]
+# fmt: on
 assert np.array_equal(batch_inputs[:, 1:], batch_targets[:, :-1])  # targets = inputs shifted
 assert np.array_equal(batch_inputs[1:, 0], batch_targets[:-1, -1])  # stride 4: no overlap, no gap
 assert bool(jnp.allclose(looked_up, via_one_hot))

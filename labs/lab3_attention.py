@@ -30,6 +30,8 @@ inputs = jnp.array(
 query = inputs[1]  # the second token, "journey"
 attn_scores_2 = jnp.array([jnp.dot(x_i, query) for x_i in inputs])
 print("attention scores for query 2:", attn_scores_2)
+attn_weights_2_tmp = attn_scores_2 / attn_scores_2.sum()  # the book's first try: sums to 1
+print("normalised by their sum:", attn_weights_2_tmp)
 naive_softmax = jnp.exp(attn_scores_2) / jnp.exp(attn_scores_2).sum()
 attn_weights_2 = jax.nn.softmax(attn_scores_2)
 print("attention weights:", attn_weights_2, "sum:", attn_weights_2.sum())
@@ -146,6 +148,22 @@ gpt_mha = A.init_multi_head_attention(jax.random.key(0), 768, 768)
 print("GPT-2 sized attention:", A.multi_head_attention(gpt_mha, jnp.ones((1, 1024, 768)), 12).shape)
 
 # %%
+print("\n# Chapter 2's data loader into multi-head attention (the chapter's bonus notebook)")
+from gptflax import files
+from gptflax.data import create_dataloader_v1
+
+raw_text = files.resolve("the-verdict.txt").read_text(encoding="utf-8")
+loader = create_dataloader_v1(raw_text, batch_size=8, max_length=4, stride=4, shuffle=False)
+token_ids, _ = next(iter(loader))  # (8, 4)
+k_tok, k_pos, k_mha = jax.random.split(jax.random.key(123), 3)
+tok_emb = nn.init_embedding(k_tok, 50257, 256)
+pos_emb = nn.init_embedding(k_pos, 4, 256)
+embeddings = nn.embedding(tok_emb, jnp.asarray(token_ids)) + nn.embedding(pos_emb, jnp.arange(4))
+loader_mha = A.init_multi_head_attention(k_mha, 256, 256)
+loader_context_vecs = A.multi_head_attention(loader_mha, embeddings, n_heads=2)  # (8, 4, 256)
+print(embeddings.shape, "->", loader_context_vecs.shape)
+
+# %%
 print("\n# Checks: the book's values, and each derivation agrees with the library")
 np.testing.assert_allclose(
     inputs @ query, [0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865], atol=5e-5
@@ -153,8 +171,16 @@ np.testing.assert_allclose(
 np.testing.assert_allclose(
     attn_weights[1], [0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581], atol=5e-5
 )
+np.testing.assert_allclose(
+    attn_weights_2_tmp, [0.1455, 0.2278, 0.2249, 0.1285, 0.1077, 0.1656], atol=5e-5
+)
 np.testing.assert_allclose(naive_softmax, attn_weights[1], rtol=1e-6)
-np.testing.assert_allclose(all_context_vecs[1], [0.4419, 0.6515, 0.5683], atol=5e-5)
+# fmt: off
+np.testing.assert_allclose(all_context_vecs, [[0.4421, 0.5931, 0.5790], [0.4419, 0.6515, 0.5683],
+                                              [0.4431, 0.6496, 0.5671], [0.4304, 0.6298, 0.5510],
+                                              [0.4671, 0.5910, 0.5266], [0.4177, 0.6503, 0.5645]],
+                           atol=5e-5)
+# fmt: on
 np.testing.assert_allclose(attn_weights.sum(-1), 1.0, rtol=1e-6)
 np.testing.assert_allclose(context_vec_2, v1_out[1], rtol=1e-6)
 np.testing.assert_allclose(v1_with_v2_weights, v2_out, rtol=1e-6)
@@ -164,4 +190,5 @@ assert set(np.unique(np.asarray(dropped)).tolist()) <= {0.0, 2.0}
 assert context_vecs.shape == (2, 6, 2) and wrapper_out.shape == (2, 6, 4)
 np.testing.assert_allclose(fused_out, wrapper_out, rtol=1e-5, atol=1e-7)
 assert mha_out.shape == (2, 6, 2)
+assert embeddings.shape == loader_context_vecs.shape == (8, 4, 256)
 print("lab 3: all checks passed")

@@ -20,7 +20,7 @@ from labkit import QUICK, run_dir
 
 from gptflax import gpt, nn
 from gptflax.attention import multi_head_attention
-from gptflax.config import GPT_CONFIG_124M, TINY
+from gptflax.config import GPT2_PRESETS, GPT_CONFIG_124M, TINY
 from gptflax.generate import generate
 from gptflax.nnx_model import from_params
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
@@ -137,15 +137,39 @@ print(
 
 # %%
 print("\n# §4.6 The GPT model; parameter count and memory without allocating (jax.eval_shape)")
-shapes = jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), GPT_CONFIG_124M))
-total_params = nn.count_params(shapes)
-head_params = nn.count_params(shapes["out_head"])
+
+
+def model_size(cfg) -> tuple[int, int, float]:
+    """(parameters, parameters without the output head, float32 megabytes) of a GPT config."""
+    shapes = jax.eval_shape(gpt.init_params, jax.random.key(0), cfg)  # shapes, no memory
+    total = nn.count_params(shapes)
+    return total, total - nn.count_params(shapes["out_head"]), total * 4 / 1024**2
+
+
+shapes = jax.eval_shape(gpt.init_params, jax.random.key(0), GPT_CONFIG_124M)
+total_params, tied_params, size_mb = model_size(GPT_CONFIG_124M)
 print(f"Total number of parameters: {total_params:,}")
 print("Token embedding layer shape:", shapes["tok_emb"]["embedding"].shape)
 print("Output layer shape:", shapes["out_head"]["kernel"].shape)
-print(f"Parameters with the output layer tied to the embedding: {total_params - head_params:,}")
-print(f"Total size of the model: {total_params * 4 / 1024**2:.2f} MB")
+print(f"Parameters with the output layer tied to the embedding: {tied_params:,}")
+print(f"Total size of the model: {size_mb:.2f} MB")
 print("Stacked block leaves, e.g. att.W_query:", shapes["trf_blocks"]["att"]["W_query"]["kernel"])
+blocks = shapes["trf_blocks"]  # each leaf stacks the 12 blocks' arrays: count one block's share
+att_params = nn.count_params(blocks["att"]) // GPT_CONFIG_124M.n_layers
+ff_params = nn.count_params(blocks["ff"]) // GPT_CONFIG_124M.n_layers
+biased = GPT_CONFIG_124M.replace(qkv_bias=True)
+att_with_bias = nn.count_params(jax.eval_shape(gpt.init_block, jax.random.key(0), biased)["att"])
+print(
+    f"Exercise 4.1, one block: attention {att_params:,} ({att_with_bias:,} with qkv_bias), "
+    f"feed-forward {ff_params:,} parameters"
+)
+sizes = {name: model_size(c) for name, c in GPT2_PRESETS.items()}  # Exercise 4.2
+with_qkv_bias = {name: model_size(GPT2_PRESETS[name].replace(qkv_bias=True)) for name in sizes}
+for name, (total, tied, mb) in sizes.items():
+    print(
+        f"GPT-2 {name}: {total:,} parameters, {tied:,} with the head tied, {mb:.2f} MB; "
+        f"with qkv_bias (OpenAI's weights) {with_qkv_bias[name][0]:,} / {with_qkv_bias[name][1]:,}"
+    )
 
 
 def gpt_model(params, tokens, cfg):  # the book's GPTModel.forward, a Python loop over the blocks
@@ -263,8 +287,14 @@ for name, (first, best) in rows.items():
 
 # %%
 print("\n# Checks")
-assert total_params == 163_009_536 and total_params - head_params == 124_412_160
-assert round(total_params * 4 / 1024**2, 2) == 621.83
+assert batch.tolist() == [[6109, 3626, 6100, 345], [6109, 1110, 6622, 257]]
+assert total_params == 163_009_536 and tied_params == 124_412_160
+assert round(size_mb, 2) == 621.83
+assert (att_params, ff_params) == (2_360_064, 4_722_432)
+assert att_with_bias == 2_362_368
+assert [round(sizes[n][2], 2) for n in ("355M", "774M", "1558M")] == [1549.58, 3197.56, 6247.68]
+assert with_qkv_bias["124M"][1] == 124_439_808
+assert with_qkv_bias["355M"][:2] == (406_286_336, 354_823_168)
 np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-6)
 np.testing.assert_allclose(normed.var(-1), 1.0, rtol=1e-3)
 assert norm_diff < 1e-5 and gelu_diff < 1e-6 and ff_diff < 1e-5 and block_diff < 1e-4

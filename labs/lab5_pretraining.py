@@ -60,10 +60,17 @@ print(f"perplexity: {perplexity(loss):,.0f} (of a vocabulary of 50,257)")
 # %%
 print('\n# §5.1.3 Training and validation losses on "The Verdict", split 90/10 by characters')
 text_data = files.resolve("the-verdict.txt").read_text(encoding="utf-8")
+split_idx = int(0.9 * len(text_data))
+train_part, val_part = (
+    text_to_token_ids(t, tokenizer) for t in (text_data[:split_idx], text_data[split_idx:])
+)
+print(f"characters {len(text_data):,}; tokens: train {len(train_part):,}, val {len(val_part):,}")
+# The book's windows of 256 tokens (what GPT-2 is scored on in §5.5, in every mode) ...
+book_train_loader, book_val_loader = train_val_loaders(text_data, 256, batch_size=2)
+n_train, n_val = book_train_loader.num_examples, book_val_loader.num_examples
+print(f"windows of 256: train {n_train}, validation {n_val}")
+# ... and this run's, of cfg.context_length (64 in quick mode)
 train_loader, val_loader = train_val_loaders(text_data, cfg.context_length, batch_size=2)
-train_tokens = sum(x.size for x, _ in train_loader.batches(0))
-val_tokens = sum(x.size for x, _ in val_loader.batches(0))
-print(f"characters {len(text_data):,}; tokens: train {train_tokens:,}, validation {val_tokens:,}")
 
 
 batch_loss = jax.jit(loss_fn)  # compiled once, reused for every batch
@@ -121,6 +128,8 @@ def softmax_with_temperature(logits, temperature):  # < 1 sharpens, > 1 flattens
 
 for temperature in (1, 0.1, 5):
     print(f"T={temperature}:", softmax_with_temperature(next_token_logits, temperature).round(4))
+pizza_t5 = float(softmax_with_temperature(next_token_logits, 5)[vocab.index("pizza")])
+print(f'Exercise 5.1: "pizza" at temperature 5 has probability {pizza_t5:.4f}')
 top3 = top_k_logits(next_token_logits, 3)
 top3_probas = jax.nn.softmax(top3)
 print("top-3 logits:", top3, "\nprobabilities:", top3_probas.round(4))
@@ -172,8 +181,8 @@ if gpt2_cfg is not None:
     def gpt2_batch(x, y):
         return batch_loss(gpt2_params, x, y, gpt2_cfg)
 
-    gpt2_train_loss = calc_loss_loader(gpt2_batch, train_loader)
-    gpt2_val_loss = calc_loss_loader(gpt2_batch, val_loader)
+    gpt2_train_loss = calc_loss_loader(gpt2_batch, book_train_loader)
+    gpt2_val_loss = calc_loss_loader(gpt2_batch, book_val_loader)
     print(
         f"GPT-2 124M on The Verdict: train loss {gpt2_train_loss:.4f}, val loss {gpt2_val_loss:.4f}"
     )
@@ -191,12 +200,14 @@ assert int((top3_probas > 0).sum()) == 3
 probas_t1 = softmax_with_temperature(next_token_logits, 1.0)
 sharp, flat = (softmax_with_temperature(next_token_logits, t) for t in (0.1, 5.0))
 assert sharp.max() > 0.99 and flat.max() < 0.25
+assert round(pizza_t5, 4) == 0.0430
+assert (len(train_part), len(val_part)) == (4_612, 534)
+assert (n_train, n_val) == (18, 2)
 assert counts.argmax() == 3 and np.abs(counts / 1000 - probas_t1).max() < 0.05  # sampling ~ softmax
 assert same_params and same_text
 if QUICK:  # a tiny model, 108 steps at the book's lr: measured 10.99 -> 8.94; perplexity / 4.5
     assert final_train < initial_train_loss - 1.5 and final_val < initial_val_loss - 1.0
 else:  # the book's outcome (§5.2): the model memorises the training text
-    assert train_tokens == 4_608 and val_tokens == 512
     assert final_train < 1.0 and final_val < 7.0
 if gpt2_cfg is not None:  # the book's numbers with OpenAI's weights
     assert abs(gpt2_train_loss - 3.7547) < 0.01 and abs(gpt2_val_loss - 3.5596) < 0.01

@@ -117,7 +117,14 @@ print("loss before fine-tuning:", {k: round(v, 4) for k, v in before.items()})
 val_5 = calc_loss_loader(partial(eval_loss, params), val_loader, num_batches=5)
 print(f"validation loss over the first 5 batches, as the book measures it: {val_5:.4f}")
 completions_before = generate_responses(params, test_data, tokenizer, cfg)
-print("before fine-tuning, test entry 0 gets:", repr(completions_before[0].text[:200]))
+
+
+def first_val_answer(p):  # the book's example (§7.5): validation entry 0
+    return generate_responses(p, val_data[:1], tokenizer, cfg, batch_size=1)[0]
+
+
+val0_before = first_val_answer(params)  # GPT-2 355M only echoes the sentence back
+print(f"before fine-tuning, {format_input(val_data[0])!r}\ngets: {val0_before.text[:200]!r}")
 
 # %%
 print(
@@ -132,10 +139,6 @@ tx = make_optimizer(lr, weight_decay=0.1)
 eval_freq = 25 if start.kind == "smollm2" else 5
 
 
-def first_val_answer(p):
-    return generate_responses(p, val_data[:1], tokenizer, cfg, batch_size=1)[0].text
-
-
 state, history = fit(
     init_train_state(params, tx),
     train_loader,
@@ -146,7 +149,7 @@ state, history = fit(
     key=jax.random.key(123),
     eval_freq=eval_freq,
     eval_iter=5,
-    sample_fn=first_val_answer,
+    sample_fn=lambda p: first_val_answer(p).text,
 )
 tuned = state.params
 epochs_seen = np.linspace(0, NUM_EPOCHS, len(history.train_losses))
@@ -198,6 +201,10 @@ except JudgeUnavailable as e:
 # %%
 print("\n# Checks")
 assert len(data) == 1_100 and sizes == [935, 55, 110]
+assert (
+    val_data[0]["instruction"]
+    == "Convert the active sentence to passive: 'The chef cooks the meal every day.'"
+)
 assert inputs.tolist()[1] == [5, 6, 50256, 50256, 50256] and targets.tolist()[1] == [
     6, 50256, -100, -100, -100
 ]  # fmt: skip
@@ -211,6 +218,7 @@ assert all(jax.tree.leaves(jax.tree.map(np.array_equal, reloaded, tuned)))
 assert after["val"] < before["val"]  # fine-tuning lowers the validation loss, from any start
 if start.gpt2_size == "355M":  # the book's reference: 3.7619 before, ~0.65 after
     assert abs(val_5 - 3.7619) < 0.01 and after["val"] < 0.8
+    assert val0_before.response.startswith("The chef cooks the meal every day.")
 if start.kind == "gpt2":  # GPT-2 follows the response format after 2 epochs (§7.7's examples)
     assert in_format >= 0.8, in_format
 # Lab 5's model fine-tuned here (lr 2e-4, 47 min on 2 cores): validation loss 9.15 -> 1.92,

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from labkit import QUICK, starting_model
 
-from gptflax import nn
-from gptflax.config import TINY
+from gptflax import gpt, nn
+from gptflax.config import GPT2_PRESETS, TINY
 from gptflax.families import family
 from gptflax.finetune import (
     calc_accuracy_loader,
@@ -54,6 +54,15 @@ print("\n# E.4 LoRA matrices for every linear layer; B = 0, so nothing changes y
 lora = init_lora(jax.random.key(7), params, rank=RANK)
 n_total, n_lora = nn.count_params(params), nn.count_params(lora)
 print(f"total parameters {n_total:,}; LoRA trainable parameters {n_lora:,}")
+# The appendix's own model, GPT-2 124M with a 2-class head, counted from shapes alone
+appendix_cfg = GPT2_PRESETS["124M"].replace(qkv_bias=True)
+appendix_model = jax.eval_shape(
+    lambda k: replace_out_head(gpt.init_params(k, appendix_cfg), k, num_classes=2),
+    jax.random.key(0),
+)
+appendix_lora = jax.eval_shape(partial(init_lora, rank=RANK), jax.random.key(7), appendix_model)
+appendix_total, appendix_n_lora = nn.count_params(appendix_model), nn.count_params(appendix_lora)
+print(f"the appendix's 124M classifier: {appendix_total:,} parameters, LoRA {appendix_n_lora:,}")
 x_probe, _ = next(iter(test_loader.batches(0, 1)))
 forward = family(cfg).forward
 logits_before = forward(params, x_probe, cfg)
@@ -163,6 +172,7 @@ print(f"merged-form LoRA step / side-by-side LoRA step: {merged_ratio:.2f}x")
 print("\n# Checks")
 assert float(jnp.abs(logits_lora_init - logits_before).max()) == 0.0  # B = 0: nothing changes
 assert base_unchanged  # the base weights stay frozen
+assert (appendix_total, appendix_n_lora) == (124_441_346, 2_666_528)  # appendix E's counts
 if cfg.emb_dim == 768 and cfg.n_layers == 12:  # the 124M classifier
     assert n_lora == 2_666_528  # appendix E
     assert n_lora < n_last_block  # 2,666,528 LoRA vs 7,088,642 last-block parameters

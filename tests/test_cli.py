@@ -74,6 +74,17 @@ def test_resume_takes_the_runs_settings_and_continues_it_exactly(run_dir, cli, t
     assert meta["history"]["val_losses"] == uninterrupted["history"]["val_losses"]
 
 
+def test_the_books_own_test_of_its_training_script_records_39_evaluations(cli, tmp_path):
+    # ch05/01_main-chapter-code/tests.py: context 12, emb 32, 4 heads, 2 layers, lr 5e-4, one
+    # epoch at batch 2 (192 steps), evaluation every 5 steps on 1 batch: 39 points
+    book = ["--context-length", "12", "--lr", "5e-4", "--eval-freq", "5", "--eval-iter", "1"]
+    argv = ["--model", "tiny", *book, "--epochs", "1", "--batch-size", "2"]
+    assert cli("train", *argv, "--run-dir", str(tmp_path))[0] == 0
+    history = checkpoint.read_meta(tmp_path / "checkpoints")[1]["history"]
+    assert len(history["train_losses"]) == len(history["val_losses"]) == 39
+    assert len(history["tokens_seen"]) == 39 and history["steps"][-1] == 190
+
+
 def test_resume_refuses_options_that_contradict_the_run_by_name(run_dir, cli):
     argv = ["--run-dir", str(run_dir), "--resume", "--epochs", "2"]
     status, _, err = cli("train", *argv, "--context-length", "64", "--model", "124M")
