@@ -23,6 +23,21 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def compiles():
+    """compiles("name"): how many times XLA has compiled the jitted function `name` during the
+    test, counted from JAX's public compile events (jax.monitoring); a cache hit is not one."""
+    names = []
+
+    def listen(event: str, duration: float, **meta):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(meta.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield lambda name: names.count(f"jit({name})")
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 @pytest.fixture(scope="session")
 def verdict_text() -> str:
     """The book's ch. 2/5 corpus, from the mirror (tests run offline)."""

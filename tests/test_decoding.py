@@ -52,7 +52,8 @@ def test_eos_finishes_each_row_of_a_batch_on_its_own(params, small_cfg, use_cach
     prompt = np.array([[1, 2, 3], [40, 50, 60]])
     free = G.generate(params, prompt, 12, small_cfg, use_cache=use_cache)
     row0, row1 = free[0, 3:].tolist(), free[1, 3:].tolist()
-    eos = next(t for t in row0[2:] if t not in row1[:3])  # row 0 emits it at step >= 2
+    # a token row 0 emits (at step >= 2) before row 1 does, and row 1 before step 11
+    eos = next(t for t in row0[2:] if row0.index(t) < row1.index(t) if t in row1[:11])
     out = G.generate(params, prompt, 12, small_cfg, eos_id=eos, use_cache=use_cache)
     for row_free, row in zip(free, out, strict=True):
         gen, gen_free = row[3:].tolist(), row_free[3:].tolist()
@@ -60,12 +61,4 @@ def test_eos_finishes_each_row_of_a_batch_on_its_own(params, small_cfg, use_cach
         assert gen[:cut] == gen_free[:cut]  # the same tokens up to its own eos
         assert all(t == eos for t in gen[cut:])  # then only eos
         assert G.trim_at_eos(row[3:], eos) == gen_free[:cut]
-    if all(eos in r[3:].tolist() for r in out):
-        assert out.shape[1] < free.shape[1]  # stopped early once every row finished
-
-
-def test_generate_compiles_per_window_width_not_per_token(params, small_cfg):
-    before = G._next_token._cache_size()
-    options = dict(temperature=1.0, key=jax.random.key(0), use_cache=False)
-    G.generate(params, np.zeros((1, 1)), 30, small_cfg, **options)
-    assert G._next_token._cache_size() - before <= 3  # widths 8, 16 and 32
+    assert out.shape[1] == 3 + row1.index(eos) + 1  # stops once the last row has finished

@@ -59,7 +59,7 @@ def test_a_checkpoint_loads_with_either_attention(setup, tmp_path):
     fused = cfg.replace(fused_attention=True)
     loaded, _, _ = checkpoint.load_checkpoint(tmp_path / "ckpt", cfg=fused, params_like=params)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    with pytest.raises(Exception, match="saved for"):
+    with pytest.raises(checkpoint.CheckpointError, match="was saved for GPTConfig"):
         checkpoint.load_checkpoint(
             tmp_path / "ckpt", cfg=cfg.replace(n_layers=2), params_like=params
         )
