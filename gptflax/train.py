@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -162,9 +163,10 @@ def fit(
     `loss(params, *batch, key=None)` defaults to next-token cross-entropy; chapter 6 passes a
     classification loss. After each epoch, `sample_fn(params)` text and `epoch_metrics(params)`
     (e.g. accuracies, §6.7) are recorded. With `checkpoint_dir`, saves after every epoch (with
-    the JSON record `meta`, if given); a Ctrl-C during a save takes effect once the save is
-    complete. Pass the state and history of `resume(...)` to continue an interrupted run: the
-    result is the same as an uninterrupted run's. With a `mesh` (`parallel.data_mesh`), the state is
+    the JSON record `meta`, if given). Ctrl-C raises KeyboardInterrupt before the next step
+    (an epoch's end, its save included, completes first); a second Ctrl-C stops at once. Pass
+    the state and history of `resume(...)` to continue an interrupted run: the result is the same
+    as an uninterrupted run's. With a `mesh` (`parallel.data_mesh`), the state is
     replicated and every batch split across its devices. The `state` passed in stays usable: fit
     copies it once, and each step then donates its own copy's buffers to the next.
     """
@@ -175,35 +177,24 @@ def fit(
     loss = loss or partial(loss_fn, cfg=cfg)
     step_fn = jax.jit(partial(train_step, loss=loss, tx=tx), donate_argnums=0)
     eval_fn = jax.jit(loss)
-    with tqdm(
-        total=num_epochs * len(train_loader), initial=int(state.step), unit="step", mininterval=1.0
-    ) as bar:
+    steps = num_epochs * len(train_loader)
+    with (
+        tqdm(total=steps, initial=int(state.step), unit="step", mininterval=1.0) as bar,
+        _ctrl_c_between_steps() as stop_asked,
+    ):
         for epoch in range(history.epochs_done, num_epochs):
             for batch in train_loader.batches(epoch):
+                if stop_asked():
+                    raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 if mesh is not None:
                     batch = parallel.shard_batch(batch, mesh)
                 state, metrics = step_fn(state, batch, key)
-                value = float(metrics["loss"])  # waits for the step: honest timings
-                tokens = batch[0].size
-                history.total_tokens += tokens
-                history.total_examples += len(batch[0])
-                bar.update()
-                bar.set_postfix(
-                    loss=f"{value:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}"
-                )
+                _count_step(history, batch, float(metrics["loss"]), time.perf_counter() - t0, bar)
                 step = int(state.step) - 1  # the book's global_step: 0 after the first update
                 if step % eval_freq == 0:
-                    _evaluate(
-                        state.params,
-                        eval_fn,
-                        train_loader,
-                        val_loader,
-                        eval_iter,
-                        history,
-                        step,
-                        bar,
-                    )
+                    losses = (eval_fn, train_loader, val_loader, eval_iter)
+                    _evaluate(state.params, *losses, history, step, bar)
             history.epochs_done = epoch + 1
             if sample_fn is not None:
                 history.samples.append(sample_fn(state.params))
@@ -215,9 +206,19 @@ def fit(
                     + ", ".join(f"{k} {v:.4f}" for k, v in history.epoch_metrics[-1].items())
                 )
             if checkpoint_dir is not None:
-                with _interrupt_after():
-                    save_train_checkpoint(checkpoint_dir, state, cfg, history, meta)
+                save_train_checkpoint(checkpoint_dir, state, cfg, history, meta)
+            if stop_asked():
+                raise KeyboardInterrupt
     return state, history
+
+
+def _count_step(history: History, batch: tuple, loss: float, seconds: float, bar) -> None:
+    """Add a step's tokens and examples to the history and show its loss and speed."""
+    tokens = batch[0].size
+    history.total_tokens += tokens
+    history.total_examples += len(batch[0])
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
 
 
 def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, step, bar) -> None:
@@ -241,19 +242,26 @@ def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, ste
 
 
 @contextlib.contextmanager
-def _interrupt_after():
-    """Hold back a Ctrl-C that comes during the block, and raise it once the block is done."""
+def _ctrl_c_between_steps():
+    """Yield a function that says whether Ctrl-C was pressed: the first Ctrl-C only asks the
+    training loop to stop at its next step boundary (never inside a save); a second stops at once.
+    """
     if threading.current_thread() is not threading.main_thread():  # signals reach only main
-        yield
+        yield lambda: False
         return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(True)
+        print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield lambda: bool(asked)
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def save_train_checkpoint(

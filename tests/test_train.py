@@ -12,12 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from gptflax import gpt
+from gptflax import checkpoint, gpt
 from gptflax.config import TINY
 from gptflax.data import DataLoader, train_val_loaders
 from gptflax.losses import cross_entropy, loss_fn
 from gptflax.train import (
-    _interrupt_after,
     calc_loss_loader,
     clip_by_global_norm_from,
     fit,
@@ -167,11 +166,21 @@ def test_a_resumed_run_equals_an_uninterrupted_one(small_cfg, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed_state.params, full_state.params)
 
 
-def test_a_ctrl_c_during_a_save_takes_effect_once_the_save_is_done():
-    finished, before = [], signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), _interrupt_after():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler has run by now
-        finished.append(True)
-    assert finished == [True]
+@pytest.mark.parametrize("presses, kept", [(1, [1]), (2, [])])
+def test_ctrl_c_stops_between_steps_and_twice_at_once(small_cfg, tmp_path, presses, kept):
+    tx = make_optimizer(1e-3)
+    state = init_train_state(gpt.init_params(jax.random.key(0), small_cfg), tx)
+
+    def press_ctrl_c(params):  # called at the end of epoch 1, before its checkpoint is saved
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in between
+        return ""
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        loaders = random_loader(small_cfg, n=8), random_loader(small_cfg, n=4)
+        fit(state, *loaders, small_cfg, tx, num_epochs=3, key=jax.random.key(1),
+            sample_fn=press_ctrl_c, checkpoint_dir=tmp_path)  # fmt: skip
+    assert checkpoint.complete_steps(tmp_path) == kept  # once: epoch 1 is saved, then it stops
     assert signal.getsignal(signal.SIGINT) is before
