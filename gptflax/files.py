@@ -67,6 +67,13 @@ FILES: dict[str, DataFile] = {
             about="1,100 Alpaca-style instruction entries, the book's ch. 7 data",
         ),
         DataFile(
+            "instruction-data-with-preference.json",
+            (f"{_RASBT}/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",),
+            "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+            386_968,
+            about="the ch. 7 entries with a polite 'chosen' and an impolite 'rejected' response",
+        ),
+        DataFile(
             "sms_spam_collection/SMSSpamCollection.tsv",
             ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",),
             "edc1f2ca36319ca36c6f80fede2f6ae5f81335289352485f3924df077ec20266",

@@ -97,27 +97,39 @@ def init_train_state(params: dict, tx: optax.GradientTransformation) -> TrainSta
 
 
 def train_step(
-    state: TrainState, batch: tuple, key: jax.Array, *, loss: Callable, tx
+    state: TrainState, batch: tuple, key: jax.Array, *, loss: Callable, tx, has_aux: bool = False
 ) -> tuple[TrainState, dict]:
     """One optimizer step: `loss(params, *batch, key=k)` differentiated w.r.t. the params, with
     dropout drawing from k = fold_in(key, step) (Book §5.2). For pretraining, batch is the (B, T)
-    inputs and targets and loss is `partial(loss_fn, cfg=cfg)`."""
+    inputs and targets and loss is `partial(loss_fn, cfg=cfg)`. With has_aux, loss returns
+    (value, dict of metrics), and the metrics join the returned {"loss": value}."""
     dropout_key = jax.random.fold_in(key, state.step)
-    value, grads = jax.value_and_grad(loss)(state.params, *batch, key=dropout_key)
+    grad_fn = jax.value_and_grad(loss, has_aux=has_aux)
+    value, grads = grad_fn(state.params, *batch, key=dropout_key)
+    value, aux = value if has_aux else (value, {})
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), {"loss": value}
+    return TrainState(state.step + 1, params, opt_state), {"loss": value, **aux}
+
+
+def calc_metrics_loader(
+    metrics_of_batch: Callable, loader: DataLoader, num_batches: int | None = None
+) -> dict:
+    """Means of `metrics_of_batch(x, y)`'s dict of scalars over the first num_batches batches of
+    the loader's epoch-0 order."""
+    if len(loader) == 0:
+        return {"loss": float("nan")}
+    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
+    rows = [metrics_of_batch(x, y) for x, y, *_ in loader.batches(0, num_batches)]
+    return {name: float(np.mean([float(r[name]) for r in rows])) for name in rows[0]}
 
 
 def calc_loss_loader(
     loss_of_batch: Callable, loader: DataLoader, num_batches: int | None = None
 ) -> float:
     """Mean loss over the first num_batches batches of the loader's epoch-0 order (Book §5.1)."""
-    if len(loader) == 0:
-        return float("nan")
-    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
-    losses = [float(loss_of_batch(x, y)) for x, y, *_ in loader.batches(0, num_batches)]
-    return float(np.mean(losses))
+    metrics = calc_metrics_loader(lambda x, y: {"loss": loss_of_batch(x, y)}, loader, num_batches)
+    return metrics["loss"]
 
 
 # --- the training loop ----------------------------------------------------------------------------
@@ -134,6 +146,8 @@ class History:
     examples_seen: list[int] = dataclasses.field(default_factory=list)
     samples: list[str] = dataclasses.field(default_factory=list)
     epoch_metrics: list[dict] = dataclasses.field(default_factory=list)
+    train_metrics: list[dict] = dataclasses.field(default_factory=list)  # a has_aux loss's
+    val_metrics: list[dict] = dataclasses.field(default_factory=list)
     epochs_done: int = 0
     total_tokens: int = 0
     total_examples: int = 0
@@ -157,26 +171,29 @@ def fit(
     history: History | None = None,
     meta: dict | None = None,
     mesh: Mesh | None = None,
+    has_aux: bool = False,
 ) -> tuple[TrainState, History]:
     """Train for num_epochs, evaluating every eval_freq steps (Book §5.2's train_model_simple).
 
     `loss(params, *batch, key=None)` defaults to next-token cross-entropy; chapter 6 passes a
-    classification loss. After each epoch, `sample_fn(params)` text and `epoch_metrics(params)`
-    (e.g. accuracies, §6.7) are recorded. With `checkpoint_dir`, saves after every epoch (with
-    the JSON record `meta`, if given). Ctrl-C raises KeyboardInterrupt before the next step
-    (an epoch's end, its save included, completes first); a second Ctrl-C stops at once. Pass
-    the state and history of `resume(...)` to continue an interrupted run: the result is the same
-    as an uninterrupted run's. With a `mesh` (`parallel.data_mesh`), the state is
-    replicated and every batch split across its devices. The `state` passed in stays usable: fit
-    copies it once, and each step then donates its own copy's buffers to the next.
+    classification loss. A `has_aux` loss returns (value, dict of scalars): the dict's means are
+    recorded beside the losses (`history.train_metrics`, `val_metrics`). After each epoch,
+    `sample_fn(params)` text and `epoch_metrics(params)` (e.g. accuracies, §6.7) are recorded.
+    With `checkpoint_dir`, saves after every epoch (with the JSON record `meta`, if given).
+    Ctrl-C raises KeyboardInterrupt before the next step (an epoch's end, its save included,
+    completes first); a second Ctrl-C stops at once. Pass the state and history of `resume(...)`
+    to continue an interrupted run: the result is the same as an uninterrupted run's. With a
+    `mesh` (`parallel.data_mesh`), the state is replicated and every batch split across its
+    devices. The `state` passed in stays usable: fit copies it once, and each step then donates
+    its own copy's buffers to the next.
     """
     history = history or History()
     state = jax.tree.map(jnp.copy, state)  # ours to donate; the caller's arrays stay valid
     if mesh is not None:
         state = parallel.replicate(state, mesh)
     loss = loss or partial(loss_fn, cfg=cfg)
-    step_fn = jax.jit(partial(train_step, loss=loss, tx=tx), donate_argnums=0)
-    eval_fn = jax.jit(loss)
+    step_fn = jax.jit(partial(train_step, loss=loss, tx=tx, has_aux=has_aux), donate_argnums=0)
+    eval_fn = jax.jit(loss if has_aux else lambda *args: (loss(*args), {}))
     steps = num_epochs * len(train_loader)
     with (
         tqdm(total=steps, initial=int(state.step), unit="step", mininterval=1.0) as bar,
@@ -222,19 +239,24 @@ def _count_step(history: History, batch: tuple, loss: float, seconds: float, bar
 
 
 def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, step, bar) -> None:
-    def loss_of(x, y):
-        return eval_fn(params, x, y)
+    def metrics_of(x, y):
+        value, aux = eval_fn(params, x, y)
+        return {"loss": value, **aux}
 
-    train_loss = calc_loss_loader(loss_of, train_loader, eval_iter)
-    val_loss = calc_loss_loader(loss_of, val_loader, eval_iter)
+    train = calc_metrics_loader(metrics_of, train_loader, eval_iter)
+    val = calc_metrics_loader(metrics_of, val_loader, eval_iter)
     history.steps.append(step)
     history.tokens_seen.append(history.total_tokens)
     history.examples_seen.append(history.total_examples)
-    history.train_losses.append(train_loss)
-    history.val_losses.append(val_loss)
+    history.train_losses.append(train.pop("loss"))
+    history.val_losses.append(val.pop("loss"))
+    if train:
+        history.train_metrics.append(train)
+        history.val_metrics.append(val)
+    shown = "".join(f", {name} {train[name]:.3f} / {val.get(name, 0):.3f}" for name in train)
     bar.write(
-        f"Ep {history.epochs_done + 1} (Step {step:06d}): "
-        f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+        f"Ep {history.epochs_done + 1} (Step {step:06d}): Train loss "
+        f"{history.train_losses[-1]:.3f}, Val loss {history.val_losses[-1]:.3f}{shown}"
     )
 
 
