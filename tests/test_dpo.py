@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gptflax import dpo, gpt
-from gptflax.config import TINY
+from gptflax.config import LLAMA_TINY, TINY
+from gptflax.families import family
 from gptflax.instruct import split_instruction_data
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer
@@ -94,3 +95,17 @@ def test_training_raises_the_margin_against_a_frozen_reference(data):
     first, last = history.val_metrics[0], history.val_metrics[-1]
     assert history.val_losses[-1] < math.log(2) - 0.1 and last["reward_margin"] > 0.3
     assert last["reward_margin"] > first["reward_margin"] and last["chosen_preferred"] == 1.0
+
+
+def test_the_loss_works_for_the_llama_family_too():
+    cfg = LLAMA_TINY
+    params = family(cfg).init_params(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (3, 2, 16), 0, cfg.vocab_size)
+    mask = jnp.zeros((3, 2, 16), bool).at[:, :, 8:].set(True)
+    reference = jax.jit(dpo.pair_logprobs)(params, tokens, mask, cfg)  # (3, 2)
+    loss_and_grad = jax.value_and_grad(dpo.dpo_batch_loss, has_aux=True)
+    (loss, aux), grads = loss_and_grad(params, tokens, (mask, reference), cfg=cfg)
+    # equal up to float32 rounding (the reference ran compiled, the policy not)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(float(aux["reward_margin"])) < 1e-5
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
