@@ -26,16 +26,16 @@ COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a save before renam
 STAGING = ".orbax-checkpoint-tmp"  # orbax stages save N in N.orbax-checkpoint-tmp-<timestamp>
 
 
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMMIT_MARKER).is_file()
+
+
 def complete_steps(directory: str | Path) -> list[int]:
     """The steps of `directory`'s complete checkpoints: numbered folders with the commit marker."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(
-        int(p.name)
-        for p in directory.iterdir()
-        if p.name.isdigit() and (p / COMMIT_MARKER).is_file()
-    )
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_complete(p))
 
 
 def _remove_leftovers(directory: Path) -> None:
@@ -44,8 +44,7 @@ def _remove_leftovers(directory: Path) -> None:
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        unfinished = p.name.isdigit() and not (p / COMMIT_MARKER).is_file()
-        if p.is_dir() and (STAGING in p.name or unfinished):
+        if p.is_dir() and (STAGING in p.name or (p.name.isdigit() and not _is_complete(p))):
             shutil.rmtree(p)
 
 

@@ -442,10 +442,11 @@ def _load_for_generation(args) -> tuple:
     if args.model:
         return load_smollm2()
     folder = Path(args.checkpoint)
-    if checkpoint.latest_step(folder) is None and checkpoint.latest_step(folder / "checkpoints"):
-        folder = folder / "checkpoints"  # a run folder: its checkpoints
-    step, _ = checkpoint.read_meta(folder)
-    print(f"loading checkpoint {folder / str(step)}", file=sys.stderr)
+    step = checkpoint.latest_step(folder)
+    if step is None and (in_run := checkpoint.latest_step(folder / "checkpoints")) is not None:
+        folder, step = folder / "checkpoints", in_run  # a run folder: its checkpoints
+    if step is not None:
+        print(f"loading checkpoint {folder / str(step)}", file=sys.stderr)
     return checkpoint.load_model(folder, step)
 
 

@@ -24,6 +24,20 @@ def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray
     return ids[idx], ids[idx + 1]
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n: a padded width from few choices."""
+    return -(-n // multiple) * multiple
+
+
+def ragged(sequences: list) -> np.ndarray:
+    """Sequences of different lengths as one (N,) object array, a DataLoader column that a
+    `collate` function pads per batch."""
+    column = np.empty(len(sequences), dtype=object)
+    for i, seq in enumerate(sequences):
+        column[i] = seq
+    return column
+
+
 class DataLoader:
     """Batches of equally long arrays; seeded shuffling (a fresh order each epoch) and drop_last.
 

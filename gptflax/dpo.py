@@ -9,13 +9,14 @@ no reward model and no sampling: a classification loss on pairs.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptflax import files
-from gptflax.data import DataLoader
+from gptflax.data import DataLoader, ragged, round_up
 from gptflax.families import family
 from gptflax.instruct import RESPONSE_HEADER, format_input
 
@@ -53,7 +54,7 @@ def collate_preferences(
     the padding. reference (B, 2): the reference model's log-probabilities, carried along.
     """
     longest = max(len(s) for s in (*chosen, *rejected))
-    width = -(-longest // pad_to_multiple) * pad_to_multiple
+    width = round_up(longest, pad_to_multiple)
     tokens = np.full((len(chosen), 2, width), pad_token_id, dtype=np.int32)
     mask = np.zeros((len(chosen), 2, width), dtype=bool)
     for b, pair in enumerate(zip(chosen, rejected, strict=True)):
@@ -77,18 +78,12 @@ def preference_loader(
     """Batches of `collate_preferences` from `encode_preferences`' output and the (N, 2)
     reference log-probabilities (zeros before they are known)."""
     chosen, rejected, starts = encoded
-    rows = [np.empty(len(chosen), dtype=object) for _ in range(2)]
-    for i, pair in enumerate(zip(chosen, rejected, strict=True)):
-        rows[0][i], rows[1][i] = pair
-
-    def collate(c, r, s, ref):
-        return collate_preferences(
-            c, r, s, ref, pad_token_id=pad_token_id, pad_to_multiple=pad_to_multiple
-        )
-
+    collate = partial(
+        collate_preferences, pad_token_id=pad_token_id, pad_to_multiple=pad_to_multiple
+    )
     return DataLoader(
-        *rows, starts, np.asarray(reference, dtype=np.float32), batch_size=batch_size,
-        shuffle=shuffle, drop_last=drop_last, seed=seed, collate=collate,
+        ragged(chosen), ragged(rejected), starts, np.asarray(reference, dtype=np.float32),
+        batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, collate=collate,
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from gptflax import files
 from gptflax.config import GPTConfig
-from gptflax.data import DataLoader
+from gptflax.data import DataLoader, ragged, round_up
 from gptflax.generate import generate_cached, trim_at_eos
 from gptflax.losses import IGNORE_INDEX
 from gptflax.tokenizer import EOT_ID, end_token_id
@@ -83,7 +83,7 @@ def custom_collate_fn(
     that are prompt tokens are ignored too (the book's exercise 7.2).
     """
     width = max(len(item) for item in batch)  # the book's longest item + 1, minus the shift
-    width = -(-width // pad_to_multiple) * pad_to_multiple
+    width = round_up(width, pad_to_multiple)
     width = min(width, allowed_max_length or width)
     inputs = np.full((batch_size or len(batch), width), pad_token_id, dtype=np.int32)
     targets = np.full_like(inputs, ignore_index)
@@ -110,9 +110,7 @@ def instruction_loader(
 
     collate_options go to `custom_collate_fn` (allowed_max_length, pad_to_multiple, ...).
     """
-    items = np.empty(len(encoded), dtype=object)
-    for i, ids in enumerate(encoded):
-        items[i] = ids
+    items = ragged(encoded)
     arrays = (items,) if prompt_lengths is None else (items, prompt_lengths)
     collate = partial(custom_collate_fn, batch_size=batch_size, **collate_options)
     return DataLoader(

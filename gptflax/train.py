@@ -253,7 +253,7 @@ def _evaluate(params, eval_fn, train_loader, val_loader, eval_iter, history, ste
     if train:
         history.train_metrics.append(train)
         history.val_metrics.append(val)
-    shown = "".join(f", {name} {train[name]:.3f} / {val.get(name, 0):.3f}" for name in train)
+    shown = "".join(f", {k} {train[k]:.3f} / {val.get(k, float('nan')):.3f}" for k in train)
     bar.write(
         f"Ep {history.epochs_done + 1} (Step {step:06d}): Train loss "
         f"{history.train_losses[-1]:.3f}, Val loss {history.val_losses[-1]:.3f}{shown}"
