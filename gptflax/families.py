@@ -25,7 +25,7 @@ INTERFACE = {
     "hidden": "(params, tokens, cfg, *, key=None) -> (B, T, D): final_norm(run_blocks(embed))",
     "forward": "(params, tokens, cfg, *, key=None) -> (B, T, V): head(hidden)",
     "init_cache": "(cfg, batch_size, length, dtype) -> an empty KV cache of `length` positions",
-    "forward_cached": "(params, tokens (B, S), cache, start (B,), cfg) -> ((B, S, V), cache)",
+    "hidden_cached": "(params, tokens (B, S), cache, start (B,), cfg) -> ((B, S, D), cache)",
 }
 
 _MODULES: dict[type, ModuleType] = {}

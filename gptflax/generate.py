@@ -136,8 +136,8 @@ def _decode_with_cache(
     batch, fam = window.shape[0], family(cfg)
     params = nn.unstack_blocks(params)  # once, so no token slices a layer out of the stack
     cache = fam.init_cache(cfg, batch, cache_len, params["tok_emb"]["embedding"].dtype)
-    logits, cache = fam.forward_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
-    last_logits = logits[jnp.arange(batch), lengths - 1]  # (B, V)
+    h, cache = fam.hidden_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
+    last_logits = fam.head(params, h[jnp.arange(batch), lengths - 1])  # (B, V): last positions only
     out = jnp.zeros((batch, cache_len), jnp.int32)
 
     def unfinished(state):
@@ -150,8 +150,8 @@ def _decode_with_cache(
         next_ids = sample_next_token(last_logits, step_key, temperature, top_k).astype(jnp.int32)
         next_ids = jnp.where(done, eos_id, next_ids)  # (B,)
         done = done | (next_ids == eos_id)
-        logits, cache = fam.forward_cached(params, next_ids[:, None], cache, lengths + i, cfg)
-        return i + 1, cache, logits[:, 0], out.at[:, i].set(next_ids), done
+        h, cache = fam.hidden_cached(params, next_ids[:, None], cache, lengths + i, cfg)
+        return i + 1, cache, fam.head(params, h[:, 0]), out.at[:, i].set(next_ids), done
 
     start = (jnp.int32(0), cache, last_logits, out, jnp.zeros(batch, bool))
     steps, _, _, out, _ = jax.lax.while_loop(unfinished, decode_step, start)

@@ -135,10 +135,10 @@ def forward(
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
-    """An empty KV cache of `length` positions: keys and values of every layer, (L, B, length, H,
-    Dh) each."""
-    shape = (cfg.n_layers, batch_size, length, cfg.n_heads, cfg.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    """An empty KV cache of `length` positions: one (keys, values) pair per layer, (B, length, H,
+    Dh) each. Separate arrays per layer, so a decoding step updates each in place."""
+    shape = (batch_size, length, cfg.n_heads, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
 
 
 def block_cached(
@@ -151,12 +151,13 @@ def block_cached(
     return x + feed_forward(params["ff"], nn.layer_norm(params["norm2"], x)), cache
 
 
-def forward_cached(
+def hidden_cached(
     params: dict, tokens: jax.Array, cache: tuple, start: jax.Array, cfg: GPTConfig
 ) -> tuple[jax.Array, tuple]:
-    """Eval-mode `forward` for new tokens only: row b of tokens (B, S) sits at positions start[b],
+    """Eval-mode `hidden` for new tokens only: row b of tokens (B, S) sits at positions start[b],
     start[b] + 1, ...; earlier positions come from the cache (`init_cache`), which is returned
-    updated. Prefill with start = 0, then feed one token at a time: (B, S, V) logits.
+    updated. Prefill with start = 0, then feed one token at a time: (B, S, D) final hidden
+    states, for `head` to turn into logits where they are needed.
 
     The layers run as a Python loop over `nn.unstack_blocks(params)`; a decoding loop unstacks
     once, before it starts, so that no token slices a layer's weights out of the stack.
@@ -164,10 +165,8 @@ def forward_cached(
     params = nn.unstack_blocks(params)
     positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
     x = nn.embedding(params["tok_emb"], tokens) + nn.embedding(params["pos_emb"], positions)
-    keys, values = [], []
-    for i, layer_params in enumerate(params["trf_blocks"]):
-        x, (k, v) = block_cached(layer_params, x, cfg, (cache[0][i], cache[1][i]), positions)
-        keys.append(k)  # (B, T_max, H, Dh)
-        values.append(v)
-    logits = head(params, final_norm(params, x, cfg))  # x: (B, S, D)
-    return logits, (jnp.stack(keys), jnp.stack(values))
+    new_cache = []
+    for layer_params, layer_cache in zip(params["trf_blocks"], cache, strict=True):
+        x, layer_cache = block_cached(layer_params, x, cfg, layer_cache, positions)
+        new_cache.append(layer_cache)  # (keys, values), (B, T_max, H, Dh) each
+    return final_norm(params, x, cfg), tuple(new_cache)

@@ -223,25 +223,23 @@ def forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, key=None) -> j
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
-    """An empty KV cache of `length` positions, key/value heads only: (L, B, length, G, Dh) each."""
-    shape = (cfg.n_layers, batch_size, length, cfg.n_kv_heads, cfg.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    """An empty KV cache of `length` positions, key/value heads only: one (keys, values) pair per
+    layer, (B, length, G, Dh) each."""
+    shape = (batch_size, length, cfg.n_kv_heads, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
 
 
-def forward_cached(
+def hidden_cached(
     params: dict, tokens: jax.Array, cache: tuple, start: jax.Array, cfg: LlamaConfig
 ) -> tuple[jax.Array, tuple]:
-    """Eval-mode `forward` for new tokens at positions start[b], start[b] + 1, ... of row b, with
-    earlier positions' keys and values from `cache`: (B, S) -> (B, S, V) logits and the cache."""
+    """Eval-mode `hidden` for new tokens at positions start[b], start[b] + 1, ... of row b, with
+    earlier positions' keys and values from `cache`: (B, S) -> (B, S, D) and the cache."""
     params = nn.unstack_blocks(params)
     positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
     cos, sin = rope_angles(positions, cfg)  # (B, S, Dh)
-    visible = jnp.arange(cache[0].shape[2]) <= positions[..., None]  # (B, S, T_cache)
-    x, keys, values = embed(params, tokens, cfg), [], []
-    for i, layer_params in enumerate(params["trf_blocks"]):
-        layer_cache = (cache[0][i], cache[1][i])
-        x, (k, v) = block(layer_params, x, cos, sin, visible, cfg, layer_cache, positions)
-        keys.append(k)
-        values.append(v)
-    logits = head(params, final_norm(params, x, cfg))
-    return logits, (jnp.stack(keys), jnp.stack(values))
+    visible = jnp.arange(cache[0][0].shape[1]) <= positions[..., None]  # (B, S, T_cache)
+    x, new_cache = embed(params, tokens, cfg), []
+    for layer_params, layer_cache in zip(params["trf_blocks"], cache, strict=True):
+        x, layer_cache = block(layer_params, x, cos, sin, visible, cfg, layer_cache, positions)
+        new_cache.append(layer_cache)
+    return final_norm(params, x, cfg), tuple(new_cache)

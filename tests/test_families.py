@@ -81,20 +81,20 @@ def forward(params, tokens, cfg, *, key=None):
 
 
 def init_cache(cfg, batch_size, length, dtype=jnp.float32):
-    return jnp.zeros((cfg.n_layers, batch_size, length, cfg.emb_dim), dtype)
+    return tuple(jnp.zeros((batch_size, length, cfg.emb_dim), dtype) for _ in range(cfg.n_layers))
 
 
-def forward_cached(params, tokens, cache, start, cfg):
+def hidden_cached(params, tokens, cache, start, cfg):
     params = nn.unstack_blocks(params)
     positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
-    visible = jnp.arange(cache.shape[2]) <= positions[..., None]  # (B, S, T_cache)
+    visible = jnp.arange(cache[0].shape[1]) <= positions[..., None]  # (B, S, T_cache)
     x, layers = embed(params, tokens, cfg), []
-    for i, layer in enumerate(params["trf_blocks"]):
-        seen = cache[i].at[jnp.arange(len(tokens))[:, None], positions].set(x)  # (B, T_max, D)
+    for layer, seen in zip(params["trf_blocks"], cache, strict=True):
+        seen = seen.at[jnp.arange(len(tokens))[:, None], positions].set(x)  # (B, T_max, D)
         running_mean = jnp.einsum("bst,btd->bsd", visible, seen) / (positions + 1)[..., None]
         x = x + jnp.tanh(nn.linear(layer["mix"], running_mean))
         layers.append(seen)
-    return head(params, final_norm(params, x, cfg)), jnp.stack(layers)
+    return final_norm(params, x, cfg), tuple(layers)
 
 
 families.register("toy", ToyConfig, sys.modules[__name__])

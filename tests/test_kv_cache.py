@@ -21,11 +21,12 @@ def test_prefill_and_one_token_steps_give_the_forward_logits(params, small_cfg):
     reference = gpt.forward(params, tokens, small_cfg)  # (2, 20, V)
     cache = gpt.init_cache(small_cfg, 2, small_cfg.context_length)
     start = jnp.zeros(2, jnp.int32)
-    prefill, cache = gpt.forward_cached(params, tokens[:, :12], cache, start, small_cfg)
-    np.testing.assert_allclose(prefill, reference[:, :12], atol=1e-5)
+    assert len(cache) == small_cfg.n_layers  # one (keys, values) pair per layer
+    prefill, cache = gpt.hidden_cached(params, tokens[:, :12], cache, start, small_cfg)
+    np.testing.assert_allclose(gpt.head(params, prefill), reference[:, :12], atol=1e-5)
     for t in range(12, 20):
-        step, cache = gpt.forward_cached(params, tokens[:, t : t + 1], cache, start + t, small_cfg)
-        np.testing.assert_allclose(step[:, 0], reference[:, t], atol=1e-5)
+        step, cache = gpt.hidden_cached(params, tokens[:, t : t + 1], cache, start + t, small_cfg)
+        np.testing.assert_allclose(gpt.head(params, step[:, 0]), reference[:, t], atol=1e-5)
 
 
 def test_cached_greedy_equals_the_uncached_loop(params, small_cfg):

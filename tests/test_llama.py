@@ -82,14 +82,16 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads
 def test_cached_forward_equals_the_full_forward():
     full = llama.forward(PARAMS, TOKENS, CFG)
     cache = llama.init_cache(CFG, 2, 16)
-    assert cache[0].shape == (CFG.n_layers, 2, 16, CFG.n_kv_heads, CFG.head_dim)  # kv heads only
+    assert len(cache) == CFG.n_layers  # one pair per layer, of the key/value heads only
+    assert cache[0][0].shape == (2, 16, CFG.n_kv_heads, CFG.head_dim)
     start = jnp.zeros(2, jnp.int32)
-    prefill, cache = llama.forward_cached(PARAMS, TOKENS[:, :8], cache, start, CFG)
+    prefill, cache = llama.hidden_cached(PARAMS, TOKENS[:, :8], cache, start, CFG)
     steps = [prefill]
     for t in range(8, 12):
-        step, cache = llama.forward_cached(PARAMS, TOKENS[:, t : t + 1], cache, start + t, CFG)
+        step, cache = llama.hidden_cached(PARAMS, TOKENS[:, t : t + 1], cache, start + t, CFG)
         steps.append(step)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-5)
+    logits = llama.head(PARAMS, jnp.concatenate(steps, 1))
+    np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-5)
 
 
 def test_the_one_decoder_runs_llama_cached_uncached_and_ragged():
