@@ -44,21 +44,32 @@ def encode_preferences(entries: list[dict], tokenizer) -> tuple[list, list, np.n
 
 
 def collate_preferences(
-    chosen, rejected, starts, reference, *, pad_token_id: int, pad_to_multiple: int = 1
+    chosen,
+    rejected,
+    starts,
+    reference,
+    *,
+    pad_token_id: int,
+    pad_to_multiple: int = 1,
+    allowed_max_length: int | None = None,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Rows of a batch -> (tokens, (mask, reference)).
 
     tokens (B, 2, T): each pair's chosen and rejected sequence, padded with pad_token_id to a
-    common length rounded up to a multiple of pad_to_multiple (few shapes: few compilations).
+    common length rounded up to a multiple of pad_to_multiple (few shapes: few compilations), and
+    cut to allowed_max_length (the model's context) when given, as the book's collate does.
     mask (B, 2, T): True on the response's tokens, from its header on; not on the prompt, not on
     the padding. reference (B, 2): the reference model's log-probabilities, carried along.
     """
     longest = max(len(s) for s in (*chosen, *rejected))
     width = round_up(longest, pad_to_multiple)
+    if allowed_max_length is not None:
+        width = min(width, allowed_max_length)
     tokens = np.full((len(chosen), 2, width), pad_token_id, dtype=np.int32)
     mask = np.zeros((len(chosen), 2, width), dtype=bool)
     for b, pair in enumerate(zip(chosen, rejected, strict=True)):
         for j, ids in enumerate(pair):
+            ids = ids[:width]
             tokens[b, j, : len(ids)] = ids
             mask[b, j, starts[b] : len(ids)] = True
     return tokens, (mask, np.asarray(reference, dtype=np.float32))
@@ -71,6 +82,7 @@ def preference_loader(
     *,
     pad_token_id: int,
     pad_to_multiple: int = 32,
+    allowed_max_length: int | None = None,
     shuffle: bool = False,
     drop_last: bool = False,
     seed: int = 123,
@@ -79,7 +91,10 @@ def preference_loader(
     reference log-probabilities (zeros before they are known)."""
     chosen, rejected, starts = encoded
     collate = partial(
-        collate_preferences, pad_token_id=pad_token_id, pad_to_multiple=pad_to_multiple
+        collate_preferences,
+        pad_token_id=pad_token_id,
+        pad_to_multiple=pad_to_multiple,
+        allowed_max_length=allowed_max_length,
     )
     return DataLoader(
         ragged(chosen), ragged(rejected), starts, np.asarray(reference, dtype=np.float32),
@@ -136,9 +151,10 @@ def dpo_batch_loss(
                   "reward_margin": chosen - rejected, "chosen_preferred": preferred}  # fmt: skip
 
 
-def reference_logprobs(params: dict, loader: DataLoader, cfg) -> np.ndarray:
-    """The frozen reference model's (N, 2) log-probabilities for every pair of an unshuffled
-    loader that keeps every example, computed once: they never change while the policy trains."""
+def all_pair_logprobs(params: dict, loader: DataLoader, cfg) -> np.ndarray:
+    """(N, 2) response log-probabilities of every pair of an unshuffled loader that keeps every
+    example: the frozen reference model's are computed once this way, since they never change
+    while the policy trains."""
     logprobs = jax.jit(pair_logprobs)
     batches = loader.batches(0)
     return np.concatenate([logprobs(params, tokens, mask, cfg) for tokens, (mask, _) in batches])

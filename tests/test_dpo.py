@@ -46,6 +46,16 @@ def test_masks_cover_the_response_only(data):
             assert (tokens[b, j][len((chosen, rejected)[j][b]) :] == EOT_ID).all()
 
 
+def test_pairs_longer_than_the_context_are_cut_to_it(data):
+    encoded = dpo.encode_preferences(data[:2], gpt2_tokenizer())
+    loader = dpo.preference_loader(encoded, np.zeros((2, 2)), 2, pad_token_id=EOT_ID,
+                                   allowed_max_length=60)  # fmt: skip
+    tokens, (mask, _) = next(iter(loader.batches(0)))
+    assert tokens.shape == (2, 2, 60)
+    assert (tokens[0, 0] == encoded[0][0][:60]).all()  # the first 60, not the padding
+    assert mask[0, 0].sum() == 60 - encoded[2][0]  # the response's first tokens only
+
+
 def test_dpo_loss_equals_an_independent_computation():
     rng = np.random.default_rng(0)
     pc, pr, rc, rr = (rng.normal(-2, 1, 16) for _ in range(4))
@@ -81,7 +91,7 @@ def test_training_raises_the_margin_against_a_frozen_reference(data):
     encoded = dpo.encode_preferences(data[:8], gpt2_tokenizer())
     params = gpt.init_params(jax.random.key(0), cfg)
     options = dict(batch_size=4, pad_token_id=EOT_ID)
-    reference = dpo.reference_logprobs(params, dpo.preference_loader(encoded, np.zeros((8, 2)),
+    reference = dpo.all_pair_logprobs(params, dpo.preference_loader(encoded, np.zeros((8, 2)),
                                                                      **options), cfg)  # fmt: skip
     assert reference.shape == (8, 2) and np.all(reference < 0)
     evaluation = dpo.preference_loader(encoded, reference, **options)
