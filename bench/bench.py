@@ -50,10 +50,11 @@ def main(argv=None) -> int:
                    help="the accelerator benchmark: 124M at context 1024, fp32 / bf16 / fused, "
                    "MFU (writes bench_gpu.json and bench_gpu.md)")  # fmt: skip
     p.add_argument("--batch", type=int, default=32, help="batch size of the --gpu train step")
+    p.add_argument("--generate-only", action="store_true", help="the decoding benchmark only")
     args = p.parse_args(argv)
     if args.gpu:
         return gpu_main(args)
-    report = cpu_report(args.repeats, args.quick)
+    report = cpu_report(args.repeats, args.quick, train=not args.generate_only)
     save(report, markdown(report), Path(args.out), "bench")
     return 0
 

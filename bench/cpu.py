@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from baselines import starting_models, torch, torch_generators, torch_train_step
 from flax import nnx
-from timing import M124, SMALL, TINY, interleaved, matmul_gflops, train_flops, wait
+from timing import M124, SMALL, TINY, interleaved, matmul_gflops, memory_gbps, train_flops, wait
 
 from gptflax import gpt
 from gptflax.config import GPTConfig
@@ -111,25 +111,38 @@ def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
     return interleaved(fns, repeats)
 
 
-def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int) -> dict:
-    """Greedy tokens/s at batch 1 from a 4-token prompt."""
+def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int, batch: int) -> dict:
+    """Greedy tokens/s (all rows together) from `batch` copies of a 4-token prompt; the uncached
+    loops at batch 1 only (they are slow, and their point is made there)."""
     cfg = cfg.replace(drop_rate=0.0)
     tm, params = starting_models(cfg)
-    prompt = np.array([[6109, 3626, 6100, 345]], dtype=np.int32)  # "Every effort moves you"
-    fns = {
-        "gptflax, no cache": lambda: generate(params, prompt, new_tokens, cfg, use_cache=False),
-        "gptflax, KV cache": lambda: generate(params, prompt, new_tokens, cfg),
-    }
+    prompt = np.tile([[6109, 3626, 6100, 345]], (batch, 1)).astype(np.int32)  # "Every effort..."
+    fns = {"gptflax, KV cache": lambda: generate(params, prompt, new_tokens, cfg)}
+    if batch == 1:
+        fns["gptflax, no cache"] = lambda: generate(
+            params, prompt, new_tokens, cfg, use_cache=False
+        )
     if tm is not None:
-        fns = {**torch_generators(tm, prompt, new_tokens), **fns}
+        torch_fns = torch_generators(tm, prompt, new_tokens)
+        if batch > 1:
+            del torch_fns["book PyTorch, naive loop"]
+        fns = {**torch_fns, **fns}
     res = interleaved(fns, repeats)
     for r in res.values():
-        r["tokens_per_s"] = new_tokens / r["min_s"]
+        r["tokens_per_s"] = batch * new_tokens / r["min_s"]
     return res
 
 
-def cpu_report(repeats: int, quick: bool) -> dict:
-    """Every CPU measurement, as the report bench.json holds."""
+def decoding_limit(cfg: GPTConfig, batch: int, gbps: float) -> float:
+    """Tokens/s at which decoding would only read memory: each step reads every weight once
+    (float32) and yields `batch` tokens; the KV cache and activations are left out (smaller)."""
+    params = jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), cfg))
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return batch * gbps * 1e9 / weight_bytes
+
+
+def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
+    """Every CPU measurement, as the report bench.json holds; decoding only without `train`."""
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
     load_before = os.getloadavg()[0]
@@ -142,6 +155,8 @@ def cpu_report(repeats: int, quick: bool) -> dict:
     else:
         train_cases = [(SMALL, "small (4x256)", 8), (M124, "124M", 2), (M124, "124M", 8)]
         nnx_cases, gen_cfg, new_tokens = [(SMALL, "small (4x256)", 8), (M124, "124M", 2)], M124, 200
+    if not train:
+        train_cases = nnx_cases = []
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})",
@@ -167,12 +182,17 @@ def cpu_report(repeats: int, quick: bool) -> dict:
         report["nnx"].append(
             {"config": name, "batch": batch, "results": bench_nnx(cfg, batch, repeats)}
         )
-    print("generation", flush=True)
-    report["generate"] = {
-        "config": f"{gen_cfg.n_layers} layers x {gen_cfg.emb_dim}",
-        "new_tokens": new_tokens,
-        "results": bench_generate(gen_cfg, new_tokens, max(2, repeats // 2)),
-    }
+    report["memory_gbps"] = gbps = memory_gbps()
+    report["generate"] = []
+    for batch in (1, 8):
+        print(f"generation, batch {batch}", flush=True)
+        report["generate"].append({
+            "config": f"{gen_cfg.n_layers} layers x {gen_cfg.emb_dim}",
+            "batch": batch,
+            "new_tokens": new_tokens,
+            "bandwidth_limit_tokens_per_s": decoding_limit(gen_cfg, batch, gbps),
+            "results": bench_generate(gen_cfg, new_tokens, max(2, repeats // 2), batch),
+        })  # fmt: skip
     report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
     report["loaded"] = load_before > 0.5  # the load after is mostly this benchmark's own
     return report

@@ -7,6 +7,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from baselines import torch
 
 from gptflax.config import GPT_CONFIG_124M, GPTConfig
@@ -56,6 +57,21 @@ def matmul_gflops(n: int, repeats: int = 5, dtype=jnp.float32) -> dict:
         fns["torch"] = lambda: t @ t
     res = interleaved(fns, repeats)
     return {k: 2 * n**3 / v["min_s"] / 1e9 for k, v in res.items()}
+
+
+def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth of this machine, GB/s: the fastest of a few copies of a large float32
+    array (each reads and writes every byte once). Decoding one token reads every weight once."""
+    source = np.ones(megabytes * 2**20 // 4, np.float32)
+    target = np.empty_like(source)
+    fastest = min(_timed(lambda: np.copyto(target, source)) for _ in range(repeats))
+    return 2 * source.nbytes / fastest / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def train_flops(cfg: GPTConfig, batch: int, seq: int) -> float:

@@ -37,8 +37,16 @@ def test_quick_bench_writes_consistent_json_and_markdown(tmp_path):
     assert set(report["nnx"][0]["results"]) == {
         "functional jax.jit", "NNX nnx.jit", "NNX split/merge under jax.jit"
     }  # fmt: skip
-    generation = report["generate"]["results"]
-    assert {"gptflax, no cache", "gptflax, KV cache"} <= set(generation)
+    batch_1, batch_8 = report["generate"]
+    assert {"gptflax, no cache", "gptflax, KV cache"} <= set(batch_1["results"])
+    assert "gptflax, no cache" not in batch_8["results"]
+    # the same weights feed 8 rows per step: the limit is 8x batch 1's
+    assert batch_8["bandwidth_limit_tokens_per_s"] == pytest.approx(
+        8 * batch_1["bandwidth_limit_tokens_per_s"]
+    )
+    for gen in report["generate"]:
+        for r in gen["results"].values():
+            assert r["tokens_per_s"] == pytest.approx(gen["batch"] * 20 / r["min_s"])
     markdown = (tmp_path / "bench.md").read_text()
     assert "## Train step" in markdown and "gptflax, KV cache" in markdown
 
