@@ -34,7 +34,7 @@ def curves_figure(epochs_seen, seen, train_values, val_values, label: str, seen_
     ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
-    ax1.legend(loc="upper right")
+    ax1.legend(loc="best")
     ax2 = ax1.twiny()  # a second x-axis sharing the y-axis
     ax2.plot(seen, train_values, alpha=0)  # invisible: only aligns the ticks
     ax2.set_xlabel(seen_label)
