@@ -29,16 +29,19 @@ def load_preference_data(path=None) -> list[dict]:
         return json.load(f)
 
 
-def encode_preferences(entries: list[dict], tokenizer) -> tuple[list, list, np.ndarray]:
+def encode_preferences(
+    entries: list[dict], tokenizer, end_id: int | None = None
+) -> tuple[list, list, np.ndarray]:
     """Token ids of prompt + "### Response:" + chosen, and of prompt + "### Response:" +
-    rejected, for each entry (the book's PreferenceDataset, without an end token), and where each
-    response starts: at its "### Response:" header, after the prompt's blank line."""
+    rejected, for each entry (the book's PreferenceDataset), and where each response starts: at
+    its "### Response:" header, after the prompt's blank line. With `end_id`, every response ends
+    with that token (the book's has none), so the policy keeps learning where answers stop."""
     chosen, rejected, starts = [], [], []
-    header = len(tokenizer.encode("###"))
+    header, end = len(tokenizer.encode("###")), [] if end_id is None else [end_id]
     for e in entries:
         prompt = format_input(e)
-        chosen.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["chosen"]))
-        rejected.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["rejected"]))
+        chosen.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["chosen"]) + end)
+        rejected.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["rejected"]) + end)
         starts.append(len(tokenizer.encode(prompt + "\n\n###")) - header)
     return chosen, rejected, np.array(starts, dtype=np.int32)
 

@@ -77,8 +77,12 @@ print("\n# 2.3) Pairs as token ids, with masks on the responses")
 # Each row of a batch holds a pair: (B, 2, T) tokens, chosen at [:, 0], rejected at [:, 1]. The
 # mask is True from "### Response:" to the response's end: the prompt is the same in both and
 # says nothing about the preference; the padding is not text. Widths are rounded up to 32s.
-encoded = [dpo.encode_preferences(d, tokenizer) for d in (train_data, val_data, test_data)]
-collate = dict(pad_token_id=end_token_id(tokenizer), allowed_max_length=cfg.context_length)
+# Unlike the book, each response ends with the end token chapter 7 taught the model to stop with:
+# without it (measured from SmolLM2, lr 1e-5) the policy matched the book's margins but stopped
+# ending its answers ("I hope this response meets your requirements." over and over).
+end_id = end_token_id(tokenizer)
+encoded = [dpo.encode_preferences(d, tokenizer, end_id) for d in (train_data, val_data, test_data)]
+collate = dict(pad_token_id=end_id, allowed_max_length=cfg.context_length)
 first_tokens, (first_mask, _) = next(
     iter(dpo.preference_loader(encoded[0], np.zeros((len(train_data), 2)), **collate).batches(0))
 )
@@ -202,7 +206,7 @@ print("\n# Checks")
 assert len(data) == 1_100 and sizes == [935, 55, 110]
 assert data[50]["chosen"] == "The correct spelling is 'Occasion.'"
 assert data[50]["rejected"] == "The correct spelling is obviously 'Occasion.'"
-assert masked_chosen == "### Response:\n" + train_data[0]["chosen"]
+assert masked_chosen == "### Response:\n" + train_data[0]["chosen"] + tokenizer.decode([end_id])
 assert round(toy_logp, 4) == -1.4185 and round(float(same[0]), 4) == 0.6931
 assert abs(float(loss0) - math.log(2)) < 1e-5 and abs(float(aux0["reward_margin"])) < 1e-5
 assert all(

@@ -46,6 +46,20 @@ def test_masks_cover_the_response_only(data):
             assert (tokens[b, j][len((chosen, rejected)[j][b]) :] == EOT_ID).all()
 
 
+def test_an_end_token_closes_every_response_and_counts_in_its_mask(data):
+    tok = gpt2_tokenizer()
+    plain = dpo.encode_preferences(data[:2], tok)
+    ended = dpo.encode_preferences(data[:2], tok, end_id=EOT_ID)
+    for j in (0, 1):  # chosen, rejected
+        assert all(e == p + [EOT_ID] for e, p in zip(ended[j], plain[j], strict=True))
+    np.testing.assert_array_equal(ended[2], plain[2])  # the responses start where they did
+    loader = dpo.preference_loader(ended, np.zeros((2, 2)), 2, pad_token_id=EOT_ID)
+    tokens, (mask, _) = next(iter(loader.batches(0)))
+    assert tok.decode(tokens[0, 1][mask[0, 1]].tolist()).endswith(
+        data[0]["rejected"] + "<|endoftext|>"
+    )
+
+
 def test_pairs_longer_than_the_context_are_cut_to_it(data):
     encoded = dpo.encode_preferences(data[:2], gpt2_tokenizer())
     loader = dpo.preference_loader(encoded, np.zeros((2, 2)), 2, pad_token_id=EOT_ID,
