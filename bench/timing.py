@@ -64,14 +64,8 @@ def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     array (each reads and writes every byte once). Decoding one token reads every weight once."""
     source = np.ones(megabytes * 2**20 // 4, np.float32)
     target = np.empty_like(source)
-    fastest = min(_timed(lambda: np.copyto(target, source)) for _ in range(repeats))
-    return 2 * source.nbytes / fastest / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    copy = interleaved({"copy": lambda: np.copyto(target, source)}, repeats)["copy"]
+    return 2 * source.nbytes / copy["min_s"] / 1e9
 
 
 def train_flops(cfg: GPTConfig, batch: int, seq: int) -> float:

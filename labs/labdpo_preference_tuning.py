@@ -105,14 +105,11 @@ print(f"a policy equal to its reference: loss {float(same[0]):.4f} = ln 2, margi
 print("\n# 5.1) The reference's log-probabilities, computed once")
 # They never change, so one pass over every pair replaces a reference forward pass in every
 # training step and every evaluation batch (the book's loop runs both models each time).
+in_order = [dpo.preference_loader(e, np.zeros((len(e[0]), 2)), **collate) for e in encoded]
 t0 = time.perf_counter()
-reference = [
-    dpo.all_pair_logprobs(reference_params, dpo.preference_loader(e, np.zeros((len(e[0]), 2)),
-                                                                  **collate), cfg)
-    for e in encoded
-]  # fmt: skip
+reference = [dpo.all_pair_logprobs(reference_params, loader, cfg) for loader in in_order]
 reference_seconds = time.perf_counter() - t0
-reference_batches = sum(math.ceil(len(e[0]) / 8) for e in encoded)
+reference_batches = sum(len(loader) for loader in in_order)
 print(f"{reference_batches} batches of 8 pairs in {reference_seconds:.1f} s")
 
 train_loader = dpo.preference_loader(
@@ -176,7 +173,8 @@ print("\n# 6) The results: reward margins and preferences on pairs the policy ne
 scores = {}
 for name, loader, ref in (("val", val_loader, reference[1]), ("test", test_loader, reference[2])):
     policy = dpo.all_pair_logprobs(policy_params, loader, cfg)  # (N, 2)
-    margin = BETA * np.mean((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))
+    _, chosen, rejected = dpo.dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], BETA)
+    margin = float(chosen - rejected)
     before, after = np.mean(ref[:, 0] > ref[:, 1]), np.mean(policy[:, 0] > policy[:, 1])
     scores[name] = {"margin": margin, "before": before, "after": after}
     print(
