@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gptflax.families import config_from_dict, config_to_dict, family
 
@@ -66,10 +67,15 @@ def save_checkpoint(
     max_to_keep: int | None = None,
 ) -> Path:
     """Save params (and optionally {"step", "opt_state"} and JSON `meta`) as checkpoint `step`,
-    after deleting what earlier saves cut short left in `directory`."""
+    after deleting what earlier saves cut short left in `directory`. Arrays split over devices
+    are saved as they are: in a multi-process run, every process calls this and writes its own
+    shards."""
     if step in complete_steps(directory):
         raise CheckpointError(f"{directory} already has checkpoint {step}: not overwriting it")
-    _remove_leftovers(Path(directory))
+    if jax.process_index() == 0:
+        _remove_leftovers(Path(directory))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("gptflax: leftovers removed")
     items = {
         "params": ocp.args.StandardSave(params),
         "meta": ocp.args.JsonSave({"config": config_to_dict(cfg), **(meta or {})}),
@@ -112,7 +118,9 @@ def load_checkpoint(
     of `cfg`'s architecture (dropout and the attention kernel may differ: they are ways to run).
 
     `params_like` / `train_like` give the structure, shapes and dtypes to restore into (arrays or
-    `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`).
+    `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`), and where: leaves with a sharding are
+    restored split that way, whatever mesh the checkpoint was saved from (each process reading
+    its own shards); the others onto one device.
     """
     step, meta = read_meta(directory, step)
     if not meta["config"].same_weights_as(cfg):

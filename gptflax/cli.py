@@ -11,20 +11,28 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptflax import checkpoint, files
+from gptflax import checkpoint, files, parallel
 from gptflax.config import GPT2_PRESETS, TINY
 from gptflax.data import train_val_loaders
 from gptflax.families import family
 from gptflax.generate import chat, generate, sample_text, trim_at_eos
 from gptflax.losses import loss_fn, mixed_precision
-from gptflax.parallel import data_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import end_token_id, gpt2_tokenizer, tokenizer_for
 from gptflax.train import fit, init_train_state, make_optimizer, resume, warmup_cosine_schedule
 from gptflax.weights import load_gpt2, load_smollm2
 
 PRESETS = {**GPT2_PRESETS, "tiny": TINY}
-RUN_ONLY = {"resume", "run_dir", "debug"}  # options that are not settings of the run itself
+# Options that are not settings of the run itself: a resumed run takes them afresh.
+RUN_ONLY = {
+    "resume",
+    "run_dir",
+    "debug",
+    "distributed",
+    "coordinator",
+    "num_processes",
+    "process_id",
+}
 
 
 class CommandError(Exception):
@@ -48,6 +56,15 @@ def _ranged(kind: type, ok, what: str):
 
 
 AT_LEAST_1 = _ranged(int, lambda v: v >= 1, "at least 1")
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+    try:
+        return parallel.parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 ABOVE_0 = _ranged(float, lambda v: v > 0, "above 0")
 NOT_NEGATIVE = _ranged(float, lambda v: v >= 0, "0 or more")
 FRACTION = _ranged(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
@@ -162,6 +179,34 @@ def train_parser() -> argparse.ArgumentParser:
         help="jax.nn.dot_product_attention (cuDNN flash attention on GPUs); needs --drop-rate 0",
     )
     p.add_argument(
+        "--strategy",
+        default="dp",
+        choices=["dp", "fsdp", "tp", "fsdp+tp"],
+        help="how the params and optimizer state are placed on the devices: a copy on each "
+        "(dp), split over the data axis (fsdp), heads and hidden units split over the model axis "
+        "(tp), or both (fsdp+tp); every batch is split over the data axis (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mesh",
+        type=_mesh_sizes,
+        help="the device mesh, e.g. data=4,model=2 (default: data over the devices that divide "
+        "the batch; for tp, model over all devices)",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="a multi-process run: process 0's address, the same for every process (also "
+        "JAX_COORDINATOR_ADDRESS; left out on SLURM, Open MPI and TPU slices, which JAX detects)",
+    )
+    p.add_argument("--num-processes", type=AT_LEAST_1, help="processes in a multi-process run")
+    p.add_argument("--process-id", type=int, help="this process's number, 0 to --num-processes - 1")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run set up by the cluster (SLURM, Open MPI, TPU slice) or by "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID",
+    )
+    p.add_argument(
         "--start-context",
         default="Every effort moves you",
         help="prompt for the sample printed after each epoch (default: %(default)r)",
@@ -204,6 +249,8 @@ def _run(args, command) -> int:
 
 
 def _train(args, given: set[str]) -> int:
+    if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
+        parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.text:
         args.text = str(Path(args.text).absolute())  # the run records where its text is
     ckpt_dir = Path(args.run_dir).absolute() / "checkpoints"
@@ -242,7 +289,10 @@ def _train(args, given: set[str]) -> int:
         lr, args.weight_decay, max_grad_norm=args.max_grad_norm, clip_from_step=warmup_steps
     )
     k_init, k_train = jax.random.split(jax.random.key(args.seed))
-    state = init_train_state(family(cfg).init_params(k_init, cfg), tx)
+    mesh = _train_mesh(args)
+    state = parallel.init_sharded(
+        lambda: init_train_state(family(cfg).init_params(k_init, cfg), tx), cfg, mesh, args.strategy
+    )
     history = None
     if kept is not None:
         state, history = resume(ckpt_dir, state, cfg)
@@ -253,8 +303,10 @@ def _train(args, given: set[str]) -> int:
             )
         print(f"resuming after epoch {history.epochs_done} (step {int(state.step)})")
     print(f"{path}: {len(text):,} characters; {len(train_loader)} batches per epoch; {cfg}")
-    mesh = data_mesh(args.batch_size)
-    print(f"data parallel over {mesh.size} of {len(jax.devices())} {jax.default_backend()} devices")
+    print(
+        f"{args.strategy} on a mesh of {dict(mesh.shape)} over {mesh.size} of {len(jax.devices())} "
+        f"{jax.default_backend()} devices in {jax.process_count()} process(es)"
+    )
     tokenizer = gpt2_tokenizer()
     options = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     try:
@@ -273,11 +325,14 @@ def _train(args, given: set[str]) -> int:
             meta={"options": options},
             sample_fn=lambda p: sample_text(p, tokenizer, args.start_context, cfg),
             mesh=mesh,
+            strategy=args.strategy,
             loss=mixed_precision(partial(loss_fn, cfg=cfg)) if args.bf16 else None,
         )
     except KeyboardInterrupt:
         print(_interrupted(ckpt_dir, args.run_dir), file=sys.stderr)
         return 130
+    if jax.process_index() > 0:
+        return 0  # process 0 plots and reports
     epochs = np.linspace(0, args.epochs, len(history.train_losses))
     plot = plot_losses(
         epochs,
@@ -291,6 +346,19 @@ def _train(args, given: set[str]) -> int:
         f"checkpoints in {ckpt_dir}, loss plot {plot}"
     )
     return 0
+
+
+def _train_mesh(args):
+    """The device mesh that --mesh and --strategy ask for."""
+    sizes = args.mesh or {}
+    if "tp" in args.strategy and not sizes:
+        if args.strategy != "tp":
+            raise CommandError(f"--strategy {args.strategy} needs a --mesh, e.g. data=4,model=2")
+        sizes = {"data": 1, "model": len(jax.devices())}
+    try:
+        return parallel.make_mesh(args.batch_size, **sizes)
+    except ValueError as e:
+        raise CommandError(f"--mesh: {e}") from None
 
 
 def _take_saved_settings(args, given: set[str], ckpt_dir: Path):

@@ -74,17 +74,20 @@ class DataLoader:
         self.epoch = epoch
 
     def batches(
-        self, epoch: int, num_batches: int | None = None
+        self, epoch: int, num_batches: int | None = None, rows: slice | None = None
     ) -> Iterator[tuple[np.ndarray, ...]]:
-        """The (first num_batches) batches of epoch `epoch`, without touching the epoch counter."""
+        """The (first num_batches) batches of epoch `epoch`, without touching the epoch counter;
+        with `rows`, only those rows of each batch (a process's share in a multi-process run)."""
         n = self.num_examples
         order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else None
         for i in range(len(self) if num_batches is None else min(num_batches, len(self))):
             idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if order is not None:
                 idx = order[idx]
-            rows = tuple(a[idx] for a in self.arrays)
-            yield self.collate(*rows) if self.collate else rows
+            if rows is not None:
+                idx = np.arange(n)[idx][rows]
+            batch = tuple(a[idx] for a in self.arrays)
+            yield self.collate(*batch) if self.collate else batch
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """Iterate over the next epoch's batches."""

@@ -1,11 +1,11 @@
 """Model families: one module of pure functions per architecture, found from the config's type.
 
-A family module (`gptflax.gpt`, or a toy one in the tests) provides the functions named in
-`INTERFACE`, over a params dict whose transformer blocks are stacked under "trf_blocks". Decoding,
-the losses, the training loop, checkpoints, the classification head, freezing and LoRA call them
-through `family(cfg)` and never ask which family they hold. A new family is one module and a
-frozen-dataclass config, joined by `register`. The config passes through `jax.jit` as a static
-value, so decorate its class with `jax.tree_util.register_static`, as `GPTConfig` is.
+A family module (`gptflax.gpt`, or a toy one in the tests) provides the functions and the table
+named in `INTERFACE`, over a params dict whose transformer blocks are stacked under "trf_blocks".
+Decoding, the losses, the training loop, checkpoints, sharding, the classification head, freezing
+and LoRA call them through `family(cfg)` and never ask which family they hold. A new family is one
+module and a frozen-dataclass config, joined by `register`. The config passes through `jax.jit` as
+a static value, so decorate its class with `jax.tree_util.register_static`, as `GPTConfig` is.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ INTERFACE = {
     "forward": "(params, tokens, cfg, *, key=None) -> (B, T, V): head(hidden)",
     "init_cache": "(cfg, batch_size, length, dtype) -> an empty KV cache of `length` positions",
     "hidden_cached": "(params, tokens (B, S), cache, start (B,), cfg) -> ((B, S, D), cache)",
+    "LOGICAL_AXES": "{path suffix: names of its axes}, for gptflax.parallel's sharding rules",
 }
 
 _MODULES: dict[type, ModuleType] = {}
@@ -34,7 +35,10 @@ _CONFIGS: dict[str, type] = {}  # family name -> config class, for configs read 
 
 def register(name: str, config_type: type, module: ModuleType) -> None:
     """Make `module` the family of configs of `config_type`, saved under `name` in checkpoints."""
-    if missing := [f for f in INTERFACE if not callable(getattr(module, f, None))]:
+    missing = [f for f in INTERFACE if f.islower() and not callable(getattr(module, f, None))]
+    if not isinstance(getattr(module, "LOGICAL_AXES", None), dict):
+        missing.append("LOGICAL_AXES")
+    if missing:
         raise TypeError(f"family {name!r} ({module.__name__}) lacks {', '.join(missing)}")
     _MODULES[config_type] = module
     _CONFIGS[name] = config_type

@@ -19,6 +19,23 @@ from gptflax.attention import (
 )
 from gptflax.config import GPTConfig
 
+# The logical axes of the params, by path: what each dimension is, so that `gptflax.parallel` can
+# split it over a device mesh for a sharding strategy. A bias follows its kernel's output axis;
+# the stacked "trf_blocks" add a leading layer axis.
+LOGICAL_AXES = {
+    "tok_emb/embedding": ("vocab", "embed"),  # (V, D)
+    "pos_emb/embedding": (None, "embed"),  # (context, D)
+    "W_query/kernel": ("embed", "heads"),  # (D, H * Dh)
+    "W_key/kernel": ("embed", "heads"),
+    "W_value/kernel": ("embed", "heads"),
+    "out_proj/kernel": ("heads", "embed"),
+    "fc1/kernel": ("embed", "mlp"),  # (D, 4D)
+    "fc2/kernel": ("mlp", "embed"),
+    "scale": ("embed",),  # layer norms
+    "shift": ("embed",),
+    "out_head/kernel": ("embed", "vocab"),  # (D, V), or (D, classes) after chapter 6
+}
+
 
 def init_feed_forward(key: jax.Array, emb_dim: int) -> dict:
     """Two linear layers, D -> 4D -> D: the book's ff.layers[0] and ff.layers[2]."""

@@ -23,6 +23,20 @@ from gptflax import nn
 from gptflax.attention import causal_mask
 from gptflax.config import LlamaConfig
 
+# The logical axes of the params, by path, for `gptflax.parallel` (as `gpt.LOGICAL_AXES`).
+LOGICAL_AXES = {
+    "tok_emb/embedding": ("vocab", "embed"),
+    "W_query/kernel": ("embed", "heads"),  # (D, H * Dh)
+    "W_key/kernel": ("embed", "kv_heads"),  # (D, G * Dh)
+    "W_value/kernel": ("embed", "kv_heads"),
+    "out_proj/kernel": ("heads", "embed"),
+    "fc1/kernel": ("embed", "mlp"),  # (D, hidden)
+    "fc2/kernel": ("embed", "mlp"),
+    "fc3/kernel": ("mlp", "embed"),
+    "scale": ("embed",),  # RMSNorms
+    "out_head/kernel": ("embed", "vocab"),
+}
+
 # --- RMSNorm: layer norm without the mean and the shift ------------------------------------------
 
 

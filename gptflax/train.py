@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from gptflax import checkpoint, parallel
@@ -171,6 +172,7 @@ def fit(
     history: History | None = None,
     meta: dict | None = None,
     mesh: Mesh | None = None,
+    strategy: str = "dp",
     has_aux: bool = False,
 ) -> tuple[TrainState, History]:
     """Train for num_epochs, evaluating every eval_freq steps (Book §5.2's train_model_simple).
@@ -181,18 +183,27 @@ def fit(
     `sample_fn(params)` text and `epoch_metrics(params)` (e.g. accuracies, §6.7) are recorded.
     With `checkpoint_dir`, saves after every epoch (with the JSON record `meta`, if given).
     Ctrl-C raises KeyboardInterrupt before the next step (an epoch's end, its save included,
-    completes first); a second Ctrl-C stops at once. Pass the state and history of `resume(...)`
-    to continue an interrupted run: the result is the same as an uninterrupted run's. With a
-    `mesh` (`parallel.data_mesh`), the state is replicated and every batch split across its
-    devices. The `state` passed in stays usable: fit copies it once, and each step then donates
-    its own copy's buffers to the next.
+        completes first); a second Ctrl-C stops at once. Pass the state and history of `resume(...)`
+    to continue an interrupted run: the result is the same as an uninterrupted run's.
+
+    With a `mesh` (`parallel.make_mesh`), every batch is split over its "data" axis and the
+    state placed as `strategy` says: "dp" (replicated), "fsdp", "tp" or "fsdp+tp" (see
+    `gptflax.parallel`). In a multi-process run each process loads only its rows of each batch.
+    The `state` passed in stays usable: fit copies it once, and each step then donates its own
+    copy's buffers to the next.
     """
     history = history or History()
-    state = jax.tree.map(jnp.copy, state)  # ours to donate; the caller's arrays stay valid
-    if mesh is not None:
-        state = parallel.replicate(state, mesh)
     loss = loss or partial(loss_fn, cfg=cfg)
-    step_fn = jax.jit(partial(train_step, loss=loss, tx=tx, has_aux=has_aux), donate_argnums=0)
+    step_fn = partial(train_step, loss=loss, tx=tx, has_aux=has_aux)
+    rows = None  # every row of each batch
+    if mesh is None:
+        state = jax.tree.map(jnp.copy, state)  # ours to donate; the caller's arrays stay valid
+        step_fn = jax.jit(step_fn, donate_argnums=0)
+    else:
+        state = parallel.shard(state, cfg, mesh, strategy)
+        placed = (parallel.shardings(state, cfg, mesh, strategy), NamedSharding(mesh, P()))
+        step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=placed)
+        rows = parallel.local_rows(mesh, train_loader.batch_size)
     eval_fn = jax.jit(loss if has_aux else lambda *args: (loss(*args), {}))
     steps = num_epochs * len(train_loader)
     with (
@@ -200,7 +211,7 @@ def fit(
         _ctrl_c_between_steps() as stop_asked,
     ):
         for epoch in range(history.epochs_done, num_epochs):
-            for batch in train_loader.batches(epoch):
+            for batch in train_loader.batches(epoch, rows=rows):
                 if stop_asked():
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()

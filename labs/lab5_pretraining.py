@@ -22,7 +22,7 @@ from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, top_k_logits
 from gptflax.losses import cross_entropy, loss_fn, perplexity
-from gptflax.parallel import data_mesh
+from gptflax.parallel import make_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
@@ -88,7 +88,7 @@ print(f"before training: train loss {initial_train_loss:.4f}, val loss {initial_
 print("\n# §5.2 Training: a jitted AdamW step, evaluation every 5 steps, a sample after each epoch")
 tx = make_optimizer(learning_rate=4e-4, weight_decay=0.1)
 state = init_train_state(params, tx)
-mesh = data_mesh(train_loader.batch_size)  # batches split over the devices this machine has
+mesh = make_mesh(train_loader.batch_size)  # batches split over the devices this machine has
 print(f"data parallel over {mesh.size} {jax.default_backend()} device(s)")
 state, history = fit(
     state,

@@ -5,11 +5,14 @@
 # ground in JAX: arrays, automatic differentiation with `grad`, compilation with `jit`,
 # vectorisation with `vmap`, explicit random keys, pytrees, and then the appendix's small
 # classifier trained twice: once as pure functions over a params pytree (the style of
-# `gptflax/`), once as a Flax NNX module (the style closest to `torch.nn.Module`).
+# `gptflax/`), once as a Flax NNX module (the style closest to `torch.nn.Module`). It ends with
+# A.9.3's training on several devices, on 8 CPU devices simulated by this machine.
 
 # %%
 print("\n# A.2 Arrays: JAX's tensors")
 import jax
+
+jax.config.update("jax_num_cpu_devices", 8)  # for A.9.3; JAX wants it before its first array
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -197,6 +200,80 @@ acc_nnx = accuracy(model, X_train, y_train), accuracy(model, X_test, y_test)
 print("NNX accuracy train/test:", acc_nnx)
 
 # %%
+print("\n# A.9.3 Training on several devices: data parallel, FSDP, tensor parallel")
+# The book splits each batch over GPUs with PyTorch's DistributedDataParallel. In JAX the same
+# program runs on a mesh of devices: arrays carry a sharding (which device holds which part) and
+# `jax.jit` compiles one program that computes on every part and exchanges what is needed. The
+# batch is split over the mesh's "data" axis; the strategy says where the weights live: a copy
+# on every device (dp, the book's DDP), split over "data" (fsdp: each device holds 1/N of the
+# weights and of the optimizer state) or split over "model" (tp: each device computes its share
+# of the heads and hidden units). Here 8 CPU devices share this machine's cores, so the speed
+# shows what the exchanges cost, not what 8 GPUs would gain.
+import time
+from functools import partial
+
+from gptflax import gpt, parallel
+from gptflax.config import GPT2_PRESETS, TINY
+from gptflax.losses import loss_fn
+from gptflax.train import init_train_state, make_optimizer
+from gptflax.train import train_step as gpt_train_step
+
+cpus = jax.devices("cpu")
+STRATEGIES = {"dp": {"data": 8}, "fsdp": {"data": 8}, "tp": {"model": 8, "data": 1}}
+STRATEGIES["fsdp+tp"] = {"data": 4, "model": 2}
+
+print("bytes per device of the weights and AdamW's state (from shapes; nothing allocated):")
+print(f"{'model':>6} " + "".join(f"{s:>10}" for s in STRATEGIES))
+memory = {}
+for size in ("124M", "1558M"):
+    big = GPT2_PRESETS[size]
+    shapes = jax.eval_shape(
+        lambda cfg=big: init_train_state(gpt.init_params(jax.random.key(0), cfg), make_optimizer())
+    )
+    memory[size] = {
+        name: parallel.bytes_per_device(shapes, big, parallel.make_mesh(devices=cpus, **m), name)
+        for name, m in STRATEGIES.items()
+    }
+    print(f"{size:>6} " + "".join(f"{b / 2**30:>7.2f}GiB" for b in memory[size].values()))
+
+cfg = TINY.replace(vocab_size=512, drop_rate=0.1)
+tx = make_optimizer(1e-3)
+step = partial(gpt_train_step, loss=partial(loss_fn, cfg=cfg), tx=tx)
+rng = np.random.default_rng(0)
+x = rng.integers(0, cfg.vocab_size, (16, cfg.context_length), dtype=np.int32)
+batch, key = (x, np.roll(x, -1, axis=1)), jax.random.key(0)
+state0 = init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
+
+
+def three_steps(step_fn, state, batch):
+    """Losses of three steps, and the seconds per step once compiled."""
+    losses = []
+    for _ in range(3):
+        state, metrics = step_fn(state, batch, key)
+        losses.append(float(metrics["loss"]))
+    start = time.perf_counter()
+    jax.block_until_ready(step_fn(state, batch, key))
+    return np.array(losses), time.perf_counter() - start
+
+
+single_losses, single_s = three_steps(jax.jit(step), state0, batch)
+print(f"\none device: losses {single_losses.round(4)}, {single_s * 1e3:.1f} ms per step")
+results = {}
+for name, sizes in STRATEGIES.items():
+    mesh = parallel.make_mesh(16, devices=cpus, **sizes)
+    state = parallel.shard(state0, cfg, mesh, name)
+    kernel = state.params["trf_blocks"]["ff"]["fc1"]["kernel"]  # (L, D, 4D)
+    step_fn = jax.jit(step, out_shardings=(parallel.shardings(state, cfg, mesh, name), None))
+    results[name] = three_steps(step_fn, state, parallel.shard_batch(batch, mesh))
+    print(
+        f"{name:>8} on {dict(mesh.shape)}: fc1 kernel {kernel.shape} held as "
+        f"{kernel.sharding.shard_shape(kernel.shape)} per device, losses "
+        f"{results[name][0].round(4)}, {results[name][1] * 1e3:.1f} ms per step"
+    )
+# Several hosts run the same script, each after parallel.initialize(...): see the README's
+# "Training on many devices" for the launch commands (python -m gptflax train --strategy fsdp).
+
+# %%
 print("\n# Checks")
 assert tensor3d.shape == (2, 2, 2) and t9[0, 0] == 9 and t[0, 0] == 1
 assert abs(grad_w1 - (a - y) * x1) < 1e-6 and abs(grad_b - (a - y)) < 1e-6
@@ -205,4 +282,9 @@ assert count_params(params_50_3) == 2213 and nnx_count == 2213  # appendix A.5
 assert len(train_loader) == 2
 assert acc_fn == (1.0, 1.0), acc_fn  # appendix A.7: every train and test example right
 assert acc_nnx == (1.0, 1.0), acc_nnx
+for size, held in memory.items():  # FSDP over 8 devices: 1/8 of the weights and Adam's state each
+    assert held["fsdp"] < held["dp"] / 7.9, (size, held)
+    assert held["fsdp+tp"] < held["tp"], (size, held)
+for name, (losses, _) in results.items():  # every strategy computes the one-device steps
+    np.testing.assert_allclose(losses, single_losses, rtol=1e-5, err_msg=name)
 print("lab A: all checks passed")

@@ -1,4 +1,4 @@
-"""Test setup: offline data resolution, 4 simulated CPU devices, exact matmuls, a tiny config."""
+"""Test setup: offline data resolution, 8 simulated CPU devices, exact matmuls, a tiny config."""
 
 import os
 
@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 4)  # before any JAX call: multi-device tests
+jax.config.update("jax_num_cpu_devices", 8)  # before any JAX call: sharding tests
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from gptflax import files  # noqa: E402

@@ -20,6 +20,7 @@ from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 pytestmark = pytest.mark.lab5
 
 TINY_RUN = ["--model", "tiny", "--context-length", "32", "--batch-size", "8", "--eval-freq", "10"]
+TINY_RUN += ["--mesh", "data=1"]  # one device, which compiles fastest (test_parallel shards)
 COMMANDS = {"train": train_main, "generate": generate_main}
 
 
@@ -130,6 +131,9 @@ def test_a_damaged_checkpoint_stops_resume_in_one_line(run_dir, cli, tmp_path):
         "--weight-decay -1",
         "--seed x",
         "--model 7B",
+        "--strategy zero3",
+        "--mesh data=0",
+        "--mesh pipeline=2",
     ],
 )
 def test_impossible_train_options_are_usage_errors(cli, option, tmp_path):
@@ -181,6 +185,20 @@ def test_a_batch_larger_than_the_training_windows_is_a_one_line_error(cli, tmp_p
     argv = [*TINY_RUN, "--batch-size", "1000", "--run-dir", str(tmp_path)]
     status, _, err = cli("train", *argv)
     assert status == 1 and "fewer than one batch: lower --batch-size" in err and short_error(err, 1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--mesh data=4,model=4", "--mesh: a mesh of data=4,model=4 needs 16 devices; there are 8"),
+        ("--mesh data=3", "--mesh: a batch of 8 rows does not split over data=3 devices"),
+        ("--strategy fsdp+tp", "--strategy fsdp+tp needs a --mesh, e.g. data=4,model=2"),
+    ],
+)
+def test_a_mesh_the_devices_cannot_form_is_a_one_line_error(cli, tmp_path, options, message):
+    argv = [*TINY_RUN[:-2], *options.split(), "--run-dir", str(tmp_path)]  # no --mesh data=1
+    status, _, err = cli("train", *argv)
+    assert status == 1 and message in err and short_error(err, 1)
 
 
 def library_greedy(run_dir, prompt: str, n: int) -> str:

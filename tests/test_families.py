@@ -40,6 +40,15 @@ class ToyConfig:
         return ToyConfig(**{**self.__dict__, **changes})
 
 
+LOGICAL_AXES = {
+    "tok_emb/embedding": ("vocab", "embed"),
+    "mix/kernel": ("embed", "mlp"),
+    "scale": ("embed",),
+    "shift": ("embed",),
+    "out_head/kernel": ("embed", "vocab"),
+}
+
+
 def init_params(key, cfg):
     k_emb, k_mix, k_head = jax.random.split(key, 3)
     mix = jax.random.normal(k_mix, (cfg.n_layers, cfg.emb_dim, cfg.emb_dim)) / cfg.emb_dim**0.5
