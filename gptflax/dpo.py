@@ -140,18 +140,33 @@ def dpo_loss(
 
 
 def dpo_batch_loss(
-    params: dict, tokens: jax.Array, extras: tuple, *, cfg, beta: float = 0.1, key=None
+    params: dict,
+    tokens: jax.Array,
+    extras: tuple,
+    *,
+    cfg,
+    beta: float = 0.1,
+    sft_weight: float = 0.0,
+    key=None,
 ) -> tuple[jax.Array, dict]:
     """The DPO loss of one batch of `preference_loader`, and its rewards as auxiliary metrics:
-    the reward margin and the share of pairs the policy prefers the chosen response in."""
+    the reward margin and the share of pairs the policy prefers the chosen response in.
+
+    With `sft_weight`, the loss adds that times the chosen responses' negative log-likelihood
+    per token (`chosen_nll`; RPO, Pang et al. 2024): DPO alone may lower both responses'
+    likelihoods as long as the rejected one falls faster, until the policy no longer writes
+    either; the added term keeps the chosen ones likely."""
     mask, reference = extras
     policy = pair_logprobs(params, tokens, mask, cfg, key=key)  # (B, 2)
     loss, chosen, rejected = dpo_loss(
         policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta
     )
+    nll = -policy[:, 0].mean()
     preferred = (policy[:, 0] > policy[:, 1]).mean()
-    return loss, {"chosen_reward": chosen, "rejected_reward": rejected,
-                  "reward_margin": chosen - rejected, "chosen_preferred": preferred}  # fmt: skip
+    return loss + sft_weight * nll, {
+        "dpo_loss": loss, "chosen_nll": nll, "chosen_reward": chosen, "rejected_reward": rejected,
+        "reward_margin": chosen - rejected, "chosen_preferred": preferred,
+    }  # fmt: skip
 
 
 def all_pair_logprobs(params: dict, loader: DataLoader, cfg) -> np.ndarray:

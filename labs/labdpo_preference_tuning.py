@@ -117,10 +117,16 @@ train_loader = dpo.preference_loader(
 )
 val_loader, test_loader = (dpo.preference_loader(e, r, **collate)
                            for e, r in zip(encoded[1:], reference[1:], strict=True))  # fmt: skip
-batch_loss = jax.tree_util.Partial(dpo.dpo_batch_loss, cfg=cfg, beta=BETA)
+# DPO alone drove lab 7's SmolLM2 (measured at lr 1e-5, with and without the end token) to
+# margins like the book's while both responses became less likely, the chosen ones by 1.2 nats
+# per token: the policy answered every instruction with polite filler that never stopped. From
+# SmolLM2 the lab therefore adds the chosen responses' log-likelihood to the loss, weighted like
+# beta (RPO, `dpo_batch_loss`'s sft_weight); the book's GPT-2 runs plain DPO.
+sft_weight = 0.1 if isinstance(cfg, LlamaConfig) and not QUICK else 0.0
+batch_loss = jax.tree_util.Partial(dpo.dpo_batch_loss, cfg=cfg, beta=BETA, sft_weight=sft_weight)
 loss0, aux0 = jax.jit(batch_loss)(reference_params, *next(iter(val_loader.batches(0))))
-print(f"before training, first validation batch: loss {float(loss0):.4f}, "
-      f"reward margin {float(aux0['reward_margin']):.4f}")  # fmt: skip
+print(f"before training, first validation batch: DPO loss {float(aux0['dpo_loss']):.4f}, "
+      f"reward margin {float(aux0['reward_margin']):.4f}, SFT weight {sft_weight}")  # fmt: skip
 
 # %%
 # The book's settings: AdamW lr 5e-6, weight decay 0.01, 1 epoch, evaluations every 5 steps.
@@ -206,13 +212,19 @@ assert data[50]["chosen"] == "The correct spelling is 'Occasion.'"
 assert data[50]["rejected"] == "The correct spelling is obviously 'Occasion.'"
 assert masked_chosen == "### Response:\n" + train_data[0]["chosen"] + tokenizer.decode([end_id])
 assert round(toy_logp, 4) == -1.4185 and round(float(same[0]), 4) == 0.6931
-assert abs(float(loss0) - math.log(2)) < 1e-5 and abs(float(aux0["reward_margin"])) < 1e-5
+assert (
+    abs(float(aux0["dpo_loss"]) - math.log(2)) < 1e-5 and abs(float(aux0["reward_margin"])) < 1e-5
+)
 assert all(
     r.shape == (len(e[0]), 2) and (r < 0).all() for r, e in zip(reference, encoded, strict=True)
 )
 # The reference is frozen: training left its params as they were.
 assert np.array_equal(dpo.all_pair_logprobs(reference_params, val_loader, cfg), reference[1])
-assert history.val_losses[-1] < history.val_losses[0] < math.log(2) + 0.01
+dpo_losses = [m["dpo_loss"] for m in history.val_metrics]
+assert (
+    dpo_losses[-1] < dpo_losses[0] < math.log(2) + 0.01
+    and history.val_losses[-1] < history.val_losses[0]
+)
 for name, s in scores.items():
     assert s["margin"] > (0.01 if QUICK else 0.05), (name, s)
     assert s["after"] > s["before"] + 0.1, (name, s)

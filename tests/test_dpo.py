@@ -133,3 +133,8 @@ def test_the_loss_works_for_the_llama_family_too():
     assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
     assert abs(float(aux["reward_margin"])) < 1e-5
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    # RPO: the chosen responses' negative log-likelihood per token, weighted, joins the loss
+    with_sft, aux = dpo.dpo_batch_loss(params, tokens, (mask, reference), cfg=cfg, sft_weight=0.5)
+    assert float(aux["chosen_nll"]) == pytest.approx(-float(reference[:, 0].mean()), rel=1e-5)
+    assert float(with_sft) == pytest.approx(float(loss) + 0.5 * float(aux["chosen_nll"]), rel=1e-5)
+    assert float(aux["dpo_loss"]) == pytest.approx(float(loss), rel=1e-6)
