@@ -182,28 +182,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli_train(run_dir, text, *options, processes=1):
+def _cli_train(run_dir, text, *options, processes=1, environment=False):
     """`python -m gptflax train` with FSDP over 4 CPU devices: in one process, or in
-    `processes` processes of 4 / processes devices each, joined through a coordinator."""
+    `processes` processes of 4 / processes devices each, joined through a coordinator named by
+    options, or with `environment` by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID and --distributed."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(4 // processes)}
     command = [
         sys.executable, "-m", "gptflax", "train", str(text), "--model", "tiny",
         "--context-length", "32", "--batch-size", "4", "--strategy", "fsdp", "--eval-freq", "2",
         "--eval-iter", "2", "--run-dir", str(run_dir), *options,
     ]  # fmt: skip
-    if processes > 1:
-        port = _free_port()
-        command += ["--coordinator", f"localhost:{port}", "--num-processes", str(processes)]
+    address = f"localhost:{_free_port()}"
+
+    def joining(i: int) -> tuple[list, dict]:  # how process i finds the others
+        if environment:
+            variables = {"JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(i)}
+            return ["--distributed"], {"JAX_COORDINATOR_ADDRESS": address, **variables}
+        flags = ["--coordinator", address, "--num-processes", str(processes)]
+        return [*flags, "--process-id", str(i)], {}
+
+    joins = [joining(i) for i in range(processes)] if processes > 1 else [([], {})]
     runs = [
-        subprocess.Popen(
-            command + (["--process-id", str(i)] if processes > 1 else []),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(processes)
-    ]
+        subprocess.Popen(command + flags, env={**env, **variables}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for flags, variables in joins
+    ]  # fmt: skip
     outputs = [run.communicate(timeout=600)[0] for run in runs]
     assert all(run.returncode == 0 for run in runs), "\n\n".join(outputs)
     return outputs
@@ -214,7 +218,9 @@ def test_two_processes_train_as_one_and_resume_from_their_shards(tmp_path):
     text.write_text(files.resolve("the-verdict.txt").read_text(encoding="utf-8")[:5000])
     _cli_train(tmp_path / "one", text, "--epochs", "2")
     _cli_train(tmp_path / "two", text, "--epochs", "1", processes=2)  # each writes its shards
-    out = _cli_train(tmp_path / "two", text, "--epochs", "2", "--resume", processes=2)
+    out = _cli_train(
+        tmp_path / "two", text, "--epochs", "2", "--resume", processes=2, environment=True
+    )
     assert "in 2 process(es)" in out[0] and "resuming after epoch 1" in out[1]
     one, two = (tmp_path / name / "checkpoints" for name in ("one", "two"))
     h1, h2 = (checkpoint.read_meta(d)[1]["history"] for d in (one, two))
