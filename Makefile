@@ -48,7 +48,7 @@ $(TORCH_STAMP): $(STAMP)
 # Two test processes: the 2-core machines run the suite in about 10 minutes instead of 13.
 TEST_WORKERS ?= 2
 test: setup ## run the test suite (every lab too, in quick mode; TEST_WORKERS=2 processes)
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15
 
 bench: setup-torch ## time training and generation beside the book's PyTorch code (runs/bench/)
 	$(PY) bench/bench.py --out runs/bench
