@@ -56,6 +56,10 @@ def _ranged(kind: type, ok, what: str):
 
 
 AT_LEAST_1 = _ranged(int, lambda v: v >= 1, "at least 1")
+ABOVE_0 = _ranged(float, lambda v: v > 0, "above 0")
+NOT_NEGATIVE = _ranged(float, lambda v: v >= 0, "0 or more")
+FRACTION = _ranged(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+SHARE = _ranged(float, lambda v: 0 < v < 1, "between 0 and 1")
 
 
 def _mesh_sizes(text: str) -> dict[str, int]:
@@ -63,12 +67,6 @@ def _mesh_sizes(text: str) -> dict[str, int]:
         return parallel.parse_mesh(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-ABOVE_0 = _ranged(float, lambda v: v > 0, "above 0")
-NOT_NEGATIVE = _ranged(float, lambda v: v >= 0, "0 or more")
-FRACTION = _ranged(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-SHARE = _ranged(float, lambda v: 0 < v < 1, "between 0 and 1")
 
 
 def train_parser() -> argparse.ArgumentParser:

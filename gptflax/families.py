@@ -35,10 +35,12 @@ _CONFIGS: dict[str, type] = {}  # family name -> config class, for configs read 
 
 def register(name: str, config_type: type, module: ModuleType) -> None:
     """Make `module` the family of configs of `config_type`, saved under `name` in checkpoints."""
-    missing = [f for f in INTERFACE if f.islower() and not callable(getattr(module, f, None))]
-    if not isinstance(getattr(module, "LOGICAL_AXES", None), dict):
-        missing.append("LOGICAL_AXES")
-    if missing:
+
+    def provided(name: str) -> bool:  # a function, or (upper-case names) a table
+        value = getattr(module, name, None)
+        return isinstance(value, dict) if name.isupper() else callable(value)
+
+    if missing := [name for name in INTERFACE if not provided(name)]:
         raise TypeError(f"family {name!r} ({module.__name__}) lacks {', '.join(missing)}")
     _MODULES[config_type] = module
     _CONFIGS[name] = config_type

@@ -170,23 +170,30 @@ def bytes_per_device(tree, cfg, mesh: Mesh, strategy: str = "dp") -> int:
     return total
 
 
-def replicate(tree, mesh: Mesh):
-    """A full copy of every leaf on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+def jit_sharded(step_fn, state, cfg, mesh: Mesh, strategy: str = "dp", **jit_options):
+    """A copy of `state` placed as the strategy says, and `step_fn(state, ...) -> (state,
+    metrics)` jitted to keep the state so placed (the metrics replicated)."""
+    state = shard(state, cfg, mesh, strategy)
+    placed = (shardings(state, cfg, mesh, strategy), NamedSharding(mesh, P()))
+    return state, jax.jit(step_fn, out_shardings=placed, **jit_options)
 
 
 # --- batches, from one process or several ---------------------------------------------------------
 
 
-def local_rows(mesh: Mesh, batch_size: int) -> slice:
-    """The rows of every global batch of batch_size that this process feeds (all of them in a
-    single process): those its devices hold along the "data" axis."""
+def _check_splits(mesh: Mesh, batch_size: int) -> None:
     n = mesh.shape["data"]
     if batch_size % n:
         raise ValueError(
             f"a batch of {batch_size} rows does not split over {n} devices: use a batch size "
             f"divisible by {n}, or make_mesh(batch_size), which uses fewer devices"
         )
+
+
+def local_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of every global batch of batch_size that this process feeds (all of them in a
+    single process): those its devices hold along the "data" axis."""
+    _check_splits(mesh, batch_size)
     sharding = NamedSharding(mesh, P("data"))
     held = {idx[0].indices(batch_size) for idx in sharding.addressable_devices_indices_map(
         (batch_size,)).values()}  # fmt: skip
@@ -201,7 +208,7 @@ def shard_batch(batch, mesh: Mesh):
     each process passes its own rows (`local_rows`) and gets the global batch."""
     processes = jax.process_count()
     for x in jax.tree.leaves(batch):
-        local_rows(mesh, x.shape[0] * processes)  # a clear error for a batch that does not split
+        _check_splits(mesh, x.shape[0] * processes)
     sharding = NamedSharding(mesh, P("data"))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 

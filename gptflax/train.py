@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gptflax import checkpoint, parallel
@@ -183,7 +182,7 @@ def fit(
     `sample_fn(params)` text and `epoch_metrics(params)` (e.g. accuracies, §6.7) are recorded.
     With `checkpoint_dir`, saves after every epoch (with the JSON record `meta`, if given).
     Ctrl-C raises KeyboardInterrupt before the next step (an epoch's end, its save included,
-        completes first); a second Ctrl-C stops at once. Pass the state and history of `resume(...)`
+    completes first); a second Ctrl-C stops at once. Pass the state and history of `resume(...)`
     to continue an interrupted run: the result is the same as an uninterrupted run's.
 
     With a `mesh` (`parallel.make_mesh`), every batch is split over its "data" axis and the
@@ -200,9 +199,7 @@ def fit(
         state = jax.tree.map(jnp.copy, state)  # ours to donate; the caller's arrays stay valid
         step_fn = jax.jit(step_fn, donate_argnums=0)
     else:
-        state = parallel.shard(state, cfg, mesh, strategy)
-        placed = (parallel.shardings(state, cfg, mesh, strategy), NamedSharding(mesh, P()))
-        step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=placed)
+        state, step_fn = parallel.jit_sharded(step_fn, state, cfg, mesh, strategy, donate_argnums=0)
         rows = parallel.local_rows(mesh, train_loader.batch_size)
     eval_fn = jax.jit(loss if has_aux else lambda *args: (loss(*args), {}))
     steps = num_epochs * len(train_loader)

@@ -261,9 +261,8 @@ print(f"\none device: losses {single_losses.round(4)}, {single_s * 1e3:.1f} ms p
 results = {}
 for name, sizes in STRATEGIES.items():
     mesh = parallel.make_mesh(16, devices=cpus, **sizes)
-    state = parallel.shard(state0, cfg, mesh, name)
+    state, step_fn = parallel.jit_sharded(step, state0, cfg, mesh, name)
     kernel = state.params["trf_blocks"]["ff"]["fc1"]["kernel"]  # (L, D, 4D)
-    step_fn = jax.jit(step, out_shardings=(parallel.shardings(state, cfg, mesh, name), None))
     results[name] = three_steps(step_fn, state, parallel.shard_batch(batch, mesh))
     print(
         f"{name:>8} on {dict(mesh.shape)}: fc1 kernel {kernel.shape} held as "
