@@ -21,7 +21,7 @@ from gptflax.families import family
 from gptflax.lora import init_lora
 from gptflax.train import fit, init_train_state, make_optimizer, resume
 
-pytestmark = pytest.mark.lab5
+pytestmark = [pytest.mark.labA, pytest.mark.lab5]  # lab A's A.9.3; lab 5 trains data parallel
 
 STRATEGIES = [  # (strategy, mesh sizes)
     ("dp", {"data": 8}),
