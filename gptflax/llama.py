@@ -200,7 +200,7 @@ def embed(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, key=None) -> jax
 
 
 def run_blocks(blocks: dict, x: jax.Array, cfg: LlamaConfig, *, key=None) -> jax.Array:
-    """Stacked blocks over positions 0..T-1, in order with `lax.scan`: (B, T, D) -> (B, T, D)."""
+    """Stacked blocks over positions 0..T-1, in order (`nn.scan_layers`): (B, T, D) -> (B, T, D)."""
     t = x.shape[1]
     cos, sin = rope_angles(jnp.arange(t)[None], cfg)  # (1, T, Dh)
     visible = causal_mask(t)[None]  # (1, T, T)
@@ -209,12 +209,13 @@ def run_blocks(blocks: dict, x: jax.Array, cfg: LlamaConfig, *, key=None) -> jax
         with jax.named_scope("block"):
             return block(layer_params, x, cos, sin, visible, cfg)[0], None
 
-    return jax.lax.scan(step, x, blocks)[0]
+    return nn.scan_layers(step, x, blocks)
 
 
 def final_norm(params: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
     """The RMSNorm after the last block: (B, T, D) -> (B, T, D)."""
-    return rms_norm(params["final_norm"], x, cfg.rms_eps)
+    with jax.named_scope("final_norm"):
+        return rms_norm(params["final_norm"], x, cfg.rms_eps)
 
 
 def head(params: dict, h: jax.Array) -> jax.Array:

@@ -42,8 +42,9 @@ def loss_fn(
     key: jax.Array | None = None,
 ) -> jax.Array:
     """Loss of one batch: (B, T) inputs and targets -> scalar (the book's calc_loss_batch, §5.1)."""
+    logits = family(cfg).forward(params, inputs, cfg, key=key)
     with jax.named_scope("loss"):
-        return cross_entropy(family(cfg).forward(params, inputs, cfg, key=key), targets)
+        return cross_entropy(logits, targets)
 
 
 def classifier_forward(

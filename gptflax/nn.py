@@ -108,6 +108,14 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 # --- stacked transformer blocks: every family keeps its blocks' params under "trf_blocks" ---------
 
 
+def scan_layers(step, x: jax.Array, layers):
+    """`lax.scan` of `step(x, layer) -> (x, None)` over stacked per-layer values: the blocks run
+    in order, carrying x. Off the CPU the loop is unrolled: there, slicing each layer's weights out
+    of the stack and stacking what the backward pass keeps were copies that cost more than the
+    attention (see README); on a CPU, unrolling only lengthens the compile."""
+    return jax.lax.scan(step, x, layers, unroll=jax.default_backend() != "cpu")[0]
+
+
 def count_params(params) -> int:
     """Number of scalars in a params pytree (works on `jax.eval_shape` output too)."""
     return sum(leaf.size for leaf in jax.tree.leaves(params))

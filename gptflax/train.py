@@ -107,8 +107,9 @@ def train_step(
     grad_fn = jax.value_and_grad(loss, has_aux=has_aux)
     value, grads = grad_fn(state.params, *batch, key=dropout_key)
     value, aux = value if has_aux else (value, {})
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state), {"loss": value, **aux}
 
 

@@ -94,6 +94,7 @@ def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg)
         classifier_forward(params, tokens, cfg, frozen_blocks=2),
         gpt.forward(params, tokens, cfg),
         rtol=1e-6,
+        atol=1e-6,  # a GPU sums in another order: 1.4e-7 apart on an H100 (grads: 2.7e-8)
     )
     full = jax.grad(classification_loss)(params, tokens, labels, cfg)
     part = jax.grad(partial(classification_loss, frozen_blocks=2))(params, tokens, labels, cfg)
@@ -101,4 +102,6 @@ def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg)
     assert not np.any(w_part[:2]) and np.abs(w_full[:2]).max() > 0
     np.testing.assert_allclose(w_part[2], w_full[2], rtol=1e-5, atol=1e-7)
     assert not np.any(part["tok_emb"]["embedding"])
-    np.testing.assert_allclose(part["out_head"]["kernel"], full["out_head"]["kernel"], rtol=1e-5)
+    np.testing.assert_allclose(
+        part["out_head"]["kernel"], full["out_head"]["kernel"], rtol=1e-5, atol=1e-7
+    )
