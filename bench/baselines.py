@@ -1,33 +1,86 @@
-"""The PyTorch baselines: the book's GPTModel with our weights, and a KV-cached decoder for it.
+"""The PyTorch baselines: the book's GPTModel and Llama3Model (bonus chapter) with our weights, a
+KV-cached decoder for the GPT, and the book's own KV-cached Llama.
 
 They need `make setup-torch` (torch and the book's llms-from-scratch package); without it `torch`
 is None and the benchmarks leave the PyTorch rows out."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import types
+from functools import partial
 
 import jax
 
-from gptflax import gpt
-from gptflax.config import GPTConfig
-from gptflax.weights import from_book_state_dict
+from gptflax.config import LlamaConfig
+from gptflax.families import family
+from gptflax.weights import from_book_llama_state_dict, from_book_state_dict
 
 try:
     import torch
     from llms_from_scratch import ch04 as book
+    from llms_from_scratch import llama3 as book_llama
+    from llms_from_scratch.kv_cache import generate as book_kv_generate
+    from llms_from_scratch.kv_cache import llama3 as book_kv_llama
 except ImportError:  # the PyTorch comparison is optional
-    torch = book = None
+    torch = book = book_llama = book_kv_generate = book_kv_llama = None
 
 
-def starting_models(cfg: GPTConfig, with_torch: bool = True):
-    """(the book's PyTorch GPTModel or None, our params with the same weights)."""
+def book_llama_config(cfg: LlamaConfig) -> dict:
+    """The book's Llama3Model config dict for ours (float32; its RMSNorm eps is fixed at 1e-5)."""
+    assert cfg.rms_eps == 1e-5 and cfg.rope_scaling is None, "the book's model can't run this"
+    return {
+        "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
+        "emb_dim": cfg.emb_dim, "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
+        "hidden_dim": cfg.hidden_dim, "n_kv_groups": cfg.n_kv_heads, "rope_base": cfg.rope_base,
+        "rope_freq": None, "dtype": torch.float32,
+    }  # fmt: skip
+
+
+def book_llama_model(cfg: LlamaConfig, module=None):
+    """The book's Llama3Model (`module`: llama3, or kv_cache.llama3 for the cached one), its
+    output head tied to the token embedding when the config ties them."""
+    m = (module or book_llama).Llama3Model(book_llama_config(cfg))
+    if cfg.tie_embeddings:
+        m.out_head.weight = m.tok_emb.weight
+    return m
+
+
+def starting_models(cfg, with_torch: bool = True):
+    """(the book's PyTorch GPTModel or Llama3Model, or None; our params with the same weights)."""
     if torch is None or not with_torch:
-        return None, gpt.init_params(jax.random.key(0), cfg)
+        return None, family(cfg).init_params(jax.random.key(0), cfg)
     torch.manual_seed(123)
-    book_model = book.GPTModel(dataclasses.asdict(cfg))
+    if isinstance(cfg, LlamaConfig):
+        book_model, convert = book_llama_model(cfg), from_book_llama_state_dict
+    else:
+        book_model, convert = book.GPTModel(dataclasses.asdict(cfg)), from_book_state_dict
     state = {k: v.detach().numpy() for k, v in book_model.state_dict().items()}
-    return book_model, from_book_state_dict(state, cfg)
+    return book_model, convert(state, cfg)
+
+
+def with_sdpa(m):
+    """A copy of the book's GPTModel whose attention runs torch's fused
+    F.scaled_dot_product_attention (scores, causal mask, softmax and dropout in one call): what a
+    PyTorch user would pick."""
+    m = copy.deepcopy(m)
+
+    def forward(att, x):  # (B, T, D) -> (B, T, D), as the book's MultiHeadAttention.forward
+        b, t, _ = x.shape
+        q, k, v = (
+            w(x).view(b, t, att.num_heads, att.head_dim).transpose(1, 2)
+            for w in (att.W_query, att.W_key, att.W_value)
+        )  # (B, H, T, Dh) each
+        drop = att.dropout.p if att.training else 0.0
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=drop, is_causal=True
+        )
+        return att.out_proj(context.transpose(1, 2).reshape(b, t, -1))
+
+    for blk in m.trf_blocks:
+        blk.att.forward = types.MethodType(forward, blk.att)
+    return m
 
 
 def torch_train_step(m, x, y):
@@ -76,18 +129,25 @@ def torch_kv_generate(m, idx, new_tokens: int):
     return idx
 
 
-def torch_generators(m, prompt, new_tokens: int) -> dict:
-    """The book's naive generate_text_simple loop and the KV-cached decoder, as callables."""
+def torch_generators(m, prompt, new_tokens: int, cfg) -> dict:
+    """The book's naive generate_text_simple loop and a KV-cached decoder (for a Llama3Model the
+    book's own, kv_cache.llama3 with its generate_text_simple), as callables."""
     m.eval()
     tp = torch.from_numpy(prompt).long()
-    context = m.pos_emb.weight.shape[0]
+    if isinstance(cfg, LlamaConfig):
+        cached = book_llama_model(cfg, book_kv_llama)
+        cached.load_state_dict(m.state_dict())
+        cached.eval()
+        kv_decode = partial(book_kv_generate.generate_text_simple, cached, tp, new_tokens)
+    else:
+        kv_decode = partial(torch_kv_generate, m, tp, new_tokens)
 
     def naive():
         with torch.no_grad():
-            book.generate_text_simple(m, tp, new_tokens, context)
+            book.generate_text_simple(m, tp, new_tokens, cfg.context_length)
 
     def kv_cached():
         with torch.no_grad():
-            torch_kv_generate(m, tp, new_tokens)
+            kv_decode()
 
     return {"book PyTorch, naive loop": naive, "book PyTorch, KV cache": kv_cached}

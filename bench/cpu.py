@@ -11,12 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from baselines import starting_models, torch, torch_generators, torch_train_step
+from baselines import starting_models, torch, torch_generators, torch_train_step, with_sdpa
 from flax import nnx
-from timing import M124, SMALL, TINY, interleaved, matmul_gflops, memory_gbps, train_flops, wait
+from stages import stage_split
+from timing import (
+    M124,
+    SMALL,
+    SMOL,
+    SMOL_TINY,
+    TINY,
+    interleaved,
+    matmul_gflops,
+    memory_gbps,
+    train_flops,
+    wait,
+)
 
 from gptflax import gpt
 from gptflax.config import GPTConfig
+from gptflax.families import family
 from gptflax.generate import generate
 from gptflax.losses import cross_entropy, loss_fn, mixed_precision
 from gptflax.nnx_model import from_params
@@ -28,9 +41,10 @@ MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def bench_train(
-    cfg: GPTConfig, batch: int, repeats: int, peak: float, bf16=False, with_torch=True
-) -> dict:
-    """One AdamW step (tokens/s, share of the matmul peak `peak` in GFLOP/s), with the book's."""
+    cfg, batch: int, repeats: int, peak: float, bf16=False, with_torch=True, split=False
+):
+    """One AdamW step (tokens/s, share of the matmul peak `peak` in GFLOP/s), with the book's;
+    and with `split`, where the step's time goes (`stages.stage_split`), else None."""
     tm, params = starting_models(cfg, with_torch)
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32)
@@ -49,18 +63,21 @@ def bench_train(
     fns = {"gptflax (jax.jit)": jax_step}
     if tm is not None and not bf16:
         fns["book PyTorch"] = torch_train_step(tm, x, y)
+        if isinstance(cfg, GPTConfig):
+            fns["PyTorch + SDPA"] = torch_train_step(with_sdpa(tm), x, y)
     res = interleaved(fns, repeats)
     flops = train_flops(cfg, batch, cfg.context_length)
     for r in res.values():
         r["tokens_per_s"] = batch * cfg.context_length / r["min_s"]
         r["model_tflops_per_step"] = flops / 1e12
         r["share_of_matmul_peak"] = flops / r["min_s"] / 1e9 / peak
-    if "book PyTorch" in res:
-        res["speedup_vs_book"] = res["book PyTorch"]["min_s"] / res["gptflax (jax.jit)"]["min_s"]
-        res["speedup_vs_book_median"] = (
-            res["book PyTorch"]["median_s"] / res["gptflax (jax.jit)"]["median_s"]
-        )
-    return res
+    ours = res["gptflax (jax.jit)"]
+    for name, ratio in (("book PyTorch", "speedup_vs_book"), ("PyTorch + SDPA", "speedup_vs_sdpa")):
+        if name in res:
+            res[ratio] = res[name]["min_s"] / ours["min_s"]
+            res[f"{ratio}_median"] = res[name]["median_s"] / ours["median_s"]
+    stages = stage_split(step.lower(state[0], (x, y), key).compile(), jax_step) if split else None
+    return res, stages
 
 
 def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
@@ -111,20 +128,21 @@ def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
     return interleaved(fns, repeats)
 
 
-def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int, batch: int) -> dict:
-    """Greedy tokens/s (all rows together) from `batch` copies of a 4-token prompt; the uncached
-    loops at batch 1 only (they are slow, and their point is made there)."""
-    cfg = cfg.replace(drop_rate=0.0)
+def bench_generate(cfg, new_tokens: int, repeats: int, batch: int, uncached: bool) -> dict:
+    """Greedy tokens/s (all rows together) from `batch` copies of a 4-token prompt; with
+    `uncached`, also the loops without a cache (slow: their point is made at batch 1)."""
+    cfg = cfg.replace(drop_rate=0.0) if isinstance(cfg, GPTConfig) else cfg
     tm, params = starting_models(cfg)
-    prompt = np.tile([[6109, 3626, 6100, 345]], (batch, 1)).astype(np.int32)  # "Every effort..."
+    prompt = np.tile([[6109, 3626, 6100, 345]], (batch, 1)) % cfg.vocab_size  # "Every effort.."
+    prompt = prompt.astype(np.int32)  # GPT-2's ids; any ids in a smaller vocabulary
     fns = {"gptflax, KV cache": lambda: generate(params, prompt, new_tokens, cfg)}
-    if batch == 1:
+    if uncached:
         fns["gptflax, no cache"] = lambda: generate(
             params, prompt, new_tokens, cfg, use_cache=False
         )
     if tm is not None:
-        torch_fns = torch_generators(tm, prompt, new_tokens)
-        if batch > 1:
+        torch_fns = torch_generators(tm, prompt, new_tokens, cfg)
+        if not uncached:
             del torch_fns["book PyTorch, naive loop"]
         fns = {**torch_fns, **fns}
     res = interleaved(fns, repeats)
@@ -133,10 +151,10 @@ def bench_generate(cfg: GPTConfig, new_tokens: int, repeats: int, batch: int) ->
     return res
 
 
-def decoding_limit(cfg: GPTConfig, batch: int, gbps: float) -> float:
+def decoding_limit(cfg, batch: int, gbps: float) -> float:
     """Tokens/s at which decoding would only read memory: each step reads every weight once
     (float32) and yields `batch` tokens; the KV cache and activations are left out (smaller)."""
-    params = jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), cfg))
+    params = jax.eval_shape(lambda: family(cfg).init_params(jax.random.key(0), cfg))
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     return batch * gbps * 1e9 / weight_bytes
 
@@ -149,12 +167,18 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
     n = 512 if quick else 4096
     peak_by = matmul_gflops(n)
     peak = max(peak_by.values())
+    # (config, name, batch, also in bf16, with the stage split)
     if quick:
-        train_cases = nnx_cases = [(TINY, "tiny", 2)]
-        gen_cfg, new_tokens = TINY, 20
+        train_cases = [(TINY, "GPT tiny", 2, True, True), (SMOL_TINY, "Llama tiny", 2, False, True)]
+        nnx_cases, new_tokens = [(TINY, "tiny", 2)], 20
+        gen_cases = [(TINY, "GPT tiny"), (SMOL_TINY, "Llama tiny")]
     else:
-        train_cases = [(SMALL, "small (4x256)", 8), (M124, "124M", 2), (M124, "124M", 8)]
-        nnx_cases, gen_cfg, new_tokens = [(SMALL, "small (4x256)", 8), (M124, "124M", 2)], M124, 200
+        train_cases = [
+            (SMALL, "GPT small (4x256)", 8, True, False), (M124, "GPT-2 124M", 2, True, False),
+            (M124, "GPT-2 124M", 8, True, True), (SMOL, "SmolLM2-135M", 8, False, True),
+        ]  # fmt: skip
+        nnx_cases = [(SMALL, "small (4x256)", 8), (M124, "124M", 2)]
+        gen_cases, new_tokens = [(M124, "GPT-2 124M"), (SMOL, "SmolLM2-135M")], 200
     if not train:
         train_cases = nnx_cases = []
     report = {
@@ -167,16 +191,19 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
         "matmul_n": n,
         "matmul_gflops": peak_by,
         "train": [],
+        "stages": [],
         "nnx": [],
     }
-    for cfg, name, batch in train_cases:
-        print(f"train step: {name}, batch {batch}", flush=True)
-        res = bench_train(cfg, batch, repeats, peak)
-        report["train"].append({"config": name, "batch": batch, "results": res})
-        bf16 = bench_train(cfg, batch, repeats, peak, bf16=True)["gptflax (jax.jit)"]
-        report["train"].append(
-            {"config": name, "batch": batch, "results": {"gptflax bf16 (jax.jit)": bf16}}
-        )
+    for cfg, name, batch, bf16, split in train_cases:
+        print(f"train step: {name}, context {cfg.context_length}, batch {batch}", flush=True)
+        res, stages = bench_train(cfg, batch, repeats, peak, split=split)
+        row = {"config": name, "context": cfg.context_length, "batch": batch}
+        report["train"].append({**row, "results": res})
+        if stages:
+            report["stages"].append({**row, "stages": stages})
+        if bf16:
+            r = bench_train(cfg, batch, repeats, peak, bf16=True)[0]["gptflax (jax.jit)"]
+            report["train"].append({**row, "results": {"gptflax bf16 (jax.jit)": r}})
     for cfg, name, batch in nnx_cases:
         print(f"functional vs NNX: {name}, batch {batch}", flush=True)
         report["nnx"].append(
@@ -184,15 +211,17 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
         )
     report["memory_gbps"] = gbps = memory_gbps()
     report["generate"] = []
-    for batch in (1, 8):
-        print(f"generation, batch {batch}", flush=True)
-        report["generate"].append({
-            "config": f"{gen_cfg.n_layers} layers x {gen_cfg.emb_dim}",
-            "batch": batch,
-            "new_tokens": new_tokens,
-            "bandwidth_limit_tokens_per_s": decoding_limit(gen_cfg, batch, gbps),
-            "results": bench_generate(gen_cfg, new_tokens, max(2, repeats // 2), batch),
-        })  # fmt: skip
+    for i, (cfg, name) in enumerate(gen_cases):
+        for batch in (1, 8):
+            print(f"generation: {name}, batch {batch}", flush=True)
+            uncached = i == 0 and batch == 1  # the uncached loops once, GPT at batch 1
+            report["generate"].append({
+                "config": name,
+                "batch": batch,
+                "new_tokens": new_tokens,
+                "bandwidth_limit_tokens_per_s": decoding_limit(cfg, batch, gbps),
+                "results": bench_generate(cfg, new_tokens, max(2, repeats // 2), batch, uncached),
+            })  # fmt: skip
     report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
     report["loaded"] = load_before > 0.5  # the load after is mostly this benchmark's own
     return report

@@ -16,21 +16,22 @@ def gpu_markdown(report: dict) -> str:
         f"{g['bf16_matmul_gflops'] / 1e3:.0f} TFLOP/s; nominal dense bf16 peak: "
         + (f"{nominal:.0f} TFLOP/s" if nominal else "unknown for this device"),
         "",
-        f"## Train step, {g['config']}, batch {g['batch']} (AdamW, no dropout)",
+        f"## Train step, {g['config']} (AdamW, no dropout)",
         "",
-        "| variant | compile s | min s | median s | tokens/s | model TFLOP/s | MFU "
+        "| model | variant | batch | compile s | min s | median s | tokens/s | model TFLOP/s | MFU "
         "| share of measured matmul peak |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in g["train"]:
         r = row["results"]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(
-            f"| {row['variant']} | {r['compile_s']:.1f} | {r['min_s']:.4f} | {r['median_s']:.4f} "
+            f"| {row['model']} | {row['variant']} | {row['batch']} | {r['compile_s']:.1f} "
+            f"| {r['min_s']:.4f} | {r['median_s']:.4f} "
             f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_step'] / r['min_s']:.1f} | {mfu} "
             f"| {r['share_of_matmul_peak']:.0%} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + stage_rows(g["stages"])) + "\n"
 
 
 def _header(report: dict) -> list[str]:
@@ -53,31 +54,56 @@ def _train_rows(report: dict) -> list[str]:
         return []
     lines = [
         "",
-        "## Train step (AdamW, dropout 0.1)",
+        "## Train step (AdamW; dropout 0.1 in the GPTs, none in the Llama)",
         "",
-        "| config | batch | implementation | compile s | min s | median s | tokens/s "
+        "| config | context | batch | implementation | compile s | min s | median s | tokens/s "
         "| share of matmul peak |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["train"]:
         res = row["results"]
         for name, r in res.items():
             if isinstance(r, dict):
                 lines.append(
-                    f"| {row['config']} | {row['batch']} | {name} | {r['compile_s']:.1f} | "
+                    f"| {row['config']} | {row['context']} | {row['batch']} | {name} "
+                    f"| {r['compile_s']:.1f} | "
                     f"{r['min_s']:.3f} | {r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                     f"{r['share_of_matmul_peak']:.0%} |"
                 )
-        if "speedup_vs_book" in res:
-            lines.append(
-                f"| {row['config']} | {row['batch']} | **gptflax / book speed** | | "
-                f"**{res['speedup_vs_book']:.2f}x** | {res['speedup_vs_book_median']:.2f}x | | |"
-            )
+        for key, name in (("speedup_vs_book", "book"), ("speedup_vs_sdpa", "SDPA")):
+            if key in res:
+                lines.append(
+                    f"| {row['config']} | {row['context']} | {row['batch']} "
+                    f"| **gptflax / {name} speed** | | "
+                    f"**{res[key]:.2f}x** | {res[f'{key}_median']:.2f}x | | |"
+                )
+    return lines
+
+
+def stage_rows(splits: list[dict]) -> list[str]:
+    """A table of where each profiled train step's op time goes, ms per step and share."""
+    if not splits:
+        return []
+    stages = list(dict.fromkeys(stage for row in splits for stage in row["stages"]))
+    lines = [
+        "",
+        "## Where a train step's time goes (one profiled step: op time in ms, share)",
+        "",
+        "| config | batch | " + " | ".join(stages) + " |",
+        "|---|---|" + "---|" * len(stages),
+    ]
+    for row in splits:
+        cells = (row["stages"].get(stage, {"ms": 0.0, "share": 0.0}) for stage in stages)
+        lines.append(
+            f"| {row['config']} | {row['batch']} | "
+            + " | ".join(f"{c['ms']:,.0f} ({c['share']:.0%})" for c in cells)
+            + " |"
+        )
     return lines
 
 
 def markdown(report: dict) -> str:
-    lines = _header(report) + _train_rows(report)
+    lines = _header(report) + _train_rows(report) + stage_rows(report["stages"])
     if report["nnx"]:
         lines += ["", "## Functional vs NNX (one AdamW step, no dropout)", "",
                   "| config | batch | implementation | compile s | min s | median s |",

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from baselines import torch
 
-from gptflax.config import GPT_CONFIG_124M, GPTConfig
+from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, SMOLLM2_135M, GPTConfig, LlamaConfig
 
 SMALL = GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.1)
 TINY = SMALL.replace(context_length=64, emb_dim=64, n_layers=2)  # --quick: checks the scripts
 M124 = GPT_CONFIG_124M.replace(context_length=256)
+SMOL = SMOLLM2_135M.replace(context_length=512)  # the Llama family: trains at context 512
+SMOL_TINY = LLAMA_TINY  # --quick
 
 SETTLE_S = 0.5  # pause before each timed call: the other library's idle threads stop spinning
 
@@ -68,10 +70,18 @@ def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * source.nbytes / copy["min_s"] / 1e9
 
 
-def train_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
+def matmul_weights(cfg) -> int:
+    """Weights each token is multiplied by: every block's kernels and the output head."""
+    d = cfg.emb_dim
+    if isinstance(cfg, LlamaConfig):  # q and out D x D, k and v D x (G * Dh), SwiGLU 3 D x hidden
+        per_layer = 2 * d * d + 2 * d * cfg.n_kv_heads * cfg.head_dim + 3 * d * cfg.hidden_dim
+    else:  # qkv and out 4 D^2, MLP 8 D^2
+        per_layer = 12 * d * d
+    return cfg.n_layers * per_layer + d * cfg.vocab_size
+
+
+def train_flops(cfg, batch: int, seq: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward): 2 per multiply-add
     of every weight matrix per token, plus the attention scores and weighted sums."""
-    d, layers = cfg.emb_dim, cfg.n_layers
-    matmul_params = layers * 12 * d * d + d * cfg.vocab_size  # qkv+out 4d^2, MLP 8d^2, head
-    attention = layers * 2 * 2 * seq * d  # QK^T and AV, per token (full, not causal-halved)
-    return 3 * 2 * batch * seq * (matmul_params + attention / 2)
+    attention = cfg.n_layers * 2 * 2 * seq * cfg.emb_dim  # QK^T and AV per token, full (unmasked)
+    return 3 * 2 * batch * seq * (matmul_weights(cfg) + attention / 2)

@@ -180,25 +180,51 @@ def load_gpt2(size: str = "124M", **resolve_options) -> tuple[GPTConfig, dict]:
 
 # --- Llama: GGUF files (llama.cpp) and Hugging Face safetensors ---------------------------------
 
-# gptflax names -> Hugging Face's and llama.cpp's, inside block i ({i}); all (out, in) matrices.
+# gptflax names -> Hugging Face's, llama.cpp's and the book's Llama3Model's (bonus chapter: GPT to
+# Llama) inside block i ({i}); all (out, in) matrices. The `source` arguments index these tuples.
+HF, GGUF, BOOK = 0, 1, 2
 LLAMA_BLOCK_NAMES = {
-    ("att", "W_query"): ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    ("att", "W_key"): ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    ("att", "W_value"): ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    ("att", "out_proj"): ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    ("ff", "fc1"): ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
-    ("ff", "fc2"): ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
-    ("ff", "fc3"): ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
-    ("norm1", "scale"): ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    ("norm2", "scale"): (
-        "model.layers.{i}.post_attention_layernorm.weight",
-        "blk.{i}.ffn_norm.weight",
+    ("att", "W_query"): (
+        "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
+        "trf_blocks.{i}.att.W_query.weight",
     ),
-}
+    ("att", "W_key"): (
+        "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
+        "trf_blocks.{i}.att.W_key.weight",
+    ),
+    ("att", "W_value"): (
+        "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
+        "trf_blocks.{i}.att.W_value.weight",
+    ),
+    ("att", "out_proj"): (
+        "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
+        "trf_blocks.{i}.att.out_proj.weight",
+    ),
+    ("ff", "fc1"): (
+        "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
+        "trf_blocks.{i}.ff.fc1.weight",
+    ),
+    ("ff", "fc2"): (
+        "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight",
+        "trf_blocks.{i}.ff.fc2.weight",
+    ),
+    ("ff", "fc3"): (
+        "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight",
+        "trf_blocks.{i}.ff.fc3.weight",
+    ),
+    ("norm1", "scale"): (
+        "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight",
+        "trf_blocks.{i}.norm1.weight",
+    ),
+    ("norm2", "scale"): (
+        "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight",
+        "trf_blocks.{i}.norm2.weight",
+    ),
+}  # fmt: skip
 LLAMA_NAMES = {  # outside the blocks
-    "tok_emb": ("model.embed_tokens.weight", "token_embd.weight"),
-    "final_norm": ("model.norm.weight", "output_norm.weight"),
-    "out_head": ("lm_head.weight", "output.weight"),
+    "tok_emb": ("model.embed_tokens.weight", "token_embd.weight", "tok_emb.weight"),
+    "final_norm": ("model.norm.weight", "output_norm.weight", "final_norm.weight"),
+    "out_head": ("lm_head.weight", "output.weight", "out_head.weight"),
 }
 
 
@@ -213,8 +239,8 @@ def llama_shapes(cfg: LlamaConfig) -> dict:
 
 
 def from_llama_tensors(get, cfg: LlamaConfig, source: int, dtype=np.float32) -> dict:
-    """gptflax Llama params from named tensors; `source` 0 names them as Hugging Face does, 1 as
-    llama.cpp does. `get(name, shape)` returns the (out, in) array; kernels are its transpose."""
+    """gptflax Llama params from named tensors, named as `source` (HF, GGUF or BOOK) names them.
+    `get(name, shape)` returns the (out, in) array; kernels are its transpose."""
 
     def block(i: int) -> dict:
         params: dict = {"att": {}, "ff": {}, "norm1": {}, "norm2": {}}
@@ -235,6 +261,13 @@ def from_llama_tensors(get, cfg: LlamaConfig, source: int, dtype=np.float32) -> 
         head = get(LLAMA_NAMES["out_head"][source], (cfg.vocab_size, cfg.emb_dim))
         params["out_head"] = {"kernel": head.T}
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def from_book_llama_state_dict(state_dict, cfg: LlamaConfig) -> dict:
+    """gptflax Llama params from the state_dict of the book's Llama3Model (its names are ours
+    plus ".weight"); with tied embeddings its out_head is not read."""
+    get = _getter(state_dict, "state_dict", f"a book Llama3Model for {cfg}")
+    return from_llama_tensors(get, cfg, source=BOOK)
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -314,7 +347,7 @@ def load_gguf(path, dtype=np.float32) -> tuple[LlamaConfig, dict]:
             key = f"blk.{i}.{name}.weight"
             if key in tensors:
                 tensors[key] = unpermute_rope_rows(tensors[key], heads)
-    return cfg, from_llama_tensors(_getter(tensors, path, "a Llama"), cfg, source=1, dtype=dtype)
+    return cfg, from_llama_tensors(_getter(tensors, path, "a Llama"), cfg, source=GGUF, dtype=dtype)
 
 
 def _check_rope_freqs(freq_factors: np.ndarray, cfg: LlamaConfig, path) -> None:
@@ -373,7 +406,7 @@ def load_hf_llama(folder, dtype=np.float32) -> tuple[LlamaConfig, dict]:
             f"{folder} is not a readable Hugging Face Llama folder (config.json and safetensors "
             f"files): {e}"
         ) from e
-    return cfg, from_llama_tensors(_getter(tensors, folder, "a Llama"), cfg, source=0, dtype=dtype)
+    return cfg, from_llama_tensors(_getter(tensors, folder, "a Llama"), cfg, source=HF, dtype=dtype)
 
 
 def load_smollm2(dtype=np.float32, **resolve_options) -> tuple[LlamaConfig, dict]:

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gptflax import gpt
+from gptflax.config import LLAMA_TINY
+from gptflax.families import family
 from gptflax.losses import loss_fn
+from gptflax.train import init_train_state, make_optimizer, train_step
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
 pytestmark = pytest.mark.slow
@@ -34,12 +36,17 @@ def test_quick_bench_writes_consistent_json_and_markdown(tmp_path):
         if "book PyTorch" in res:
             ratio = res["book PyTorch"]["min_s"] / res["gptflax (jax.jit)"]["min_s"]
             assert res["speedup_vs_book"] == pytest.approx(ratio)
+            # the GPTs also beside PyTorch's fused attention; the Llama beside the book's only
+            assert ("PyTorch + SDPA" in res) == row["config"].startswith("GPT")
     assert set(report["nnx"][0]["results"]) == {
         "functional jax.jit", "NNX nnx.jit", "NNX split/merge under jax.jit"
     }  # fmt: skip
-    batch_1, batch_8 = report["generate"]
+    gens = {(gen["config"], gen["batch"]): gen for gen in report["generate"]}
+    assert set(gens) == {(model, b) for model in ("GPT tiny", "Llama tiny") for b in (1, 8)}
+    batch_1, batch_8 = gens["GPT tiny", 1], gens["GPT tiny", 8]
     assert {"gptflax, no cache", "gptflax, KV cache"} <= set(batch_1["results"])
-    assert "gptflax, no cache" not in batch_8["results"]
+    assert "gptflax, no cache" not in batch_8["results"]  # the slow loops once, GPT at batch 1
+    assert "gptflax, no cache" not in gens["Llama tiny", 1]["results"]
     # the same weights feed 8 rows per step: the limit is 8x batch 1's
     assert batch_8["bandwidth_limit_tokens_per_s"] == pytest.approx(
         8 * batch_1["bandwidth_limit_tokens_per_s"]
@@ -55,19 +62,50 @@ def xla_train_flops(cfg, batch: int) -> float:
     """FLOPs of one loss-and-gradient computation as XLA's cost analysis counts the compiled
     program (it counts a scanned loop's body once, so this is exact for one block only)."""
     assert cfg.n_layers == 1
-    params = gpt.init_params(jax.random.key(0), cfg)
+    params = family(cfg).init_params(jax.random.key(0), cfg)
     x = jnp.zeros((batch, cfg.context_length), jnp.int32)
-    grad_fn = jax.jit(jax.value_and_grad(partial(loss_fn, cfg=cfg.replace(drop_rate=0.0))))
+    grad_fn = jax.jit(jax.value_and_grad(partial(loss_fn, cfg=cfg)))
     return grad_fn.lower(params, x, x).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="XLA's GPU cost analysis counted 19x these FLOPs"
+)
 @pytest.mark.parametrize("emb_dim", [32, 256])
 def test_the_model_flops_formula_agrees_with_xla(monkeypatch, emb_dim):
     monkeypatch.syspath_prepend(str(BENCH.parent))
     timing = importlib.import_module("timing")
-    cfg = timing.SMALL.replace(emb_dim=emb_dim, n_layers=1)
-    ours = timing.train_flops(cfg, 2, cfg.context_length)
-    assert ours == pytest.approx(xla_train_flops(cfg, batch=2), rel=0.03)
+    gpt_cfg = timing.SMALL.replace(emb_dim=emb_dim, n_layers=1, drop_rate=0.0)
+    llama_cfg = LLAMA_TINY.replace(
+        emb_dim=emb_dim, n_heads=4, n_kv_heads=2, n_layers=1, hidden_dim=3 * emb_dim,
+        vocab_size=gpt_cfg.vocab_size, context_length=gpt_cfg.context_length,
+    )  # fmt: skip
+    for cfg in (gpt_cfg, llama_cfg):
+        ours = timing.train_flops(cfg, 2, cfg.context_length)
+        assert ours == pytest.approx(xla_train_flops(cfg, batch=2), rel=0.03)
+
+
+def test_the_stage_split_puts_each_op_in_its_named_scope(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    stages = importlib.import_module("stages")
+    assert stages.stage_of("jit(step)/transpose(jvp(attention))/dot_general") == "attention"
+    # the innermost stage wins: a loss scope around the forward would not swallow the blocks
+    assert stages.stage_of("jit(step)/loss/while/body/block/feed_forward/mul") == "feed-forward"
+    assert stages.stage_of("jit(step)/while/body/jit(dynamic_index_in_dim)/slice") == stages.SCAN
+    assert stages.stage_of("jit(step)/optimizer/mul;jit(step)/head/dot") == "optimizer"
+    # a real step: every stage shows up, and the shares add up to one
+    cfg = LLAMA_TINY.replace(n_layers=2)
+    params = family(cfg).init_params(jax.random.key(0), cfg)
+    tx = make_optimizer(1e-3)
+    step = jax.jit(partial(train_step, loss=partial(loss_fn, cfg=cfg), tx=tx))
+    state, x = init_train_state(params, tx), jnp.ones((2, cfg.context_length), jnp.int32)
+    split = stages.stage_split(
+        step.lower(state, (x, x), jax.random.key(0)).compile(),
+        lambda: jax.block_until_ready(step(state, (x, x), jax.random.key(0))),
+    )
+    assert set(stages.STAGES) <= set(split)
+    assert all(split[s]["ms"] > 0 for s in ("attention", "feed-forward", "head and loss"))
+    assert sum(v["share"] for v in split.values()) == pytest.approx(1.0)
 
 
 def test_gpu_report_measures_mfu_against_the_nominal_peak(monkeypatch):
@@ -77,18 +115,25 @@ def test_gpu_report_measures_mfu_against_the_nominal_peak(monkeypatch):
     assert gpu.nominal_bf16_tflops("cpu") is None
     monkeypatch.setattr(gpu, "nominal_bf16_tflops", lambda kind: 0.5)  # TFLOP/s, for the test
     tiny = timing.SMALL.replace(context_length=32, emb_dim=32, n_layers=1)
-    report = gpu.gpu_report(tiny, batch=2, repeats=2, n=256)
-    rows = {row["variant"]: row["results"] for row in report["train"]}
-    assert list(rows) == ["fp32", "bf16", "bf16 + fused attention"]
-    flops = xla_train_flops(tiny, batch=2) / 1e12  # counted by XLA, not by the bench's formula
-    for r in rows.values():
-        assert r["model_tflops_per_step"] == pytest.approx(flops, rel=0.05)
+    llama = LLAMA_TINY.replace(context_length=32, n_layers=1, vocab_size=tiny.vocab_size)
+    report = gpu.gpu_report(tiny, llama, batch=2, repeats=2, n=256)
+    rows = {(row["model"], row["variant"]): row for row in report["train"]}
+    assert list(rows) == [("GPT", "fp32"), ("GPT", "bf16"), ("GPT", "bf16 + fused attention"),
+                          ("Llama", "fp32"), ("Llama", "bf16")]  # fmt: skip
+    for (model, _), row in rows.items():
+        r, cfg = row["results"], tiny.replace(drop_rate=0.0) if model == "GPT" else llama
+        assert row["batch"] == (2 if model == "GPT" else 1)  # the Llama at half the batch
+        flops = r["model_tflops_per_step"]
+        if jax.default_backend() == "cpu":  # counted by XLA, not by the bench's formula
+            flops = xla_train_flops(cfg, batch=row["batch"]) / 1e12
+            assert r["model_tflops_per_step"] == pytest.approx(flops, rel=0.05)
         assert r["mfu"] == pytest.approx(flops / r["min_s"] / 0.5, rel=0.05)
         assert r["share_of_matmul_peak"] == pytest.approx(
             flops * 1e3 / r["min_s"] / report["bf16_matmul_gflops"], rel=0.05
         )
+    assert [row["config"] for row in report["stages"]] == ["GPT bf16", "Llama bf16"]
     markdown = report_md.gpu_markdown({"date": "today", "jax": "x", "gpu": report})
-    assert markdown.count("\n| ") == 1 + 3  # the header row and one row per variant
+    assert markdown.count("\n| ") == 1 + 5 + 1 + 2  # header and 5 rows; the split's header, 2 rows
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="this machine has an accelerator")

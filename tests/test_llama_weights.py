@@ -111,7 +111,9 @@ def test_the_query_key_reordering_matters(tmp_path):
     """Without undoing llama.cpp's row order, the logits would differ: the test above can fail."""
     write_gguf(tmp_path / "tiny.gguf", PARAMS, CFG, Q.F32)
     _, tensors = weights.read_gguf(tmp_path / "tiny.gguf")
-    kept = weights.from_llama_tensors(weights._getter(tensors, "t", "a Llama"), CFG, source=1)
+    kept = weights.from_llama_tensors(
+        weights._getter(tensors, "t", "a Llama"), CFG, source=weights.GGUF
+    )
     wrong = llama.forward(kept, TOKENS, CFG)
     assert float(jnp.abs(wrong - llama.forward(PARAMS, TOKENS, CFG)).max()) > 1e-3
 

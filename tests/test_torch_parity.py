@@ -3,11 +3,14 @@
 Optional: needs `make setup-torch` (torch 2.13.0 CPU and llms-from-scratch); skipped without it.
 """
 
+import importlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from gptflax import gpt
-from gptflax.config import GPT_CONFIG_124M, GPTConfig
+from gptflax import gpt, llama
+from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, GPTConfig
 from gptflax.generate import generate
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
 from gptflax.weights import from_book_state_dict
@@ -58,3 +61,33 @@ def test_greedy_generation_gives_the_books_tokens():
     with torch.no_grad():  # and the book's own function agrees on this machine
         ref = ch04.generate_text_simple(book, torch.tensor(encoded), 6, 1024)
     assert ref[0].tolist() == book_tokens
+
+
+def test_the_books_llama3_model_computes_our_llama(monkeypatch):
+    """The bench's PyTorch Llama baseline: the book's Llama3Model (bonus chapter) and its KV-cached
+    twin, given our weights through their state_dict names, give our logits and greedy tokens."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    baselines = importlib.import_module("baselines")
+    cfg = LLAMA_TINY.replace(n_layers=3)
+    book_llama, params = baselines.starting_models(cfg)
+    assert book_llama.out_head.weight is book_llama.tok_emb.weight  # tied, as SmolLM2's are
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        theirs = book_llama(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(llama.forward(params, x, cfg), theirs, rtol=1e-4, atol=1e-5)
+    cached = baselines.book_llama_model(cfg, baselines.book_kv_llama)
+    cached.load_state_dict(book_llama.state_dict())
+    tokens = baselines.book_kv_generate.generate_text_simple(cached, torch.from_numpy(x), 8)
+    np.testing.assert_array_equal(generate(params, x, 8, cfg), tokens.numpy())
+
+
+def test_the_benchs_fused_attention_baseline_computes_the_books_model(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    baselines = importlib.import_module("baselines")
+    book, _ = book_model(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
+                                   n_layers=2, drop_rate=0.1))  # fmt: skip
+    fused = baselines.with_sdpa(book).eval()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 97, (2, 16)))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), book.eval()(x), rtol=1e-5, atol=1e-5)
+    assert fused.trf_blocks[0].att.W_query.weight is not book.trf_blocks[0].att.W_query.weight
