@@ -167,6 +167,14 @@ medians = [np.median(t) for t in times.values()]
 ratio, merged_ratio = medians[1] / medians[0], medians[2] / medians[1]
 print(f"LoRA step / last-block step: {ratio:.2f}x (LoRA backpropagates through every block)")
 print(f"merged-form LoRA step / side-by-side LoRA step: {merged_ratio:.2f}x")
+# Why LoRA can't come near lab 6's step: with F the FLOPs of all L blocks' forward pass, lab 6
+# runs F forward and only the last block backward (about 2F/L: each matmul has an input gradient
+# and a weight gradient). Side-by-side LoRA takes every block's input gradients (about F: no
+# weight gradients of W, and A's and B's are rank-16 small), so it needs about 2F, and
+# 2F / (F + 2F/L) of lab 6's time at equal efficiency. The merged form adds W's weight gradients,
+# another F: 3F / 2F = 1.5x the side-by-side step.
+bound = 2 / (1 + 2 / cfg.n_layers)
+print(f"the FLOPs alone (head and LoRA matmuls left out): LoRA {bound:.2f}x the last-block step")
 
 # %%
 print("\n# Checks")
