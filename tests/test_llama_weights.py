@@ -31,7 +31,7 @@ def hf_tensors(params, cfg) -> dict:
         out["lm_head.weight"] = np.ascontiguousarray(params["out_head"]["kernel"].T)
     for i in range(cfg.n_layers):
         layer = jax.tree.map(lambda a, i=i: a[i], params["trf_blocks"])
-        for (group, name), (hf_name, _) in weights.LLAMA_BLOCK_NAMES.items():
+        for (group, name), (hf_name, *_) in weights.LLAMA_BLOCK_NAMES.items():
             w = layer[group][name]
             out[hf_name.format(i=i)] = w if name == "scale" else np.ascontiguousarray(w["kernel"].T)
     return out
@@ -55,9 +55,10 @@ def write_gguf(path, params, cfg, qtype: Q) -> None:
     writer.add_rope_freq_base(cfg.rope_base)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    hf_to_cpp = {hf.format(i=i): cpp.format(i=i) for (hf, cpp) in weights.LLAMA_BLOCK_NAMES.values()
+    hf_to_cpp = {hf.format(i=i): cpp.format(i=i)
+                 for (hf, cpp, _) in weights.LLAMA_BLOCK_NAMES.values()
                  for i in range(cfg.n_layers)}  # fmt: skip
-    hf_to_cpp |= {hf: cpp for hf, cpp in weights.LLAMA_NAMES.values()}
+    hf_to_cpp |= {hf: cpp for hf, cpp, _ in weights.LLAMA_NAMES.values()}
     for hf_name, w in hf_tensors(params, cfg).items():
         name = hf_to_cpp[hf_name]
         if name.endswith(("attn_q.weight", "attn_k.weight")):
