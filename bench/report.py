@@ -87,7 +87,7 @@ def stage_rows(splits: list[dict]) -> list[str]:
     stages = list(dict.fromkeys(stage for row in splits for stage in row["stages"]))
     lines = [
         "",
-        "## Where a train step's time goes (one profiled step: op time in ms, share)",
+        "## Where a train step's time goes (op time per step in ms from a profile, share)",
         "",
         "| config | batch | " + " | ".join(stages) + " |",
         "|---|---|" + "---|" * len(stages),
