@@ -88,26 +88,31 @@ def multi_head_attention(
     return nn.linear(params["out_proj"], context)
 
 
+def write_cache(cache: tuple, keys: jax.Array, values: jax.Array, positions: jax.Array) -> tuple:
+    """Write new keys and values (B, H, S, Dh) into slots `positions` (B, S) of a layer's cache
+    (keys, values), each (B, H, T_max, Dh). Heads come before slots, as the attention matmuls
+    read them: a (B, T_max, H, Dh) cache would be transposed, whole, at every decoded token."""
+    rows, heads = jnp.arange(keys.shape[0])[:, None, None], jnp.arange(keys.shape[1])[:, None]
+    slots = positions[:, None, :]  # (B, 1, S)
+    return cache[0].at[rows, heads, slots].set(keys), cache[1].at[rows, heads, slots].set(values)
+
+
 def multi_head_attention_cached(
     params: dict, x: jax.Array, n_heads: int, cache: tuple, positions: jax.Array
 ) -> tuple[jax.Array, tuple]:
     """`multi_head_attention` for new tokens only, reading earlier keys and values from a cache.
 
     x (B, S, D) holds the tokens at `positions` (B, S); cache is (keys, values), each
-    (B, T_max, H, Dh), one slot per position. The new keys and values are written into their
+    (B, H, T_max, Dh), one slot per position. The new keys and values are written into their
     slots, and each query attends to every slot at or before its own position: the same causal
     attention, without recomputing the past. Returns (B, S, D) and the updated cache.
     """
     queries, keys, values = (split_heads(y, n_heads) for y in qkv(params, x))  # (B, H, S, Dh)
-    rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
-    cache_k, cache_v = (
-        c.at[rows, positions].set(y.transpose(0, 2, 1, 3))  # (B, S, H, Dh) into (B, T_max, H, Dh)
-        for c, y in zip(cache, (keys, values), strict=True)
-    )
-    attn_scores = jnp.einsum("bhsd,bthd->bhst", queries, cache_k)  # (B, H, S, T_max)
-    slots = jnp.arange(cache_k.shape[1])  # (T_max,)
+    cache_k, cache_v = write_cache(cache, keys, values, positions)
+    attn_scores = jnp.einsum("bhsd,bhtd->bhst", queries, cache_k)  # (B, H, S, T_max)
+    slots = jnp.arange(cache_k.shape[2])  # (T_max,)
     visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, S, T_max)
     scaled = attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5
     attn_weights = jax.nn.softmax(jnp.where(visible, scaled, -jnp.inf), axis=-1).astype(x.dtype)
-    context = jnp.einsum("bhst,bthd->bhsd", attn_weights, cache_v)  # (B, H, S, Dh)
+    context = jnp.einsum("bhst,bhtd->bhsd", attn_weights, cache_v)  # (B, H, S, Dh)
     return nn.linear(params["out_proj"], merge_heads(context)), (cache_k, cache_v)

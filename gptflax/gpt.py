@@ -152,9 +152,9 @@ def forward(
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
-    """An empty KV cache of `length` positions: one (keys, values) pair per layer, (B, length, H,
+    """An empty KV cache of `length` positions: one (keys, values) pair per layer, (B, H, length,
     Dh) each. Separate arrays per layer, so a decoding step updates each in place."""
-    shape = (batch_size, length, cfg.n_heads, cfg.head_dim)
+    shape = (batch_size, cfg.n_heads, length, cfg.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
 
 
@@ -185,5 +185,5 @@ def hidden_cached(
     new_cache = []
     for layer_params, layer_cache in zip(params["trf_blocks"], cache, strict=True):
         x, layer_cache = block_cached(layer_params, x, cfg, layer_cache, positions)
-        new_cache.append(layer_cache)  # (keys, values), (B, T_max, H, Dh) each
+        new_cache.append(layer_cache)  # (keys, values), (B, H, T_max, Dh) each
     return final_norm(params, x, cfg), tuple(new_cache)

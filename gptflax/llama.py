@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import nn
-from gptflax.attention import causal_mask
+from gptflax.attention import causal_mask, merge_heads, split_heads, write_cache
 from gptflax.config import LlamaConfig
 
 # The logical axes of the params, by path, for `gptflax.parallel` (as `gpt.LOGICAL_AXES`).
@@ -99,11 +99,11 @@ def rope_angles(positions: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.
 
 
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate each pair (x[i], x[i + Dh/2]) of every head by its angle: x (B, T, H, Dh), cos and
+    """Rotate each pair (x[i], x[i + Dh/2]) of every head by its angle: x (B, H, T, Dh), cos and
     sin (B or 1, T, Dh). Hugging Face's convention (halves, not neighbours, form the pairs)."""
     first, second = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-second, first], axis=-1)  # (B, T, H, Dh)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    rotated = jnp.concatenate([-second, first], axis=-1)  # (B, H, T, Dh)
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     return (x * cos + rotated * sin).astype(x.dtype)
 
 
@@ -123,25 +123,25 @@ def init_attention(key: jax.Array, cfg: LlamaConfig) -> dict:
 
 
 def project_qkv(params: dict, x: jax.Array, cos, sin, cfg: LlamaConfig) -> tuple:
-    """Queries (B, T, H, Dh) and keys (B, T, G, Dh), both rotated, and values (B, T, G, Dh)."""
-    b, t, _ = x.shape
-    q = nn.linear(params["W_query"], x).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = nn.linear(params["W_key"], x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = nn.linear(params["W_value"], x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    """Queries (B, H, T, Dh) and keys (B, G, T, Dh), both rotated, and values (B, G, T, Dh)."""
+    q = split_heads(nn.linear(params["W_query"], x), cfg.n_heads)
+    k = split_heads(nn.linear(params["W_key"], x), cfg.n_kv_heads)
+    v = split_heads(nn.linear(params["W_value"], x), cfg.n_kv_heads)
     return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """Grouped-query attention: q (B, S, H, Dh) over k, v (B, T, G, Dh), where query head h reads
+    """Grouped-query attention: q (B, H, S, Dh) over k, v (B, G, T, Dh), where query head h reads
     key/value head h // (H / G); visible (B or 1, S, T) says which keys each query may see.
     The softmax runs in float32. Returns (B, S, H * Dh)."""
-    b, s, h, dh = q.shape
-    g = k.shape[2]
-    q = q.reshape(b, s, g, h // g, dh)  # (B, S, G, R): R query heads per key/value head
-    scores = jnp.einsum("bsgrd,btgd->bgrst", q, k).astype(jnp.float32) / math.sqrt(dh)
+    b, h, s, dh = q.shape
+    g = k.shape[1]
+    q = q.reshape(b, g, h // g, s, dh)  # (B, G, R, S, Dh): R query heads per key/value head
+    scores = jnp.einsum("bgrsd,bgtd->bgrst", q, k).astype(jnp.float32) / math.sqrt(dh)
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)  # (B, G, R, S, T)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bgrst,btgd->bsgrd", weights, v).reshape(b, s, h * dh)
+    context = jnp.einsum("bgrst,bgtd->bgrsd", weights, v)  # (B, G, R, S, Dh)
+    return merge_heads(context.reshape(b, h, s, dh))
 
 
 # --- The model, with the GPT family's interface --------------------------------------------------
@@ -180,9 +180,7 @@ def block(params: dict, x: jax.Array, cos, sin, visible, cfg: LlamaConfig, cache
             params["att"], rms_norm(params["norm1"], x, cfg.rms_eps), cos, sin, cfg
         )
         if cache is not None:
-            rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
-            cache = (cache[0].at[rows, slots].set(k), cache[1].at[rows, slots].set(v))
-            k, v = cache
+            k, v = cache = write_cache(cache, k, v, slots)
         x = x + nn.linear(params["att"]["out_proj"], attend(q, k, v, visible))
     with jax.named_scope("feed_forward"):
         return x + feed_forward(params["ff"], rms_norm(params["norm2"], x, cfg.rms_eps)), cache
@@ -239,8 +237,8 @@ def forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, key=None) -> j
 
 def init_cache(cfg: LlamaConfig, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
     """An empty KV cache of `length` positions, key/value heads only: one (keys, values) pair per
-    layer, (B, length, G, Dh) each."""
-    shape = (batch_size, length, cfg.n_kv_heads, cfg.head_dim)
+    layer, (B, G, length, Dh) each."""
+    shape = (batch_size, cfg.n_kv_heads, length, cfg.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
 
 
@@ -252,7 +250,7 @@ def hidden_cached(
     params = nn.unstack_blocks(params)
     positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
     cos, sin = rope_angles(positions, cfg)  # (B, S, Dh)
-    visible = jnp.arange(cache[0][0].shape[1]) <= positions[..., None]  # (B, S, T_cache)
+    visible = jnp.arange(cache[0][0].shape[2]) <= positions[..., None]  # (B, S, T_cache)
     x, new_cache = embed(params, tokens, cfg), []
     for layer_params, layer_cache in zip(params["trf_blocks"], cache, strict=True):
         x, layer_cache = block(layer_params, x, cos, sin, visible, cfg, layer_cache, positions)

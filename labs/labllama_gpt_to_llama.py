@@ -116,15 +116,15 @@ print("\n# Change 4: grouped-query attention")
 # Query head h reads key/value head h // (n_heads / n_kv_heads): repeat the kv heads and it is
 # ordinary multi-head attention.
 rng = np.random.default_rng(5)
-qs = rng.normal(size=(1, 4, cfg.n_heads, cfg.head_dim)).astype(np.float32)
-ks, vs = (rng.normal(size=(1, 4, cfg.n_kv_heads, cfg.head_dim)).astype(np.float32) for _ in "kv")
+qs = rng.normal(size=(1, cfg.n_heads, 4, cfg.head_dim)).astype(np.float32)  # (B, H, T, Dh)
+ks, vs = (rng.normal(size=(1, cfg.n_kv_heads, 4, cfg.head_dim)).astype(np.float32) for _ in "kv")
 group = cfg.n_heads // cfg.n_kv_heads
-k_rep, v_rep = np.repeat(ks, group, axis=2), np.repeat(vs, group, axis=2)
-w = np.einsum("bshd,bthd->bhst", qs, k_rep) / math.sqrt(cfg.head_dim)
+k_rep, v_rep = np.repeat(ks, group, axis=1), np.repeat(vs, group, axis=1)  # (B, H, T, Dh)
+w = np.einsum("bhsd,bhtd->bhst", qs, k_rep) / math.sqrt(cfg.head_dim)
 w = np.where(np.tril(np.ones((4, 4), bool)), w, -np.inf)
 w = np.exp(w - w.max(-1, keepdims=True))
 w /= w.sum(-1, keepdims=True)
-by_repeating = np.einsum("bhst,bthd->bshd", w, v_rep).reshape(1, 4, -1)
+by_repeating = np.einsum("bhst,bhtd->bshd", w, v_rep).reshape(1, 4, -1)
 visible = np.tril(np.ones((4, 4), bool))[None]
 gqa_diff = float(np.abs(by_repeating - llama.attend(qs, ks, vs, visible)).max())
 print("max |repeated-kv multi-head - llama.attend|:", gqa_diff)

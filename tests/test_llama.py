@@ -67,15 +67,15 @@ def test_llama3_rescaling_follows_metas_rule():
 
 def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads():
     rng = np.random.default_rng(4)
-    q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)  # 4 query heads
-    k, v = (rng.normal(size=(2, 5, 2, 8)).astype(np.float32) for _ in range(2))  # 2 kv heads
+    q = rng.normal(size=(2, 4, 5, 8)).astype(np.float32)  # 4 query heads, (B, H, T, Dh)
+    k, v = (rng.normal(size=(2, 2, 5, 8)).astype(np.float32) for _ in range(2))  # 2 kv heads
     visible = np.tril(np.ones((5, 5), bool))[None]
-    k4, v4 = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # head h reads kv head h // 2
-    scores = np.einsum("bshd,bthd->bhst", q, k4) / math.sqrt(8)
+    k4, v4 = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)  # head h reads kv head h // 2
+    scores = np.einsum("bhsd,bhtd->bhst", q, k4) / math.sqrt(8)
     scores = np.where(visible[:, None], scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    expected = np.einsum("bhst,bthd->bshd", weights, v4).reshape(2, 5, 32)
+    expected = np.einsum("bhst,bhtd->bshd", weights, v4).reshape(2, 5, 32)
     np.testing.assert_allclose(llama.attend(q, k, v, visible), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -83,7 +83,7 @@ def test_cached_forward_equals_the_full_forward():
     full = llama.forward(PARAMS, TOKENS, CFG)
     cache = llama.init_cache(CFG, 2, 16)
     assert len(cache) == CFG.n_layers  # one pair per layer, of the key/value heads only
-    assert cache[0][0].shape == (2, 16, CFG.n_kv_heads, CFG.head_dim)
+    assert cache[0][0].shape == (2, CFG.n_kv_heads, 16, CFG.head_dim)
     start = jnp.zeros(2, jnp.int32)
     prefill, cache = llama.hidden_cached(PARAMS, TOKENS[:, :8], cache, start, CFG)
     steps = [prefill]
