@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import jax
@@ -162,13 +165,43 @@ def decoding_limit(cfg, batch: int, gbps: float) -> float:
     return batch * gbps * 1e9 / (4 * matmul_weights(cfg))
 
 
-def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
-    """Every CPU measurement, as the report bench.json holds; decoding only without `train`."""
+def in_own_process(fn, *args):
+    """fn(*args) in a fresh process: under the Makefile's malloc settings glibc keeps the memory a
+    case frees, so cases run one after another in one process added up (the whole run was killed
+    at 24 GiB). Returns fn's result, or None if that process died (killed for memory, say)."""
+    context = multiprocessing.get_context("forkserver")  # forks a server that ran no JAX yet
+    context.set_forkserver_preload(["cpu"])  # which imported jax, torch and this file once
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(_with_torch_threads, fn, *args).result()
+        except BrokenProcessPool:
+            return None
+
+
+def _with_torch_threads(fn, *args):
+    """fn(*args) with PyTorch on every core, as XLA is."""
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
+    return fn(*args)
+
+
+def train_rows(cfg, name: str, batch: int, bf16: bool, split: bool, repeats: int, peak: float):
+    """The report's train rows (fp32 beside the book's; bf16 alone) and stage split for one case."""
+    row = {"config": name, "context": cfg.context_length, "batch": batch}
+    res, stages = bench_train(cfg, batch, repeats, peak, split=split)
+    rows = [{**row, "results": res}]
+    if bf16:
+        r = bench_train(cfg, batch, repeats, peak, bf16=True)[0]["gptflax (jax.jit)"]
+        rows.append({**row, "results": {"gptflax bf16 (jax.jit)": r}})
+    return rows, [{**row, "stages": stages}] if stages else []
+
+
+def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
+    """Every CPU measurement, as the report bench.json holds; decoding only without `train`.
+    Each case runs in a process of its own (`in_own_process`)."""
     load_before = os.getloadavg()[0]
     n = 512 if quick else 4096
-    peak_by = matmul_gflops(n)
+    peak_by = _with_torch_threads(matmul_gflops, n)
     peak = max(peak_by.values())
     # (config, name, batch, also in bf16, with the stage split)
     if quick:
@@ -176,7 +209,7 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
         nnx_cases, new_tokens = [(TINY, "tiny", 2)], 20
         gen_cases = [(TINY, "GPT tiny"), (SMOL_TINY, "Llama tiny")]
     else:
-        # SmolLM2 at batch 8 with the book's Llama3Model beside it took over 24 GiB (killed)
+        # SmolLM2 at batch 8 with the book's Llama3Model beside it takes over 24 GiB (killed)
         train_cases = [
             (SMALL, "GPT small (4x256)", 8, True, False), (M124, "GPT-2 124M", 2, True, False),
             (M124, "GPT-2 124M", 8, True, True), (SMOL, "SmolLM2-135M", 4, False, True),
@@ -197,35 +230,38 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
         "train": [],
         "stages": [],
         "nnx": [],
+        "left_out": [],
     }
+
+    def run(case: str, fn, *args):
+        print(case, flush=True)
+        if (out := in_own_process(fn, *args)) is None:
+            print("  its process died (out of memory?): left out of the report", flush=True)
+            report["left_out"].append(case)
+        return out
+
     for cfg, name, batch, bf16, split in train_cases:
-        print(f"train step: {name}, context {cfg.context_length}, batch {batch}", flush=True)
-        res, stages = bench_train(cfg, batch, repeats, peak, split=split)
-        row = {"config": name, "context": cfg.context_length, "batch": batch}
-        report["train"].append({**row, "results": res})
-        if stages:
-            report["stages"].append({**row, "stages": stages})
-        if bf16:
-            r = bench_train(cfg, batch, repeats, peak, bf16=True)[0]["gptflax (jax.jit)"]
-            report["train"].append({**row, "results": {"gptflax bf16 (jax.jit)": r}})
+        case = f"train step: {name}, context {cfg.context_length}, batch {batch}"
+        if out := run(case, train_rows, cfg, name, batch, bf16, split, repeats, peak):
+            report["train"] += out[0]
+            report["stages"] += out[1]
     for cfg, name, batch in nnx_cases:
-        print(f"functional vs NNX: {name}, batch {batch}", flush=True)
-        report["nnx"].append(
-            {"config": name, "batch": batch, "results": bench_nnx(cfg, batch, repeats)}
-        )
+        if res := run(f"functional vs NNX: {name}, batch {batch}", bench_nnx, cfg, batch, repeats):
+            report["nnx"].append({"config": name, "batch": batch, "results": res})
     report["memory_gbps"] = gbps = memory_gbps()
     report["generate"] = []
     for i, (cfg, name) in enumerate(gen_cases):
         for batch in (1, 8):
-            print(f"generation: {name}, batch {batch}", flush=True)
             uncached = i == 0 and batch == 1  # the uncached loops once, GPT at batch 1
-            report["generate"].append({
-                "config": name,
-                "batch": batch,
-                "new_tokens": new_tokens,
-                "bandwidth_limit_tokens_per_s": decoding_limit(cfg, batch, gbps),
-                "results": bench_generate(cfg, new_tokens, max(2, repeats // 2), batch, uncached),
-            })  # fmt: skip
+            args = (cfg, new_tokens, max(2, repeats // 2), batch, uncached)
+            if res := run(f"generation: {name}, batch {batch}", bench_generate, *args):
+                report["generate"].append({
+                    "config": name,
+                    "batch": batch,
+                    "new_tokens": new_tokens,
+                    "bandwidth_limit_tokens_per_s": decoding_limit(cfg, batch, gbps),
+                    "results": res,
+                })  # fmt: skip
     report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
     report["loaded"] = load_before > 0.5  # the load after is mostly this benchmark's own
     return report

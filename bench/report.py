@@ -46,7 +46,7 @@ def _header(report: dict) -> list[str]:
         f"glibc malloc: {malloc}"
         if malloc
         else "glibc malloc: defaults (run through `make bench` for the settings the Makefile sets)",
-    ]
+    ] + [f"**left out, its process died (out of memory?): {case}**" for case in report["left_out"]]
 
 
 def _train_rows(report: dict) -> list[str]:

@@ -128,6 +128,21 @@ def load_checkpoint(
             f"checkpoint {directory}/{step} was saved for {meta['config']}, "
             f"not for {cfg}: load it with its own config (gptflax.checkpoint.read_meta tells it)"
         )
+    params, train = _restore_arrays(directory, step, params_like, train_like)
+    return params, train, meta
+
+
+def load_model(directory: str | Path, step: int | None = None) -> tuple[object, dict]:
+    """(cfg, params) of checkpoint `step` (default: the latest), in the config it was saved with."""
+    step, meta = read_meta(directory, step)
+    cfg = meta["config"]
+    like = jax.eval_shape(lambda: family(cfg).init_params(jax.random.key(0), cfg))
+    params, _ = _restore_arrays(directory, step, like, None)
+    return cfg, params
+
+
+def _restore_arrays(directory, step: int, params_like: dict, train_like: dict | None) -> tuple:
+    """(params, train_state or None) of checkpoint `step`, in the structures of the templates."""
     items = {"params": ocp.args.StandardRestore(_abstract(params_like))}
     if train_like is not None:
         items["train"] = ocp.args.StandardRestore(_abstract(train_like))
@@ -139,16 +154,7 @@ def load_checkpoint(
     # Orbax hands back plain tuples for optax's named tuples: rebuild the exact structures.
     params = _like(params_like, restored.params)
     train = _like(train_like, restored.train) if train_like is not None else None
-    return params, train, meta
-
-
-def load_model(directory: str | Path, step: int | None = None) -> tuple[object, dict]:
-    """(cfg, params) of checkpoint `step` (default: the latest), in the config it was saved with."""
-    _, meta = read_meta(directory, step)
-    cfg = meta["config"]
-    like = jax.eval_shape(lambda: family(cfg).init_params(jax.random.key(0), cfg))
-    params, _, _ = load_checkpoint(directory, cfg=cfg, params_like=like, step=step)
-    return cfg, params
+    return params, train
 
 
 def _existing_step(directory: str | Path, step: int | None) -> int:

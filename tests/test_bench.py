@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -56,6 +57,15 @@ def test_quick_bench_writes_consistent_json_and_markdown(tmp_path):
             assert r["tokens_per_s"] == pytest.approx(gen["batch"] * 20 / r["min_s"])
     markdown = (tmp_path / "bench.md").read_text()
     assert "## Train step" in markdown and "gptflax, KV cache" in markdown
+    assert report["left_out"] == [] and "left out" not in markdown
+
+
+def test_each_case_runs_in_a_process_of_its_own_and_a_dead_one_is_left_out(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    cpu = importlib.import_module("cpu")
+    assert cpu.in_own_process(pow, 2, 10) == 1024
+    assert cpu.in_own_process(os.getpid) != os.getpid()
+    assert cpu.in_own_process(os._exit, 9) is None  # as if killed for memory: no result, no crash
 
 
 def xla_train_flops(cfg, batch: int) -> float:
