@@ -58,6 +58,7 @@ def test_quick_bench_writes_consistent_json_and_markdown(tmp_path):
     markdown = (tmp_path / "bench.md").read_text()
     assert "## Train step" in markdown and "gptflax, KV cache" in markdown
     assert report["left_out"] == [] and "left out" not in markdown
+    assert [row["config"] for row in report["stages"]] == ["GPT tiny", "Llama tiny"]
 
 
 def test_each_case_runs_in_a_process_of_its_own_and_a_dead_one_is_left_out(monkeypatch):
