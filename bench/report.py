@@ -119,6 +119,8 @@ def markdown(report: dict) -> str:
         f"## Greedy generation ({report['memory_gbps']:.1f} GB/s memory bandwidth measured)",
         "",
         "Bandwidth limit: the tokens/s at which each decoding step only reads the float32 weights.",
+        "gptflax's KV cache decodes from `decoding_params`, laid out once per model (layout s, the",
+        "first call with its compile, is outside the timings).",
         "",
         "| config | batch | new tokens | implementation | first run s | min s | tokens/s "
         "| share of bandwidth limit |",
@@ -127,8 +129,9 @@ def markdown(report: dict) -> str:
     for gen in report["generate"]:
         limit = gen["bandwidth_limit_tokens_per_s"]
         for name, r in gen["results"].items():
+            layout = f" (layout {r['layout_s']:.1f} s)" if "layout_s" in r else ""
             lines.append(
-                f"| {gen['config']} | {gen['batch']} | {gen['new_tokens']} | {name} "
+                f"| {gen['config']} | {gen['batch']} | {gen['new_tokens']} | {name}{layout} "
                 f"| {r['compile_s']:.1f} | {r['min_s']:.2f} | {r['tokens_per_s']:.1f} "
                 f"| {r['tokens_per_s'] / limit:.0%} |"
             )

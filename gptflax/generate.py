@@ -12,6 +12,10 @@ Two ways to decode, giving the same tokens:
 
 `generate` uses the cache whenever prompt and new tokens fit in the context; beyond it the book's
 sliding window needs every position recomputed, so it falls back to the loop.
+
+The cached loop reads the weights in `nn.decoding_layout`; each call lays the params out so
+(a copy of every weight), unless they come from `decoding_params` already: do that once when the
+same model decodes many times.
 """
 
 from __future__ import annotations
@@ -108,6 +112,12 @@ def generate(
         return np.concatenate(
             [idx, generate_cached(params, idx, max_new_tokens, cfg, **decoding)], 1
         )
+    if isinstance(params["trf_blocks"], list):
+        raise ValueError(
+            "params from decoding_params decode with the KV cache only, and this call needs the "
+            "book's sliding window (use_cache=False, or more tokens than the context holds): "
+            "pass the model's own params"
+        )
     done = np.zeros(idx.shape[0], dtype=bool)
     for i in range(max_new_tokens):
         window, num_tokens = padded_window(idx, context_size)
@@ -124,6 +134,13 @@ def generate(
     return idx
 
 
+@jax.jit
+def decoding_params(params: dict) -> dict:
+    """The params in `nn.decoding_layout`, for `generate` and `generate_cached` to read without
+    laying them out again at every call. A copy: the params it was made from are untouched."""
+    return nn.decoding_layout(params)
+
+
 @partial(jax.jit, static_argnames=("cache_len", "temperature", "top_k"))
 def _decode_with_cache(
     params, window, lengths, max_new_tokens, eos_id, key, cfg, cache_len, temperature, top_k
@@ -134,7 +151,7 @@ def _decode_with_cache(
     query can see them.
     """
     batch, fam = window.shape[0], family(cfg)
-    params = nn.unstack_blocks(params)  # once, so no token slices a layer out of the stack
+    params = nn.decoding_layout(params)  # once, before the loop
     cache = fam.init_cache(cfg, batch, cache_len, params["tok_emb"]["embedding"].dtype)
     h, cache = fam.hidden_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
     last_logits = fam.head(params, h[jnp.arange(batch), lengths - 1])  # (B, V): last positions only

@@ -176,8 +176,8 @@ def hidden_cached(
     updated. Prefill with start = 0, then feed one token at a time: (B, S, D) final hidden
     states, for `head` to turn into logits where they are needed.
 
-    The layers run as a Python loop over `nn.unstack_blocks(params)`; a decoding loop unstacks
-    once, before it starts, so that no token slices a layer's weights out of the stack.
+    The layers run as a Python loop over `nn.unstack_blocks(params)`; a decoding loop puts the
+    params in `nn.decoding_layout` once, before it starts.
     """
     params = nn.unstack_blocks(params)
     positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)

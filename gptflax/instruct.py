@@ -18,7 +18,7 @@ import numpy as np
 from gptflax import files
 from gptflax.config import GPTConfig
 from gptflax.data import DataLoader, ragged, round_up
-from gptflax.generate import generate_cached, trim_at_eos
+from gptflax.generate import decoding_params, generate_cached, trim_at_eos
 from gptflax.losses import IGNORE_INDEX
 from gptflax.tokenizer import EOT_ID, end_token_id
 
@@ -161,6 +161,7 @@ def generate_responses(
     prompts = [tokenizer.encode(format_input(e)) for e in entries]
     max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
     end, completions = end_token_id(tokenizer), []
+    params = decoding_params(params)  # laid out once for all the batches
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         filled = chunk + [chunk[0]] * (batch_size - len(chunk))

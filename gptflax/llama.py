@@ -219,7 +219,7 @@ def final_norm(params: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
 def head(params: dict, h: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, V) logits: `out_head`, or the token embedding when the two are tied."""
     with jax.named_scope("head"):
-        tied = {"kernel": params["tok_emb"]["embedding"].T}  # (D, V)
+        tied = {"kernel_t": params["tok_emb"]["embedding"]}  # (V, D): the kernel, transposed
         return nn.linear(params.get("out_head", tied), h)
 
 

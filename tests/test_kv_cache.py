@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import gpt
+from gptflax import gpt, nn
 
 pytestmark = pytest.mark.lab5
 
@@ -81,3 +81,35 @@ def test_too_long_for_the_cache_is_a_clear_error(params, small_cfg):
         G.generate_cached(params, np.ones((1, 30), np.int32), 5, small_cfg)
     out = G.generate(params, np.ones((1, 30), np.int32), 5, small_cfg)  # slides instead
     assert out.shape == (1, 35)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64, 65, 300])  # both sides of the few-rows form
+def test_times_transposed_is_the_matmul_with_the_transposed_weight(rows):
+    rng = np.random.default_rng(rows)
+    x, w_t = rng.standard_normal((rows, 48)), rng.standard_normal((40, 48))  # w_t (d_out, d_in)
+    got = nn.times_transposed(jnp.asarray(x, jnp.float32), jnp.asarray(w_t, jnp.float32))
+    np.testing.assert_allclose(got, x @ w_t.T, rtol=1e-5, atol=1e-5)  # float64 reference
+
+
+def test_the_decoding_layout_transposes_every_kernel_and_lists_the_blocks(params, small_cfg):
+    laid_out = G.decoding_params(params)
+    assert len(laid_out["trf_blocks"]) == small_cfg.n_layers
+    assert nn.decoding_layout(laid_out) is laid_out  # already laid out: left as it is
+    if jax.default_backend() != "cpu":
+        pytest.skip("the kernels are transposed on a CPU only")
+    fc1 = laid_out["trf_blocks"][1]["ff"]["fc1"]
+    assert "kernel" not in fc1 and fc1["bias"].shape == (4 * small_cfg.emb_dim,)
+    np.testing.assert_array_equal(fc1["kernel_t"], params["trf_blocks"]["ff"]["fc1"]["kernel"][1].T)
+    np.testing.assert_array_equal(laid_out["out_head"]["kernel_t"], params["out_head"]["kernel"].T)
+
+
+def test_decoding_params_give_the_same_tokens_and_leave_the_params_as_they_were(params, small_cfg):
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14]]
+    laid_out = G.decoding_params(params)
+    assert params["trf_blocks"]["att"]["W_query"]["kernel"].ndim == 3  # still stacked
+    np.testing.assert_array_equal(
+        G.generate_cached(laid_out, prompts, 10, small_cfg),
+        G.generate_cached(params, prompts, 10, small_cfg),
+    )
+    with pytest.raises(ValueError, match="KV cache only.*pass the model's own params"):
+        G.generate(laid_out, np.ones((1, 30), np.int32), 5, small_cfg)  # needs the sliding window
