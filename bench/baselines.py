@@ -13,9 +13,10 @@ from functools import partial
 
 import jax
 
+from gptflax import models
 from gptflax.config import LlamaConfig
-from gptflax.families import family
-from gptflax.weights import from_book_llama_state_dict, from_book_state_dict
+from gptflax.weights.gpt2 import from_book_state_dict
+from gptflax.weights.hf import from_book_llama_state_dict
 
 try:
     import torch
@@ -50,7 +51,7 @@ def book_llama_model(cfg: LlamaConfig, module=None):
 def starting_models(cfg, with_torch: bool = True):
     """(the book's PyTorch GPTModel or Llama3Model, or None; our params with the same weights)."""
     if torch is None or not with_torch:
-        return None, family(cfg).init_params(jax.random.key(0), cfg)
+        return None, models.init_params(jax.random.key(0), cfg)
     torch.manual_seed(123)
     if isinstance(cfg, LlamaConfig):
         book_model, convert = book_llama_model(cfg), from_book_llama_state_dict

@@ -31,9 +31,10 @@ from timing import (
     wait,
 )
 
-from gptflax import gpt
+from gptflax import models
 from gptflax.config import GPTConfig
-from gptflax.generate import decoding_params, generate
+from gptflax.decoding import decoding_params
+from gptflax.generate import generate
 from gptflax.losses import cross_entropy, loss_fn, mixed_precision
 from gptflax.nnx_model import from_params
 from gptflax.train import init_train_state, make_optimizer, train_step
@@ -90,7 +91,7 @@ def bench_train(
 def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
     """One AdamW step three ways, eval mode (no dropout): functional, nnx.jit, split/merge."""
     cfg = cfg.replace(drop_rate=0.0)
-    params = gpt.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32))
     y = jnp.roll(x, -1, axis=1)

@@ -1,10 +1,17 @@
-"""Causal multi-head attention, the final form of chapter 3 (lab 3 derives the steps to it).
+"""Causal multi-head attention, the final form of chapter 3 (lab 3 derives the steps to it), and
+the KV cache that every model family decodes with.
 
 Every function is pure: weights come in as dicts of arrays (see `gptflax.nn`), dropout takes an
-explicit PRNG key, and `key=None` means no dropout (evaluation).
+explicit PRNG key, and `key=None` means no dropout (evaluation). Which keys a query may see is
+decided by positions: key position <= query position (causal), and, with a sliding `window`,
+query position - key position < window. Without a cache both are 0..T-1; with one, the keys are
+the cache's slots, each holding the position written into it (-1: empty).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +67,130 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
 
 
+def visible_keys(q_pos: jax.Array, k_pos: jax.Array, window=None) -> jax.Array:
+    """(B or 1, S, T) booleans: which keys each query may see, from query positions (B or 1, S)
+    and key positions (B or 1, T): written (>= 0), not after the query, and with a `window`
+    (an int, or a traced one: a layer's), fewer than `window` positions before it."""
+    k, q = k_pos[:, None, :], q_pos[:, :, None]
+    visible = (k >= 0) & (k <= q)
+    return visible if window is None else visible & (q - k < window)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    window=None,
+    scale: float | None = None,
+    drop_rate: float = 0.0,
+    key: jax.Array | None = None,
+    fused: bool = False,
+) -> jax.Array:
+    """Scaled dot-product attention of queries q (B, H, S, Dh) over keys and values k, v (B, G, T,
+    Dh), G dividing H: query head h reads key/value head h // (H / G) (grouped-query attention;
+    G = H is chapter 3's multi-head attention). Returns the context (B, S, H * Dh).
+
+    Scores are divided by sqrt(Dh) (or multiplied by `scale`), masked by `visible_keys`, and
+    softmaxed in float32; dropout on the weights (Book §3.5.2). `fused` hands the attention to
+    `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU; no dropout): for keys at
+    the query positions 0..T-1 only, as in training."""
+    b, h, s, dh = q.shape
+    g = k.shape[1]
+    if fused and not isinstance(window, jax.Array):
+        local = None if window is None else (window - 1, 0)
+        out = jax.nn.dot_product_attention(
+            *(y.transpose(0, 2, 1, 3) for y in (q, k, v)), scale=scale, is_causal=True,
+            local_window_size=local,
+        )  # fmt: skip
+        return out.reshape(b, s, h * dh)  # (B, S, H, Dh) -> (B, S, H * Dh)
+    visible = visible_keys(q_pos, k_pos, window)[:, None]  # (B, 1, S, T)
+    t = k.shape[2]
+    if g == h and s == t:  # chapter 3: queries over their own keys, one key/value head each
+        scores = q @ k.swapaxes(-1, -2)  # (B, H, T, T)
+    elif g == h:  # over a cache: as an einsum, XLA's CPU dot reads the cache without
+        scores = jnp.einsum("bhsd,bhtd->bhst", q, k)  # transposing all of it at every step
+    else:  # (B, G, R, S, T): R query heads per key/value head
+        scores = jnp.einsum("bgrsd,bgtd->bgrst", q.reshape(b, g, h // g, s, dh), k)
+        visible = visible[:, None]
+    scores = scores.astype(jnp.float32)
+    scores = scores / math.sqrt(dh) if scale is None else scores * scale
+    # The book masks with -inf; the float32 minimum gives the same weights, and a query that sees
+    # nothing (padding) finite ones instead of NaNs, which would reach other rows through 0 * NaN.
+    weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    weights = nn.dropout(weights.astype(v.dtype), drop_rate, key)
+    if g == h and s == t:
+        context = weights @ v  # (B, H, T, Dh)
+    elif g == h:
+        context = jnp.einsum("bhst,bhtd->bhsd", weights, v)
+    else:
+        context = jnp.einsum("bgrst,bgtd->bgrsd", weights, v).reshape(b, h, s, dh)
+    return merge_heads(context)
+
+
+# --- the KV cache ---------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """One layer's cache: keys and values (B, G, C, Dh) and the position each of the C slots
+    holds (B, C), -1 where nothing was written. Heads come before slots, as the attention matmuls
+    read them (a (B, C, G, Dh) cache would be transposed, whole, at every decoded token).
+
+    A layer that sees all earlier positions gets one slot per position; a sliding-window layer
+    only `window` slots, used as a ring: position p goes into slot p % C."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+
+
+def init_kv_cache(batch_size: int, n_kv_heads: int, length: int, head_dim: int, dtype) -> KVCache:
+    """An empty layer cache of `length` slots."""
+    shape = (batch_size, n_kv_heads, length, head_dim)
+    empty = jnp.full((batch_size, length), -1, jnp.int32)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), empty)
+
+
+def write_kv(cache: KVCache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KVCache:
+    """Write new keys and values (B, G, S, Dh) at `positions` (B, S) into slots position % C.
+    Padding (position -1) is not written, nor a position that a later one of the same row
+    overwrites in a ring (so no slot is written twice)."""
+    b, g, c = cache.keys.shape[:3]
+    last = positions.max(axis=1, keepdims=True)  # (B, 1)
+    keep = (positions >= 0) & (positions > last - c)
+    slots = jnp.where(keep, positions % c, c)  # slot c lies outside the cache: dropped
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(g)[:, None]
+    at = (rows, heads, slots[:, None, :])  # (B, 1, 1), (G, 1), (B, 1, S)
+    return KVCache(
+        cache.keys.at[at].set(keys, mode="drop"),
+        cache.values.at[at].set(values, mode="drop"),
+        cache.positions.at[rows[:, 0], slots].set(positions, mode="drop"),
+    )
+
+
+def with_cache(cache: KVCache | None, keys, values, positions, window=None) -> tuple:
+    """The keys and values new queries at `positions` (B or 1, S) attend to, with their positions,
+    and the updated cache: (keys, values, key positions, cache).
+
+    Without a cache they are the new ones. With one, the new ones are written in first and the
+    queries read the whole cache; except when several tokens enter a sliding-window ring, where
+    later ones could overwrite what earlier ones still see: those read the old cache and the new
+    keys side by side."""
+    if cache is None:
+        return keys, values, positions, None
+    updated = write_kv(cache, keys, values, positions)
+    if window is not None and keys.shape[2] > 1 and cache.keys.shape[2] <= window:
+        return (
+            jnp.concatenate([cache.keys, keys], axis=2),
+            jnp.concatenate([cache.values, values], axis=2),
+            jnp.concatenate([cache.positions, positions], axis=1),
+            updated,
+        )
+    return updated.keys, updated.values, updated.positions, updated
+
+
 def multi_head_attention(
     params: dict,
     x: jax.Array,
@@ -72,47 +203,30 @@ def multi_head_attention(
     """Causal multi-head attention with one matmul per projection: (B, T, D) -> (B, T, D).
 
     Book §3.6.2: project once, split the projections into heads, attend per head, merge, project.
-    The softmax runs in float32 whatever the compute dtype. `fused` hands the attention itself to
-    `jax.nn.dot_product_attention` (cuDNN flash attention on a GPU; no attention dropout).
-    """
-    if fused:
-        b, t, d = x.shape
-        heads = (y.reshape(b, t, n_heads, d // n_heads) for y in qkv(params, x))  # (B, T, H, Dh)
-        context = jax.nn.dot_product_attention(*heads, is_causal=True).reshape(b, t, d)
-        return nn.linear(params["out_proj"], context)
+    `fused` hands the attention itself to `jax.nn.dot_product_attention` (cuDNN flash attention
+    on a GPU; no attention dropout)."""
+    return self_attention(params, x, n_heads, drop_rate=drop_rate, key=key, fused=fused)[0]
+
+
+def self_attention(
+    params: dict,
+    x: jax.Array,
+    n_heads: int,
+    *,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    drop_rate: float = 0.0,
+    key: jax.Array | None = None,
+    fused: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """`multi_head_attention` of tokens at `positions` (B or 1, T; default 0..T-1), reading the
+    earlier positions' keys and values from a layer's `cache` when there is one: ((B, T, D), the
+    updated cache or None)."""
     queries, keys, values = (split_heads(y, n_heads) for y in qkv(params, x))  # (B, H, T, Dh)
-    attn_scores = queries @ keys.swapaxes(-1, -2)  # (B, H, T, T)
-    attn_weights = causal_softmax(attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5)
-    attn_weights = nn.dropout(attn_weights.astype(x.dtype), drop_rate, key)
-    context = merge_heads(attn_weights @ values)  # (B, T, D)
-    return nn.linear(params["out_proj"], context)
-
-
-def write_cache(cache: tuple, keys: jax.Array, values: jax.Array, positions: jax.Array) -> tuple:
-    """Write new keys and values (B, H, S, Dh) into slots `positions` (B, S) of a layer's cache
-    (keys, values), each (B, H, T_max, Dh). Heads come before slots, as the attention matmuls
-    read them: a (B, T_max, H, Dh) cache would be transposed, whole, at every decoded token."""
-    rows, heads = jnp.arange(keys.shape[0])[:, None, None], jnp.arange(keys.shape[1])[:, None]
-    slots = positions[:, None, :]  # (B, 1, S)
-    return cache[0].at[rows, heads, slots].set(keys), cache[1].at[rows, heads, slots].set(values)
-
-
-def multi_head_attention_cached(
-    params: dict, x: jax.Array, n_heads: int, cache: tuple, positions: jax.Array
-) -> tuple[jax.Array, tuple]:
-    """`multi_head_attention` for new tokens only, reading earlier keys and values from a cache.
-
-    x (B, S, D) holds the tokens at `positions` (B, S); cache is (keys, values), each
-    (B, H, T_max, Dh), one slot per position. The new keys and values are written into their
-    slots, and each query attends to every slot at or before its own position: the same causal
-    attention, without recomputing the past. Returns (B, S, D) and the updated cache.
-    """
-    queries, keys, values = (split_heads(y, n_heads) for y in qkv(params, x))  # (B, H, S, Dh)
-    cache_k, cache_v = write_cache(cache, keys, values, positions)
-    attn_scores = jnp.einsum("bhsd,bhtd->bhst", queries, cache_k)  # (B, H, S, T_max)
-    slots = jnp.arange(cache_k.shape[2])  # (T_max,)
-    visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, S, T_max)
-    scaled = attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5
-    attn_weights = jax.nn.softmax(jnp.where(visible, scaled, -jnp.inf), axis=-1).astype(x.dtype)
-    context = jnp.einsum("bhst,bhtd->bhsd", attn_weights, cache_v)  # (B, H, S, Dh)
-    return nn.linear(params["out_proj"], merge_heads(context)), (cache_k, cache_v)
+    q_pos = jnp.arange(x.shape[1])[None] if positions is None else positions  # (B or 1, T)
+    keys, values, k_pos, cache = with_cache(cache, keys, values, q_pos)
+    context = attend(
+        queries, keys, values, q_pos, k_pos, drop_rate=drop_rate, key=key,
+        fused=fused and cache is None,
+    )  # fmt: skip
+    return nn.linear(params["out_proj"], context), cache  # (B, T, D)

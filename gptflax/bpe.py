@@ -50,13 +50,10 @@ def gpt2_byte_symbols() -> list[str]:
     return symbols
 
 
-# style -> (pre-tokenizer, symbol of each byte, what is cut off as pieces of its own first).
-# SmolLM2 cuts off every digit (Hugging Face's Digits(individual_digits=True)), then runs GPT-2's
-# pattern on each stretch between digits.
+# style -> (pre-tokenizer, symbol of each byte).
 STYLES = {
-    "book": (BOOK_PATTERN, [SPACE_MARK if b == 32 else chr(b) for b in range(256)], None),
-    "gpt2": (GPT2_PATTERN, gpt2_byte_symbols(), None),
-    "smollm2": (GPT2_PATTERN, gpt2_byte_symbols(), r"\p{N}"),
+    "book": (BOOK_PATTERN, [SPACE_MARK if b == 32 else chr(b) for b in range(256)]),
+    "gpt2": (GPT2_PATTERN, gpt2_byte_symbols()),
 }
 
 
@@ -73,9 +70,8 @@ class BPETokenizerSimple:
     def _set_style(self, style: str) -> None:
         if style not in STYLES:
             raise ValueError(f"unknown BPE style {style!r}; use one of {', '.join(STYLES)}")
-        pattern, symbols, isolated = STYLES[style]
+        pattern, symbols = STYLES[style]
         self.style, self._pattern, self._symbols = style, regex.compile(pattern), symbols
-        self._isolated = regex.compile(f"({isolated})") if isolated else None
         self._byte_of = {chr(b): b for b in range(256)} if style == "book" else {}
         self._byte_of |= {s: b for b, s in enumerate(symbols)}
         self._cache: dict[str, list[int]] = {}
@@ -159,11 +155,7 @@ class BPETokenizerSimple:
 
     def pretokenize(self, text: str) -> list[str]:
         """Cut text into the pieces that BPE works inside (merges never cross two pieces)."""
-        if self._isolated is None:
-            return self._pattern.findall(text)
-        parts = self._isolated.split(text)  # odd parts are the isolated pieces
-        return [p for i, part in enumerate(parts) if part
-                for p in ([part] if i % 2 else self._pattern.findall(part))]  # fmt: skip
+        return self._pattern.findall(text)
 
     def symbol_ids(self, piece: str) -> list[int]:
         """The base ids of a piece: one per UTF-8 byte, before any merge (a byte the vocabulary

@@ -16,7 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gptflax.families import config_from_dict, config_to_dict, family
+from gptflax.decoding import check_trainable
+from gptflax.models import config_from_dict, config_to_dict, init_params
 
 
 class CheckpointError(RuntimeError):
@@ -70,6 +71,7 @@ def save_checkpoint(
     after deleting what earlier saves cut short left in `directory`. Arrays split over devices
     are saved as they are: in a multi-process run, every process calls this and writes its own
     shards."""
+    check_trainable(params)
     if step in complete_steps(directory):
         raise CheckpointError(f"{directory} already has checkpoint {step}: not overwriting it")
     if jax.process_index() == 0:
@@ -136,7 +138,7 @@ def load_model(directory: str | Path, step: int | None = None) -> tuple[object, 
     """(cfg, params) of checkpoint `step` (default: the latest), in the config it was saved with."""
     step, meta = read_meta(directory, step)
     cfg = meta["config"]
-    like = jax.eval_shape(lambda: family(cfg).init_params(jax.random.key(0), cfg))
+    like = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
     params, _ = _restore_arrays(directory, step, like, None)
     return cfg, params
 

@@ -11,16 +11,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptflax import checkpoint, files, parallel
+from gptflax import checkpoint, files, models, parallel, sources
 from gptflax.config import GPT2_PRESETS, TINY
 from gptflax.data import train_val_loaders
-from gptflax.families import family
 from gptflax.generate import chat, generate, sample_text, trim_at_eos
+from gptflax.gguf import GGUFError
 from gptflax.losses import loss_fn, mixed_precision
 from gptflax.plots import plot_losses
-from gptflax.tokenizer import end_token_id, gpt2_tokenizer, tokenizer_for
+from gptflax.tokenizer import gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer, resume, warmup_cosine_schedule
-from gptflax.weights import load_gpt2, load_smollm2
 
 PRESETS = {**GPT2_PRESETS, "tiny": TINY}
 # Options that are not settings of the run itself: a resumed run takes them afresh.
@@ -238,7 +237,9 @@ def _run(args, command) -> int:
     except Exception as e:
         if args.debug:
             raise
-        if isinstance(e, CommandError | checkpoint.CheckpointError | files.DataFileError):
+        if isinstance(
+            e, CommandError | checkpoint.CheckpointError | files.DataFileError | GGUFError
+        ):
             print(f"error: {e}", file=sys.stderr)
         else:
             first_line = (str(e).splitlines() or [""])[0][:300]
@@ -289,7 +290,7 @@ def _train(args, given: set[str]) -> int:
     k_init, k_train = jax.random.split(jax.random.key(args.seed))
     mesh = _train_mesh(args)
     state = parallel.init_sharded(
-        lambda: init_train_state(family(cfg).init_params(k_init, cfg), tx), cfg, mesh, args.strategy
+        lambda: init_train_state(models.init_params(k_init, cfg), tx), cfg, mesh, args.strategy
     )
     history = None
     if kept is not None:
@@ -320,7 +321,7 @@ def _train(args, given: set[str]) -> int:
             eval_iter=args.eval_iter,
             checkpoint_dir=ckpt_dir,
             history=history,
-            meta={"options": options},
+            meta={"options": options, "tokenizer": "gpt2"},
             sample_fn=lambda p: sample_text(p, tokenizer, args.start_context, cfg),
             mesh=mesh,
             strategy=args.strategy,
@@ -412,12 +413,12 @@ def _interrupted(ckpt_dir: Path, run_dir: str) -> str:
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gptflax generate",
-        usage="%(prog)s PROMPT | --chat MESSAGE, and --checkpoint DIR | --gpt2 SIZE | --model "
-        "smollm2 [options]  (--help lists them)",
-        description="Continue a prompt with a trained model (a checkpoint folder written by "
-        "`python -m gptflax train`), OpenAI's GPT-2 weights or SmolLM2-135M-Instruct, or chat "
-        "with SmolLM2 (--chat). Temperature 0 is greedy; above 0 it samples (Book §5.3), "
-        "optionally from the top-k tokens only.",
+        usage="%(prog)s PROMPT | --chat MESSAGE, and --model NAME | --checkpoint DIR "
+        "[options]  (--help lists them)",
+        description="Continue a prompt with a model by name (OpenAI's GPT-2, SmolLM2-135M-"
+        "Instruct, Gemma 3 270M, ...) or a trained one (a checkpoint folder written by "
+        "`python -m gptflax train`), or chat with a chat model (--chat). Temperature 0 is "
+        "greedy; above 0 it samples (Book §5.3), optionally from the top-k tokens only.",
     )
     p.add_argument("prompt", nargs="?", help="the text to continue")
     p.add_argument("--chat", metavar="MESSAGE", help="a user message to answer (chat models)")
@@ -427,8 +428,10 @@ def generate_parser() -> argparse.ArgumentParser:
         help="a run's checkpoint folder (runs/NAME/checkpoints, or "
         "runs/NAME): its latest checkpoint",
     )
-    src.add_argument("--gpt2", choices=GPT2_PRESETS, help="OpenAI's GPT-2 weights of this size")
-    src.add_argument("--model", choices=["smollm2"], help="SmolLM2-135M-Instruct (a Llama)")
+    src.add_argument(
+        "--model", choices=sources.MODELS, metavar="NAME",
+        help=f"a model by name: {', '.join(sources.MODELS)}",
+    )  # fmt: skip
     p.add_argument(
         "-n",
         "--max-new-tokens",
@@ -470,23 +473,22 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 
 def _generate(parser: argparse.ArgumentParser, args) -> int:
-    cfg, params = _load_for_generation(args)
+    _, cfg, params, tokenizer, _ = _load_for_generation(args)
     if args.top_k is not None and args.top_k > cfg.vocab_size:
         parser.error(f"argument --top-k: must be at most the vocabulary size, {cfg.vocab_size}")
-    tokenizer = tokenizer_for(cfg)
     if args.chat is not None:
-        if not hasattr(tokenizer, "encode_chat"):
+        if tokenizer.chat is None:
             raise CommandError(
-                "--chat needs a chat model (--model smollm2, or a checkpoint of one)"
+                "--chat needs a chat model (--model smollm2-135m-instruct, or a checkpoint of one)"
             )
         return _chat(args, cfg, params, tokenizer)
-    ids = tokenizer.encode(args.prompt, allowed_special="all")
+    ids = tokenizer.encode(args.prompt, allowed_special="all", bos=True)
     if len(ids) >= cfg.context_length:
         raise CommandError(
             f"the prompt has {len(ids)} tokens; this model's context holds "
             f"{cfg.context_length}: shorten the prompt"
         )
-    eos = None if args.no_eos else end_token_id(tokenizer)
+    eos = None if args.no_eos else tokenizer.eos_id
     out = generate(
         params,
         [ids],
@@ -502,18 +504,16 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
     return 0
 
 
-def _load_for_generation(args) -> tuple:
-    if args.gpt2:
-        return load_gpt2(args.gpt2)
+def _load_for_generation(args) -> sources.Model:
     if args.model:
-        return load_smollm2()
+        return sources.load_model(args.model)
     folder = Path(args.checkpoint)
     step = checkpoint.latest_step(folder)
     if step is None and (in_run := checkpoint.latest_step(folder / "checkpoints")) is not None:
         folder, step = folder / "checkpoints", in_run  # a run folder: its checkpoints
     if step is not None:
         print(f"loading checkpoint {folder / str(step)}", file=sys.stderr)
-    return checkpoint.load_model(folder, step)
+    return sources.load_checkpoint_model(folder, step)
 
 
 def _chat(args, cfg, params, tokenizer) -> int:

@@ -1,4 +1,10 @@
-"""The model's configuration (Book §4.1) and the GPT-2 presets."""
+"""The architectures: GPT's configuration (Book §4.1) and the GPT-2 presets, then each model
+family's config as the previous one with a few fields changed or added (Llama, Gemma 3).
+
+A config describes weights and how a model runs, never training settings; it is hashable and
+static, so it passes through `jax.jit` as is. Every config has `vocab_size`, `context_length`,
+`emb_dim`, `n_layers`, `n_heads`, `n_kv_heads` and `head_dim`, and says which layers see only a
+sliding window of earlier positions (`kv_window`)."""
 
 from __future__ import annotations
 
@@ -8,9 +14,31 @@ from dataclasses import dataclass
 import jax
 
 
+class Architecture:
+    """What every config shares; `HOW_IT_RUNS` names the fields that do not shape the weights."""
+
+    HOW_IT_RUNS: tuple[str, ...] = ()
+
+    def replace(self, **changes):
+        """A copy with some fields changed, e.g. `cfg.replace(context_length=256)`."""
+        return dataclasses.replace(self, **changes)
+
+    def same_weights_as(self, other) -> bool:
+        """Whether params of one fit the other: the same family, equal in every field but those
+        of `HOW_IT_RUNS`."""
+        if type(other) is not type(self):
+            return False
+        return other.replace(**{name: getattr(self, name) for name in self.HOW_IT_RUNS}) == self
+
+    def kv_window(self, layer: int) -> int | None:
+        """How many positions up to its own a query of `layer` sees (None: all); its KV cache
+        needs no more slots than that."""
+        return None
+
+
 @jax.tree_util.register_static  # hashable and static: passes through jax.jit as is
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Architecture):
     """A GPT architecture, with the book's field names; training settings live elsewhere."""
 
     vocab_size: int = 50257
@@ -24,6 +52,8 @@ class GPTConfig:
     # flash attention on a GPU) instead of the book's explicit softmax(QK^T)V. It has no dropout
     # on the attention weights, so it needs drop_rate = 0.
     fused_attention: bool = False
+
+    HOW_IT_RUNS = ("drop_rate", "fused_attention")
 
     def __post_init__(self):
         if self.emb_dim % self.n_heads:
@@ -40,15 +70,9 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    def same_weights_as(self, other: GPTConfig) -> bool:
-        """Whether both configs describe one architecture: equal in every field but how the model
-        runs (dropout and the attention kernel), so params of one fit the other."""
-        run_as = {"drop_rate": other.drop_rate, "fused_attention": other.fused_attention}
-        return type(other) is GPTConfig and self.replace(**run_as) == other
-
-    def replace(self, **changes) -> GPTConfig:
-        """A copy with some fields changed, e.g. `cfg.replace(context_length=256)`."""
-        return dataclasses.replace(self, **changes)
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_heads  # every query head has its own keys and values
 
 
 GPT_CONFIG_124M = GPTConfig()  # Book §4.1
@@ -76,13 +100,13 @@ class Llama3RoPE:
 
 @jax.tree_util.register_static
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(Architecture):
     """A Llama architecture (the book's bonus: GPT to Llama), defaults of SmolLM2-135M.
 
     What GPT's config has no field for: `n_kv_heads` key/value heads shared by the query heads
     (grouped-query attention), the feed-forward's `hidden_dim`, the rotary `rope_base` (and Llama
-    3's `rope_scaling`), RMSNorm's `rms_eps`, and whether the output head is the token embedding.
-    No dropout, no biases, no positional embedding table."""
+    3's `rope_scaling`), RMSNorm's `rms_eps`, and whether the output head is the token embedding;
+    `head_dim` is emb_dim / n_heads unless given. No dropout, no biases, no positional table."""
 
     vocab_size: int = 49152
     context_length: int = 8192
@@ -95,14 +119,23 @@ class LlamaConfig:
     rope_scaling: Llama3RoPE | None = None
     rms_eps: float = 1e-5
     tie_embeddings: bool = True
+    head_dim: int | None = None
+
+    HOW_IT_RUNS = ("context_length",)  # positions are rotations, not a table: no weight has it
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # read back from a checkpoint's JSON
             object.__setattr__(self, "rope_scaling", Llama3RoPE(**self.rope_scaling))
-        if self.emb_dim % self.n_heads or (self.emb_dim // self.n_heads) % 2:
+        if self.head_dim is None:
+            if self.emb_dim % self.n_heads:
+                raise ValueError(
+                    f"emb_dim={self.emb_dim} does not split into n_heads={self.n_heads} heads: "
+                    "give head_dim"
+                )
+            object.__setattr__(self, "head_dim", self.emb_dim // self.n_heads)
+        if self.head_dim % 2:
             raise ValueError(
-                f"emb_dim={self.emb_dim} must split into n_heads={self.n_heads} heads of an even "
-                "size (rotary embeddings rotate pairs)"
+                f"head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -110,19 +143,10 @@ class LlamaConfig:
                 "each key/value head serves the same number of query heads"
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
-
-    def same_weights_as(self, other) -> bool:
-        """Whether params of one fit the other: equal in every field but the context length (no
-        weight depends on it: positions are rotations, not a table)."""
-        return type(other) is LlamaConfig and self.replace(context_length=0) == other.replace(
-            context_length=0
-        )
-
-    def replace(self, **changes) -> LlamaConfig:
-        """A copy with some fields changed, e.g. `cfg.replace(context_length=2048)`."""
+    def replace(self, **changes):
+        """A copy with some fields changed; a head size that was emb_dim / n_heads follows them."""
+        if "head_dim" not in changes and self.head_dim * self.n_heads == self.emb_dim:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
 
@@ -147,4 +171,43 @@ LLAMA_PRESETS = {
 LLAMA_TINY = LlamaConfig(
     vocab_size=256, context_length=64, emb_dim=32, n_heads=4, n_kv_heads=2, hidden_dim=64,
     n_layers=2,
+)  # fmt: skip
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class Gemma3Config(LlamaConfig):
+    """Gemma 3 (the book's bonus ch05/12), defaults of Gemma 3 270M: the Llama with sliding-window
+    attention in all but every `sliding_window_pattern`-th layer (`sliding_window` positions,
+    rotary base `rope_local_base`), QK-norm, scores scaled by 1/sqrt(query_pre_attn_scalar),
+    norms after attention and the feed-forward too, GeGLU, embeddings scaled by sqrt(emb_dim)."""
+
+    vocab_size: int = 262_144
+    context_length: int = 32_768
+    emb_dim: int = 640
+    n_heads: int = 4
+    n_kv_heads: int = 1
+    hidden_dim: int = 2048
+    n_layers: int = 18
+    rope_base: float = 1_000_000.0
+    rms_eps: float = 1e-6
+    head_dim: int | None = 256
+    sliding_window: int = 512
+    sliding_window_pattern: int = 6
+    rope_local_base: float = 10_000.0
+    query_pre_attn_scalar: float = 256.0
+
+    def is_global(self, layer):
+        """Whether `layer` (an int, or a traced one inside the layer scan) sees all positions."""
+        return (layer + 1) % self.sliding_window_pattern == 0
+
+    def kv_window(self, layer: int) -> int | None:
+        return None if self.is_global(layer) else self.sliding_window
+
+
+GEMMA3_270M = Gemma3Config()
+# A Gemma 3 small enough for tests: a window of 4 on five of every six layers, two RoPE bases.
+GEMMA3_TINY = Gemma3Config(
+    vocab_size=256, context_length=64, emb_dim=32, n_heads=4, n_kv_heads=2, head_dim=16,
+    hidden_dim=64, n_layers=6, sliding_window=4, query_pre_attn_scalar=16.0,
 )  # fmt: skip

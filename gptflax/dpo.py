@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptflax import files
+from gptflax import files, models
 from gptflax.data import DataLoader, ragged, round_up
-from gptflax.families import family
 from gptflax.instruct import RESPONSE_HEADER, format_input
 
 PREFERENCE_FILE = "instruction-data-with-preference.json"
@@ -40,9 +39,9 @@ def encode_preferences(
     header, end = len(tokenizer.encode("###")), [] if end_id is None else [end_id]
     for e in entries:
         prompt = format_input(e)
-        chosen.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["chosen"]) + end)
-        rejected.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["rejected"]) + end)
-        starts.append(len(tokenizer.encode(prompt + "\n\n###")) - header)
+        chosen.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["chosen"], bos=True) + end)
+        rejected.append(tokenizer.encode(prompt + RESPONSE_HEADER + e["rejected"], bos=True) + end)
+        starts.append(len(tokenizer.encode(prompt + "\n\n###", bos=True)) - header)
     return chosen, rejected, np.array(starts, dtype=np.int32)
 
 
@@ -118,7 +117,7 @@ def pair_logprobs(params: dict, tokens: jax.Array, mask: jax.Array, cfg, key=Non
     """Mean response log-probabilities of each pair: (B, 2, T) -> (B, 2) [chosen, rejected]."""
     pairs, _, width = tokens.shape
     flat, flat_mask = tokens.reshape(pairs * 2, width), mask.reshape(pairs * 2, width)
-    logits = family(cfg).forward(params, flat, cfg, key=key)  # (2B, T, V)
+    logits = models.forward(params, flat, cfg, key=key)  # (2B, T, V)
     return sequence_logprobs(logits, flat, flat_mask).reshape(pairs, 2)
 
 

@@ -15,7 +15,6 @@ import optax
 from gptflax import files, nn
 from gptflax.data import DataLoader
 from gptflax.losses import classification_logits
-from gptflax.tokenizer import end_token_id
 
 
 def replace_out_head(params: dict, key: jax.Array, num_classes: int = 2) -> dict:
@@ -83,8 +82,8 @@ def classify_review(
 ) -> str:
     """ "spam" or "not spam" for one text, padded like the training data and read at the last
     position (Book §6.8), or at its last real token."""
-    pad_token_id = end_token_id(tokenizer)
-    ids = tokenizer.encode(text)[: min(max_length, cfg.context_length)]
+    pad_token_id = tokenizer.eos_id
+    ids = tokenizer.encode(text, bos=True)[: min(max_length, cfg.context_length)]
     tokens = jnp.array([ids + [pad_token_id] * (max_length - len(ids))])
     read_at = pad_token_id if at_last_real_token else None
     logits = classification_logits(params, tokens, cfg, pad_token_id=read_at)
@@ -135,9 +134,9 @@ def random_split(
 def encode_padded(texts: list[str], tokenizer, max_length: int | None = None) -> np.ndarray:
     """Token ids, cut to max_length (default: the longest text) and right-padded with the
     tokenizer's end token: (N, T) (§6.3)."""
-    encoded = [tokenizer.encode(t)[:max_length] for t in texts]
+    encoded = [tokenizer.encode(t, bos=True)[:max_length] for t in texts]
     width = max_length or max(len(e) for e in encoded)
-    out = np.full((len(encoded), width), end_token_id(tokenizer), dtype=np.int32)
+    out = np.full((len(encoded), width), tokenizer.eos_id, dtype=np.int32)
     for row, ids in zip(out, encoded, strict=True):
         row[: len(ids)] = ids
     return out

@@ -13,9 +13,9 @@ Two ways to decode, giving the same tokens:
 `generate` uses the cache whenever prompt and new tokens fit in the context; beyond it the book's
 sliding window needs every position recomputed, so it falls back to the loop.
 
-The cached loop reads the weights in `nn.decoding_layout`; each call lays the params out so
-(a copy of every weight), unless they come from `decoding_params` already: do that once when the
-same model decodes many times.
+The cached loop reads the weights in the decoding layout (`gptflax.decoding`); each call lays the
+params out so (a copy of every weight), unless they come from `decoding_params` already: do that
+once when the same model decodes many times.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptflax import nn
-from gptflax.families import family
+from gptflax import models
+from gptflax.decoding import check_trainable, decoding_layout
 
 MIN_WINDOW = 8
 
@@ -40,10 +40,9 @@ def window_width(num_tokens: int, context_size: int) -> int:
 @jax.jit
 def next_token_logits(params: dict, window: jax.Array, length: jax.Array, cfg) -> jax.Array:
     """Logits for the token after the first `length` tokens of each row: (B, W) -> (B, V)."""
-    fam = family(cfg)
-    h = fam.hidden(params, window, cfg)  # (B, W, D)
+    h = models.hidden(params, window, cfg)  # (B, W, D)
     last = jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=True)  # (B, 1, D)
-    return fam.head(params, last)[:, 0]  # only the last position goes through the head
+    return models.head(params, last)[:, 0]  # only the last position goes through the head
 
 
 def padded_window(idx: np.ndarray, context_size: int) -> tuple[np.ndarray, int]:
@@ -112,12 +111,7 @@ def generate(
         return np.concatenate(
             [idx, generate_cached(params, idx, max_new_tokens, cfg, **decoding)], 1
         )
-    if isinstance(params["trf_blocks"], list):
-        raise ValueError(
-            "params from decoding_params decode with the KV cache only, and this call needs the "
-            "book's sliding window (use_cache=False, or more tokens than the context holds): "
-            "pass the model's own params"
-        )
+    check_trainable(params)  # the sliding window runs the whole model, as training does
     done = np.zeros(idx.shape[0], dtype=bool)
     for i in range(max_new_tokens):
         window, num_tokens = padded_window(idx, context_size)
@@ -134,27 +128,21 @@ def generate(
     return idx
 
 
-@jax.jit
-def decoding_params(params: dict) -> dict:
-    """The params in `nn.decoding_layout`, for `generate` and `generate_cached` to read without
-    laying them out again at every call. A copy: the params it was made from are untouched."""
-    return nn.decoding_layout(params)
-
-
 @partial(jax.jit, static_argnames=("cache_len", "temperature", "top_k"))
 def _decode_with_cache(
     params, window, lengths, max_new_tokens, eos_id, key, cfg, cache_len, temperature, top_k
 ):
     """Prefill the right-padded prompts window (B, W) of `lengths` (B,), then decode in a
     `lax.while_loop` with a cache of `cache_len` positions -> (B, cache_len) buffer of new ids
-    and how many steps ran. Padding slots in the cache are overwritten by new tokens before any
-    query can see them.
+    and how many steps ran. The padding never enters the cache (its positions are -1).
     """
-    batch, fam = window.shape[0], family(cfg)
-    params = nn.decoding_layout(params)  # once, before the loop
-    cache = fam.init_cache(cfg, batch, cache_len, params["tok_emb"]["embedding"].dtype)
-    h, cache = fam.hidden_cached(params, window, cache, jnp.zeros(batch, jnp.int32), cfg)
-    last_logits = fam.head(params, h[jnp.arange(batch), lengths - 1])  # (B, V): last positions only
+    batch, width = window.shape
+    params = decoding_layout(params)  # once, before the loop
+    cache = models.init_cache(cfg, batch, cache_len, params.params["tok_emb"]["embedding"].dtype)
+    slots = jnp.arange(width)
+    prompt_positions = jnp.where(slots < lengths[:, None], slots, -1)  # (B, W): -1 is padding
+    h, cache = models.hidden_cached(params, window, cache, prompt_positions, cfg)
+    last_logits = models.head(params, h[jnp.arange(batch), lengths - 1])  # (B, V): last only
     out = jnp.zeros((batch, cache_len), jnp.int32)
 
     def unfinished(state):
@@ -167,8 +155,10 @@ def _decode_with_cache(
         next_ids = sample_next_token(last_logits, step_key, temperature, top_k).astype(jnp.int32)
         next_ids = jnp.where(done, eos_id, next_ids)  # (B,)
         done = done | (next_ids == eos_id)
-        h, cache = fam.hidden_cached(params, next_ids[:, None], cache, lengths + i, cfg)
-        return i + 1, cache, fam.head(params, h[:, 0]), out.at[:, i].set(next_ids), done
+        h, cache = models.hidden_cached(
+            params, next_ids[:, None], cache, (lengths + i)[:, None], cfg
+        )
+        return i + 1, cache, models.head(params, h[:, 0]), out.at[:, i].set(next_ids), done
 
     start = (jnp.int32(0), cache, last_logits, out, jnp.zeros(batch, bool))
     steps, _, _, out, _ = jax.lax.while_loop(unfinished, decode_step, start)
@@ -231,7 +221,9 @@ def sample_text(
 
     `decoding` takes `generate`'s options: temperature, top_k, eos_id, key.
     """
-    encoded = np.array([tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})])
+    encoded = np.array(
+        [tokenizer.encode(start_context, allowed_special={"<|endoftext|>"}, bos=True)]
+    )
     out = generate(params, encoded, max_new_tokens, cfg, **decoding)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
 

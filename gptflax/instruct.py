@@ -18,9 +18,10 @@ import numpy as np
 from gptflax import files
 from gptflax.config import GPTConfig
 from gptflax.data import DataLoader, ragged, round_up
-from gptflax.generate import decoding_params, generate_cached, trim_at_eos
+from gptflax.decoding import decoding_params
+from gptflax.generate import generate_cached, trim_at_eos
 from gptflax.losses import IGNORE_INDEX
-from gptflax.tokenizer import EOT_ID, end_token_id
+from gptflax.tokenizer import EOT_ID
 
 INTRO = (
     "Below is an instruction that describes a task. "
@@ -55,8 +56,10 @@ def split_instruction_data(data: list, train_frac=0.85, test_frac=0.10) -> tuple
 def encode_entries(entries: list[dict], tokenizer) -> tuple[list[list[int]], np.ndarray]:
     """Token ids of prompt + response for each entry (the book's InstructionDataset), and each
     prompt's length in tokens (to mask the instruction from the loss, exercise 7.2)."""
-    prompts = [tokenizer.encode(format_input(e) + RESPONSE_HEADER) for e in entries]
-    full = [tokenizer.encode(format_input(e) + RESPONSE_HEADER + e["output"]) for e in entries]
+    prompts = [tokenizer.encode(format_input(e) + RESPONSE_HEADER, bos=True) for e in entries]
+    full = [
+        tokenizer.encode(format_input(e) + RESPONSE_HEADER + e["output"], bos=True) for e in entries
+    ]
     return full, np.array([len(p) for p in prompts], dtype=np.int32)
 
 
@@ -158,9 +161,9 @@ def generate_responses(
     stopping at the tokenizer's end token (§7.7). max_new_tokens is cut to what the context
     leaves after the longest prompt. A short last batch is filled up with copies, so it compiles
     nothing new."""
-    prompts = [tokenizer.encode(format_input(e)) for e in entries]
+    prompts = [tokenizer.encode(format_input(e), bos=True) for e in entries]
     max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
-    end, completions = end_token_id(tokenizer), []
+    end, completions = tokenizer.eos_id, []
     params = decoding_params(params)  # laid out once for all the batches
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

@@ -1,6 +1,7 @@
 """Low-rank adaptation (appendix E): train A (in, r) and B (r, out) beside each frozen linear
 kernel W, so that the layer computes x @ W + (alpha / rank) * x @ A @ B: side by side while
-training (`attach_lora`), merged into W for inference (`merge_lora`).
+training (`attach_lora`: the kernel becomes a `LoRAKernel`), merged into W for inference
+(`merge_lora`).
 
 The LoRA params mirror the model's: every `kernel` (all attention and feed-forward linears, and
 the output head, as the appendix replaces every nn.Linear) gets {"A", "B"} of the same leading
@@ -54,13 +55,36 @@ def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
     return _with_lora(params, lora, merge)
 
 
+@jax.tree_util.register_pytree_node_class
+class LoRAKernel:
+    """A frozen kernel W (in, out) with its low-rank update beside it: `x @ kernel` computes
+    x @ W + (x @ A) @ B, the appendix's LinearWithLoRA (alpha / rank is already in A)."""
+
+    def __init__(self, w: jax.Array, a: jax.Array, b: jax.Array):
+        self.w, self.a, self.b = w, a, b
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    def __rmatmul__(self, x2d: jax.Array) -> jax.Array:
+        return x2d @ self.w + (x2d @ self.a) @ self.b  # (N, out) + (N, r) @ (r, out)
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
 def attach_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
-    """Params whose adapted layers carry lora_A = (alpha / rank) * A and lora_B = B beside the
-    kernel, so that `nn.linear` computes x @ W + (x @ lora_A) @ lora_B: for training. No (in, out)
-    update is formed, and with W frozen autodiff forms no (in, out) weight gradient either."""
+    """Params whose adapted kernels are `LoRAKernel`s of W, (alpha / rank) * A and B, so that
+    `nn.linear` computes x @ W + (x @ A) @ B: for training. No (in, out) update is formed, and
+    with W frozen autodiff forms no (in, out) weight gradient either."""
 
     def attach(layer, a, b):
-        return {**layer, "lora_A": (alpha / rank) * a, "lora_B": b}
+        return {**layer, "kernel": LoRAKernel(layer["kernel"], (alpha / rank) * a, b)}
 
     return _with_lora(params, lora, attach)
 

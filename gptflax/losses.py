@@ -10,8 +10,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gptflax import nn
-from gptflax.families import family
+from gptflax import models
 
 IGNORE_INDEX = -100
 
@@ -42,7 +41,7 @@ def loss_fn(
     key: jax.Array | None = None,
 ) -> jax.Array:
     """Loss of one batch: (B, T) inputs and targets -> scalar (the book's calc_loss_batch, §5.1)."""
-    logits = family(cfg).forward(params, inputs, cfg, key=key)
+    logits = models.forward(params, inputs, cfg, key=key)
     with jax.named_scope("loss"):
         return cross_entropy(logits, targets)
 
@@ -55,18 +54,11 @@ def classifier_forward(
     key: jax.Array | None = None,
     frozen_blocks: int = 0,
 ) -> jax.Array:
-    """The family's forward with no gradient through the embeddings and the first
+    """The model's forward with no gradient through the embeddings and the first
     `frozen_blocks` blocks, so that their backward pass is never computed: (B, T) -> (B, T, C)."""
-    fam = family(cfg)
-    k_emb, k_frozen, k_rest = nn.split_key(key, 3)
-    x = fam.embed(params, tokens, cfg, key=k_emb)  # (B, T, D)
-    blocks = params["trf_blocks"]
-    if frozen_blocks:
-        first = jax.tree.map(lambda leaf: leaf[:frozen_blocks], blocks)
-        x = jax.lax.stop_gradient(fam.run_blocks(first, x, cfg, key=k_frozen))
-        blocks = jax.tree.map(lambda leaf: leaf[frozen_blocks:], blocks)
-    x = fam.run_blocks(blocks, x, cfg, key=k_rest)
-    return fam.head(params, fam.final_norm(params, x, cfg))
+    return models.head(
+        params, models.hidden(params, tokens, cfg, key=key, frozen_blocks=frozen_blocks)
+    )
 
 
 def classification_logits(

@@ -33,35 +33,18 @@ def init_linear(key: jax.Array, d_in: int, d_out: int, bias: bool = True) -> dic
 
 
 def linear(params: dict, x: jax.Array) -> jax.Array:
-    """x (..., d_in) -> (..., d_out) with the params' `kernel` (d_in, d_out), or their `kernel_t`
-    (d_out, d_in) in the decoding layout (`decoding_layout`); adds the bias when the params have
-    one, and a LoRA update x @ lora_A @ lora_B when they carry one.
+    """x (..., d_in) @ kernel (d_in, d_out) + bias -> (..., d_out); the bias when there is one.
 
     The leading axes are flattened first, so the matmul is 2-D, (N, d_in) @ (d_in, d_out), and so
     is the weight gradient autodiff derives from it: XLA's CPU backend runs that form at full speed
-    (the README's speed section has the numbers).
+    (the README's speed section has the numbers). The kernel is anything `x @` multiplies: an
+    array, or a kernel type of LoRA's (`gptflax.lora`) or of the decoding layout's
+    (`gptflax.decoding`).
     """
     x2d = x.reshape(-1, x.shape[-1])  # (N, d_in)
-    if "kernel_t" in params:
-        y = times_transposed(x2d, params["kernel_t"])
-    else:
-        y = x2d @ params["kernel"]  # (N, d_out)
-    if "lora_A" in params:  # appendix E's low-rank path beside the frozen kernel (gptflax.lora)
-        y = y + (x2d @ params["lora_A"]) @ params["lora_B"]  # (N, r) @ (r, d_out)
+    y = x2d @ params["kernel"]  # (N, d_out)
     y = y.reshape(*x.shape[:-1], y.shape[-1])  # (..., d_out)
     return y + params["bias"] if "bias" in params else y
-
-
-def times_transposed(x2d: jax.Array, w_t: jax.Array) -> jax.Array:
-    """x2d (N, d_in) @ w_t.T for a weight stored (d_out, d_in) -> (N, d_out).
-
-    For up to 64 rows on a CPU (a decoding step) the product is taken as (w_t @ x2d.T).T, the
-    weights on the left in their stored layout, with the transpose of the small result kept out
-    of the dot: XLA would fold it back in, into a dot that streams the weights up to 1.6x slower
-    (README, decoding)."""
-    if jax.default_backend() == "cpu" and x2d.shape[0] <= 64:
-        return jax.lax.optimization_barrier(w_t @ x2d.T).T  # (d_out, N) -> (N, d_out)
-    return x2d @ w_t.T
 
 
 def init_layer_norm(dim: int) -> dict:
@@ -124,14 +107,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 # --- stacked transformer blocks: every family keeps its blocks' params under "trf_blocks" ---------
 
 
-def scan_layers(step, x: jax.Array, layers):
-    """`lax.scan` of `step(x, layer) -> (x, None)` over stacked per-layer values: the blocks run
-    in order, carrying x. Off the CPU the loop is unrolled: there, slicing each layer's weights out
-    of the stack and stacking what the backward pass keeps were copies that cost more than the
-    attention (see README); on a CPU, unrolling only lengthens the compile."""
-    return jax.lax.scan(step, x, layers, unroll=jax.default_backend() != "cpu")[0]
-
-
 def count_params(params) -> int:
     """Number of scalars in a params pytree (works on `jax.eval_shape` output too)."""
     return sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -140,37 +115,3 @@ def count_params(params) -> int:
 def block_params(params: dict, i: int) -> dict:
     """The params of block i, un-stacked from `trf_blocks`."""
     return jax.tree.map(lambda leaf: leaf[i], params["trf_blocks"])
-
-
-def unstack_blocks(params: dict) -> dict:
-    """The params with `trf_blocks` as a list of per-layer params instead of stacked arrays
-    (params whose blocks are a list already come back as they are)."""
-    if isinstance(params["trf_blocks"], list):
-        return params
-    n_layers = jax.tree.leaves(params["trf_blocks"])[0].shape[0]
-    return {**params, "trf_blocks": [block_params(params, i) for i in range(n_layers)]}
-
-
-def decoding_layout(params: dict) -> dict:
-    """The params as a decoding loop reads them best: the blocks as a list (`unstack_blocks`), so
-    that no token slices a layer out of the stack, and on a CPU every linear's kernel transposed
-    to `kernel_t` (d_out, d_in), PyTorch's layout, the one `times_transposed` streams fastest.
-    Params whose blocks are a list already come back as they are."""
-    if isinstance(params["trf_blocks"], list):
-        return params
-    unstacked = unstack_blocks(params)
-    return _kernels_transposed(unstacked) if jax.default_backend() == "cpu" else unstacked
-
-
-def _kernels_transposed(node):
-    """A params tree with every `kernel` (d_in, d_out) replaced by `kernel_t` (d_out, d_in)."""
-    if isinstance(node, list):
-        return [_kernels_transposed(child) for child in node]
-    if not isinstance(node, dict):
-        return node
-    return {
-        ("kernel_t" if name == "kernel" else name): (
-            child.T if name == "kernel" else _kernels_transposed(child)
-        )
-        for name, child in node.items()
-    }

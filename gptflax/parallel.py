@@ -11,9 +11,9 @@ state is the strategy, chosen by configuration and never written into the model 
 - "tp": attention heads, the feed-forward's hidden dimension and the vocabulary split over the
   "model" axis, so each device computes its share of every layer (Megatron's tensor parallel);
 - "fsdp+tp": both, on a mesh with data and model axes.
-A family names the logical axes of its params by path (`gpt.LOGICAL_AXES`); `RULES` maps those
-names onto mesh axes for each strategy, as MaxText's logical axis rules do. A dimension that does
-not split evenly over its mesh axis (GPT-2's 50,257-token vocabulary over 2) stays whole.
+A family names the logical axes of its params by path (`models.gpt.LOGICAL_AXES`); `RULES` maps
+those names onto mesh axes for each strategy, as MaxText's logical axis rules do. A dimension that
+does not split evenly over its mesh axis (GPT-2's 50,257-token vocabulary over 2) stays whole.
 
 Whatever the strategy, `jax.jit` computes the same step as on one device (up to the order of
 floating-point sums). On a CPU, `jax.config.update("jax_num_cpu_devices", 8)` (before any JAX
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gptflax.families import family
+from gptflax.models import family
 
 RULES = {  # strategy -> {logical axis: mesh axis}; a name not listed is never split
     "dp": {},
@@ -104,7 +104,7 @@ def logical_axes(keys: tuple[str, ...], ndim: int, table: dict) -> tuple:
 def _layer_axes(keys: tuple[str, ...], table: dict) -> tuple:
     """The longest entry of the family's table that ends the path; a bias takes its kernel's
     output axis, LoRA's A (in, r) and B (r, out) their kernel's input and output axes."""
-    part = keys[-1].removeprefix("lora_")
+    part = keys[-1]
     if part in ("bias", "A", "B"):
         d_in, d_out = _layer_axes((*keys[:-1], "kernel"), table)
         return {"bias": (d_out,), "A": (d_in, None), "B": (None, d_out)}[part]

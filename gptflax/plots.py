@@ -41,6 +41,20 @@ def curves_figure(epochs_seen, seen, train_values, val_values, label: str, seen_
     return fig
 
 
+def plot_series(x, series: dict[str, list], xlabel: str, ylabel: str, path: str | Path) -> Path:
+    """Curves of several named series against x, one line each (log-scaled x when it spans
+    more than 100x)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, values in series.items():
+        ax.plot(x, values, marker=".", label=name)
+    if max(x) > 100 * max(min(x), 1e-12):
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
 def plot_learning_rate(learning_rates, path: str | Path) -> Path:
     """The learning rate at every step (Appendix D)."""
     fig, ax = plt.subplots(figsize=(5, 3))

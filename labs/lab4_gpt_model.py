@@ -18,10 +18,11 @@ import numpy as np
 from flax import nnx
 from labkit import QUICK, run_dir
 
-from gptflax import gpt, nn
+from gptflax import models, nn
 from gptflax.attention import multi_head_attention
 from gptflax.config import GPT2_PRESETS, GPT_CONFIG_124M, TINY
 from gptflax.generate import generate
+from gptflax.models import gpt
 from gptflax.nnx_model import from_params
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 
@@ -130,7 +131,10 @@ def transformer_block(params, x, cfg):  # eval mode: dropout is the identity
 one_block = gpt.init_block(jax.random.key(123), GPT_CONFIG_124M)
 block_in = jax.random.uniform(jax.random.key(1), (2, 4, 768))
 block_out = transformer_block(one_block, block_in, GPT_CONFIG_124M)
-block_diff = float(jnp.abs(block_out - gpt.block(one_block, block_in, GPT_CONFIG_124M)).max())
+library_out, _ = gpt.block(
+    one_block, block_in, GPT_CONFIG_124M, layer=0, positions=jnp.arange(4)[None]
+)  # the library's block also takes the positions (and a KV cache, for decoding)
+block_diff = float(jnp.abs(block_out - library_out).max())
 print(
     "block:", block_in.shape, "->", block_out.shape, f"; max |ours - gpt.block|: {block_diff:.1e}"
 )
@@ -180,13 +184,13 @@ def gpt_model(params, tokens, cfg):  # the book's GPTModel.forward, a Python loo
     return nn.linear(params["out_head"], layer_norm(params["final_norm"], x))  # (B, T, V)
 
 
-params = gpt.init_params(jax.random.key(123), cfg)
-forward = jax.jit(gpt.forward)
+params = models.init_params(jax.random.key(123), cfg)
+forward = jax.jit(models.forward)
 logits = forward(params, batch, cfg)
 print("Input batch:", batch.shape, "Output shape:", logits.shape)  # (2, 4, 50257)
 # gptflax stacks the blocks' params and scans over them (one block to compile). Same numbers:
 scan_loop_diff = float(jnp.abs(logits - gpt_model(params, batch, cfg)).max())
-print("max |our loop over blocks - gpt.forward|:", scan_loop_diff)
+print("max |our loop over blocks - models.forward|:", scan_loop_diff)
 
 
 # %%

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from labkit import QUICK, run_dir
 
-from gptflax import checkpoint, files, gpt
+from gptflax import checkpoint, files, models, sources
 from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, top_k_logits
@@ -26,14 +26,13 @@ from gptflax.parallel import make_mesh
 from gptflax.plots import plot_losses
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
-from gptflax.weights import load_gpt2
 
 RUNS = run_dir("lab5")  # runs/lab5, or runs/quick/lab5 in quick mode
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
 NUM_EPOCHS = 3 if QUICK else 10
 key_init, key_dropout, key_sample = jax.random.split(jax.random.key(123), 3)
 tokenizer = gpt2_tokenizer()
-params = gpt.init_params(key_init, cfg)
+params = models.init_params(key_init, cfg)
 print(cfg)
 start_context = "Every effort moves you"
 out = generate(params, [text_to_token_ids(start_context, tokenizer)], 10, cfg)  # greedy
@@ -47,7 +46,7 @@ targets = jnp.array(
 )  # " effort moves you", " really like chocolate"
 
 np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
-logits = gpt.forward(params, inputs, cfg)  # (2, 3, 50257)
+logits = models.forward(params, inputs, cfg)  # (2, 3, 50257)
 probas = jax.nn.softmax(logits, axis=-1)
 print("greedy ids:", probas.argmax(-1).tolist())
 target_probas = jnp.take_along_axis(probas, targets[..., None], axis=-1)[..., 0]  # (2, 3)
@@ -152,8 +151,10 @@ if checkpoint.latest_step(ckpt_dir) is not None:
 
     shutil.rmtree(ckpt_dir)  # this lab's own previous run
 train_state = {"step": state.step, "opt_state": state.opt_state}
-checkpoint.save_checkpoint(ckpt_dir, NUM_EPOCHS, params, cfg=cfg, train_state=train_state)
-fresh = init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
+checkpoint.save_checkpoint(
+    ckpt_dir, NUM_EPOCHS, params, cfg=cfg, train_state=train_state, meta={"tokenizer": "gpt2"}
+)
+fresh = init_train_state(models.init_params(jax.random.key(0), cfg), tx)
 loaded_params, loaded_train, _ = checkpoint.load_checkpoint(
     ckpt_dir,
     cfg=cfg,
@@ -172,7 +173,7 @@ print(f"reloaded at step {step_back}: params identical {same_params}, same text 
 # %%
 print("\n# §5.5 Loading OpenAI's GPT-2 124M weights (when they are on disk)")
 try:
-    gpt2_cfg, gpt2_params = load_gpt2("124M")
+    _, gpt2_cfg, gpt2_params, *_ = sources.load_model("gpt2-124m")
 except files.DataFileError as e:
     gpt2_cfg = None
     print("GPT-2 weights not available here, so this cell is skipped:\n", e)

@@ -41,7 +41,6 @@ from gptflax.finetune import (
 from gptflax.losses import classification_loss, classifier_forward, read_class_logits
 from gptflax.nnx_model import GPTModel
 from gptflax.plots import plot_values
-from gptflax.tokenizer import end_token_id
 from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
 
 np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
@@ -69,7 +68,7 @@ print(f"starting point: {start.about}\n{cfg}")
 # %%
 print("\n# §6.3 Data loaders: pad every text with the end token to the longest training text")
 # GPT-2's <|endoftext|> (50256); SmolLM2's <|im_end|> (2), its padding id.
-pad_id = end_token_id(tokenizer)
+pad_id = tokenizer.eos_id
 train_loader, val_loader, test_loader = spam_loaders(tokenizer, splits, batch_size=8)
 x_test, y_test = test_loader.arrays
 max_length = x_test.shape[1]
@@ -217,7 +216,13 @@ if checkpoint.latest_step(ckpt_dir) is not None:
     import shutil
 
     shutil.rmtree(ckpt_dir)  # this lab's own previous run
-checkpoint.save_checkpoint(ckpt_dir, num_epochs, tuned, cfg=cfg, meta={"max_length": max_length})
+checkpoint.save_checkpoint(
+    ckpt_dir,
+    num_epochs,
+    tuned,
+    cfg=cfg,
+    meta={"max_length": max_length, "tokenizer": start.tokenizer_name},
+)
 reloaded, _, meta = checkpoint.load_checkpoint(ckpt_dir, cfg=cfg, params_like=tuned)
 same = all(jax.tree.leaves(jax.tree.map(np.array_equal, reloaded, tuned)))
 print(f"reloaded classifier: the same weights {same}, max_length {meta['max_length']}")

@@ -41,7 +41,6 @@ from gptflax.instruct import (
 )
 from gptflax.losses import cross_entropy, loss_fn
 from gptflax.plots import plot_losses
-from gptflax.tokenizer import end_token_id
 from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
 
 RUNS = run_dir("lab7")  # runs/lab7, or runs/quick/lab7 in quick mode
@@ -84,7 +83,7 @@ print("\n# §7.4 Loaders of 8 examples")
 
 np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 collate = dict(
-    pad_to_multiple=32, allowed_max_length=cfg.context_length, pad_token_id=end_token_id(tokenizer)
+    pad_to_multiple=32, allowed_max_length=cfg.context_length, pad_token_id=tokenizer.eos_id
 )
 train_loader = instruction_loader(train_ids, 8, shuffle=True, drop_last=True, **collate)
 val_loader, test_loader = (instruction_loader(ids, 8, **collate) for ids in (val_ids, test_ids))
@@ -171,7 +170,13 @@ responses_path = files.save_json(with_responses, f"{RUNS}/instruction-data-with-
 ckpt_dir = os.path.abspath(f"{RUNS}/model")
 if checkpoint.latest_step(ckpt_dir) is not None:
     shutil.rmtree(ckpt_dir)  # this lab's own previous run
-checkpoint.save_checkpoint(ckpt_dir, NUM_EPOCHS, tuned, cfg=cfg, meta={"source": start.about})
+checkpoint.save_checkpoint(
+    ckpt_dir,
+    NUM_EPOCHS,
+    tuned,
+    cfg=cfg,
+    meta={"source": start.about, "tokenizer": start.tokenizer_name},
+)
 reloaded, _, _ = checkpoint.load_checkpoint(ckpt_dir, cfg=cfg, params_like=tuned)
 print(f"responses: {responses_path}; model: {ckpt_dir}")
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptflax import nn
+from gptflax import models, nn
 
 np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 
@@ -212,7 +212,7 @@ print("\n# A.9.3 Training on several devices: data parallel, FSDP, tensor parall
 import time
 from functools import partial
 
-from gptflax import gpt, parallel
+from gptflax import parallel
 from gptflax.config import GPT2_PRESETS, TINY
 from gptflax.losses import loss_fn
 from gptflax.train import init_train_state, make_optimizer
@@ -228,7 +228,9 @@ memory = {}
 for size in ("124M", "1558M"):
     big = GPT2_PRESETS[size]
     shapes = jax.eval_shape(
-        lambda cfg=big: init_train_state(gpt.init_params(jax.random.key(0), cfg), make_optimizer())
+        lambda cfg=big: init_train_state(
+            models.init_params(jax.random.key(0), cfg), make_optimizer()
+        )
     )
     memory[size] = {
         name: parallel.bytes_per_device(shapes, big, parallel.make_mesh(devices=cpus, **m), name)
@@ -242,7 +244,7 @@ step = partial(gpt_train_step, loss=partial(loss_fn, cfg=cfg), tx=tx)
 rng = np.random.default_rng(0)
 x = rng.integers(0, cfg.vocab_size, (16, cfg.context_length), dtype=np.int32)
 batch, key = (x, np.roll(x, -1, axis=1)), jax.random.key(0)
-state0 = init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
+state0 = init_train_state(models.init_params(jax.random.key(0), cfg), tx)
 
 
 def three_steps(step_fn, state, batch):

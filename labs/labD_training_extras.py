@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from labkit import QUICK, run_dir
 
-from gptflax import files, gpt
+from gptflax import files, models
 from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import sample_text
@@ -72,7 +72,7 @@ print("learning-rate plot:", plot_learning_rate(lrs, f"{RUNS}/lr_schedule.png"))
 
 # %%
 print("\n# D.3 Gradient clipping: scale all gradients down when their global norm exceeds 1.0")
-params = gpt.init_params(jax.random.key(123), cfg)
+params = models.init_params(jax.random.key(123), cfg)
 inputs, targets = next(iter(train_loader.batches(0)))
 grads = jax.grad(loss_fn)(params, inputs, targets, cfg)
 clip = optax.clip_by_global_norm(1.0)

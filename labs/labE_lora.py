@@ -22,9 +22,8 @@ import numpy as np
 import optax
 from labkit import QUICK, starting_model
 
-from gptflax import gpt, nn
+from gptflax import models, nn
 from gptflax.config import GPT2_PRESETS, TINY
-from gptflax.families import family
 from gptflax.finetune import (
     calc_accuracy_loader,
     count_trainable,
@@ -57,14 +56,14 @@ print(f"total parameters {n_total:,}; LoRA trainable parameters {n_lora:,}")
 # The appendix's own model, GPT-2 124M with a 2-class head, counted from shapes alone
 appendix_cfg = GPT2_PRESETS["124M"].replace(qkv_bias=True)
 appendix_model = jax.eval_shape(
-    lambda k: replace_out_head(gpt.init_params(k, appendix_cfg), k, num_classes=2),
+    lambda k: replace_out_head(models.init_params(k, appendix_cfg), k, num_classes=2),
     jax.random.key(0),
 )
 appendix_lora = jax.eval_shape(partial(init_lora, rank=RANK), jax.random.key(7), appendix_model)
 appendix_total, appendix_n_lora = nn.count_params(appendix_model), nn.count_params(appendix_lora)
 print(f"the appendix's 124M classifier: {appendix_total:,} parameters, LoRA {appendix_n_lora:,}")
 x_probe, _ = next(iter(test_loader.batches(0, 1)))
-forward = family(cfg).forward
+forward = models.forward
 logits_before = forward(params, x_probe, cfg)
 logits_lora_init = forward(merge_lora(params, lora, ALPHA, RANK), x_probe, cfg)
 print("max |change| at initialisation:", float(jnp.abs(logits_lora_init - logits_before).max()))

@@ -28,11 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from labkit import QUICK, run_dir, starting_model
 
-from gptflax import checkpoint, dpo
+from gptflax import checkpoint, dpo, sources
 from gptflax.config import TINY, LlamaConfig
 from gptflax.instruct import format_input, generate_responses, split_instruction_data
 from gptflax.plots import plot_losses, plot_values
-from gptflax.tokenizer import end_token_id, tokenizer_for
 from gptflax.train import fit, init_train_state, make_optimizer
 
 RUNS = run_dir("labdpo")  # runs/labdpo, or runs/quick/labdpo in quick mode
@@ -62,14 +61,15 @@ lab7_model = os.path.abspath("runs/lab7/model")
 if QUICK:
     start = starting_model((), fresh_cfg=TINY.replace(context_length=128), smollm2=False)
     cfg, reference_params, about = start.cfg, start.params, start.about
+    tokenizer, tokenizer_name = start.tokenizer, start.tokenizer_name
 elif checkpoint.latest_step(lab7_model) is not None:
     _, meta = checkpoint.read_meta(lab7_model)
-    cfg, reference_params = checkpoint.load_model(lab7_model)
+    _, cfg, reference_params, tokenizer, tokenizer_name = sources.load_checkpoint_model(lab7_model)
     about = f"lab 7's fine-tuned model ({lab7_model}, from {meta.get('source', '?')})"
 else:
     start = starting_model(())  # SmolLM2-135M-Instruct, or fresh weights without it
     cfg, reference_params, about = start.cfg, start.params, start.about
-tokenizer = tokenizer_for(cfg)
+    tokenizer, tokenizer_name = start.tokenizer, start.tokenizer_name
 print(f"starting point: {about}\n{cfg}")
 
 # %%
@@ -80,7 +80,7 @@ print("\n# 2.3) Pairs as token ids, with masks on the responses")
 # Unlike the book, each response ends with the end token chapter 7 taught the model to stop with:
 # without it (measured from SmolLM2, lr 1e-5) the policy matched the book's margins but stopped
 # ending its answers ("I hope this response meets your requirements." over and over).
-end_id = end_token_id(tokenizer)
+end_id = tokenizer.eos_id
 encoded = [dpo.encode_preferences(d, tokenizer, end_id) for d in (train_data, val_data, test_data)]
 collate = dict(pad_token_id=end_id, allowed_max_length=cfg.context_length)
 first_tokens, (first_mask, _) = next(
@@ -203,8 +203,8 @@ for i, entry in enumerate(test_data[:3]):
 ckpt_dir = os.path.abspath(f"{RUNS}/model")  # for `python -m gptflax generate --checkpoint`
 if checkpoint.latest_step(ckpt_dir) is not None:
     shutil.rmtree(ckpt_dir)  # this lab's own previous run
-checkpoint.save_checkpoint(ckpt_dir, num_epochs, policy_params, cfg=cfg,
-                           meta={"source": f"DPO on {about}"})  # fmt: skip
+meta = {"source": f"DPO on {about}", "tokenizer": tokenizer_name}
+checkpoint.save_checkpoint(ckpt_dir, num_epochs, policy_params, cfg=cfg, meta=meta)
 print(f"the policy: {ckpt_dir}")
 
 # %%

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 
-from gptflax import checkpoint, files, nn
+from gptflax import checkpoint, files, models, nn, sources
 from gptflax.config import GPT_CONFIG_124M
-from gptflax.families import family
-from gptflax.tokenizer import end_token_id, tokenizer_for
-from gptflax.weights import load_gpt2, load_smollm2
 
 QUICK = os.environ.get("GPTFLAX_QUICK") == "1"
 
@@ -31,11 +28,12 @@ def run_dir(lab: str) -> str:
 class Start(NamedTuple):
     """The model a fine-tuning lab starts from, where it came from, and its tokenizer."""
 
-    kind: Literal["gpt2", "smollm2", "checkpoint", "fresh"]
+    kind: str  # "gpt2", "smollm2", "checkpoint" or "fresh": the labs' settings follow it
     about: str  # one line for people, e.g. "OpenAI's GPT-2 124M"
     cfg: object
     params: dict
     tokenizer: object
+    tokenizer_name: str  # its name in gptflax.sources.TOKENIZERS, for the checkpoints saved
     gpt2_size: str | None = None
 
     @property
@@ -43,7 +41,7 @@ class Start(NamedTuple):
         """Where the spam classifiers (labs 6, E) read a prediction: None for the book's last
         position, or the padding id for each text's last real token (SmolLM2's choice: it learns
         to carry the text to the last position slowly)."""
-        return end_token_id(self.tokenizer) if self.kind == "smollm2" else None
+        return self.tokenizer.eos_id if self.kind == "smollm2" else None
 
 
 FRESH_CFG = GPT_CONFIG_124M.replace(context_length=256)  # lab 5's model when none was saved
@@ -60,25 +58,37 @@ def starting_model(
     random params of `fresh_cfg`. Dropout is off: the book fine-tunes without it."""
     for size in gpt2_sizes:
         try:
-            cfg, params = load_gpt2(size)
-            cfg = cfg.replace(drop_rate=0.0)
-            return Start("gpt2", f"OpenAI's GPT-2 {size}", cfg, params, tokenizer_for(cfg), size)
+            m = sources.load_model(f"gpt2-{size.lower()}")
         except files.DataFileError as e:
             print(f"GPT-2 {size} weights not available: {str(e).splitlines()[0]}")
+            continue
+        about = f"OpenAI's GPT-2 {size}"
+        return Start(
+            "gpt2", about, no_dropout(m.cfg), m.params, m.tokenizer, m.tokenizer_name, size
+        )
     if smollm2:
         try:
-            cfg, params = load_smollm2()
-            about = "SmolLM2-135M-Instruct (a Llama; GPT-2's weights are absent)"
-            return Start("smollm2", about, cfg, params, tokenizer_for(cfg))
+            m = sources.load_model("smollm2-135m-instruct")
         except files.DataFileError as e:
             print(f"SmolLM2 weights not available: {str(e).splitlines()[0]}")
+        else:
+            about = "SmolLM2-135M-Instruct (a Llama; GPT-2's weights are absent)"
+            return Start("smollm2", about, m.cfg, m.params, m.tokenizer, m.tokenizer_name)
     if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
-        cfg, params = checkpoint.load_model(checkpoint_dir)
+        m = sources.load_checkpoint_model(checkpoint_dir)
         about = f"the checkpoint in {checkpoint_dir}"
-        return Start("checkpoint", about, cfg.replace(drop_rate=0.0), params, tokenizer_for(cfg))
-    params = family(fresh_cfg).init_params(jax.random.key(123), fresh_cfg)
+        return Start(
+            "checkpoint", about, no_dropout(m.cfg), m.params, m.tokenizer, m.tokenizer_name
+        )
+    params = models.init_params(jax.random.key(123), fresh_cfg)
     about = f"fresh random weights ({nn.count_params(params):,} parameters)"
     if checkpoint_dir is not None:
         about += f"; no checkpoint in {checkpoint_dir} (run its lab first for a pretrained one)"
-    cfg = fresh_cfg.replace(drop_rate=0.0)
-    return Start("fresh", about, cfg, params, tokenizer_for(cfg))
+    return Start(
+        "fresh", about, no_dropout(fresh_cfg), params, sources.load_tokenizer("gpt2"), "gpt2"
+    )
+
+
+def no_dropout(cfg):
+    """The config with dropout off, for a family that has dropout (the GPT)."""
+    return cfg.replace(drop_rate=0.0) if hasattr(cfg, "drop_rate") else cfg

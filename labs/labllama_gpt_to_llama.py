@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptflax import gpt, llama, nn
+from gptflax import attention, models, nn, sources
+from gptflax.attention import split_heads
 from gptflax.config import GPT_CONFIG_124M, LLAMA_PRESETS, LLAMA_TINY, SMOLLM2_135M
 from gptflax.generate import chat, generate
-from gptflax.tokenizer import smollm2_tokenizer
-from gptflax.weights import load_smollm2
+from gptflax.models import gpt, llama
+from gptflax.rope import apply_rope, rope_angles, rope_frequencies
 
 np.set_printoptions(precision=4, suppress=True)
 print("GPT-2 124M (chapter 4):", GPT_CONFIG_124M)
@@ -98,11 +99,12 @@ def rope_complex(x, p):
 
 
 q, k = np.random.default_rng(4).normal(size=(2, cfg.head_dim)).astype(np.float32)
-cos, sin = llama.rope_angles(jnp.array([[5]]), cfg)
+inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_base)  # the library's theta
+cos, sin = rope_angles(jnp.array([[5]]), inv_freq)
 rope_diff = float(
-    np.abs(rope_complex(q, 5) - llama.rope(q[None, None, None], cos, sin)[0, 0, 0]).max()
+    np.abs(rope_complex(q, 5) - apply_rope(q[None, None, None], cos, sin)[0, 0, 0]).max()
 )
-print("max |complex rotation - llama.rope|:", rope_diff)
+print("max |complex rotation - gptflax.rope.apply_rope|:", rope_diff)
 scores = np.array([[rope_complex(q, m) @ rope_complex(k, n) for n in range(6)] for m in range(6)])
 print("q.k after rotating q to position m (rows) and k to n (columns):\n", scores)
 diagonals_constant = all(
@@ -125,9 +127,9 @@ w = np.where(np.tril(np.ones((4, 4), bool)), w, -np.inf)
 w = np.exp(w - w.max(-1, keepdims=True))
 w /= w.sum(-1, keepdims=True)
 by_repeating = np.einsum("bhst,bhtd->bshd", w, v_rep).reshape(1, 4, -1)
-visible = np.tril(np.ones((4, 4), bool))[None]
-gqa_diff = float(np.abs(by_repeating - llama.attend(qs, ks, vs, visible)).max())
-print("max |repeated-kv multi-head - llama.attend|:", gqa_diff)
+positions = jnp.arange(4)[None]  # queries and keys at 0..3: causal
+gqa_diff = float(np.abs(by_repeating - attention.attend(qs, ks, vs, positions, positions)).max())
+print("max |repeated-kv multi-head - attention.attend|:", gqa_diff)
 s = SMOLLM2_135M
 mha_bytes = 2 * s.n_layers * s.n_heads * s.head_dim * 4  # float32 keys and values per token
 gqa_bytes = 2 * s.n_layers * s.n_kv_heads * s.head_dim * 4
@@ -137,20 +139,23 @@ print(f"SmolLM2's KV cache per token: {gqa_bytes / 1024:.0f} KiB with {s.n_kv_he
 
 # %%
 print("\n# The whole model, from the four changes")
-params = llama.init_params(jax.random.key(6), cfg)
+params = models.init_params(jax.random.key(6), cfg)
 tokens = jnp.array([[3, 14, 15, 92, 65, 35]])
 
 
 def llama_forward(params, tokens):
     x = params["tok_emb"]["embedding"][tokens]  # no position table
     t = tokens.shape[1]
-    positions = np.arange(t)
-    cos, sin = llama.rope_angles(jnp.asarray(positions)[None], cfg)
+    positions = jnp.arange(t)[None]
+    cos, sin = rope_angles(positions, inv_freq)
     for i in range(cfg.n_layers):
         p = nn.block_params(params, i)
         h = rms_norm(p["norm1"]["scale"], x)
-        q, k, v = llama.project_qkv(p["att"], h, cos, sin, cfg)
-        att = llama.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None])
+        q = split_heads(nn.linear(p["att"]["W_query"], h), cfg.n_heads)  # (B, H, T, Dh)
+        k = split_heads(nn.linear(p["att"]["W_key"], h), cfg.n_kv_heads)  # (B, G, T, Dh)
+        v = split_heads(nn.linear(p["att"]["W_value"], h), cfg.n_kv_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = attention.attend(q, k, v, positions, positions)
         x = x + nn.linear(p["att"]["out_proj"], att)
         x = x + swiglu(p["ff"], rms_norm(p["norm2"]["scale"], x))
     x = rms_norm(params["final_norm"]["scale"], x)
@@ -158,17 +163,16 @@ def llama_forward(params, tokens):
 
 
 model_diff = float(
-    jnp.abs(llama_forward(params, tokens) - llama.forward(params, tokens, cfg)).max()
+    jnp.abs(llama_forward(params, tokens) - models.forward(params, tokens, cfg)).max()
 )
-print("max |inline Llama - llama.forward| (logits):", model_diff)
+print("max |inline Llama - models.forward| (logits):", model_diff)
 for name, preset in LLAMA_PRESETS.items():
     print(f"{name:>13}: {count(llama.init_params, preset):>13,} parameters")
 
 
 # %%
 print("\n# Real weights: SmolLM2-135M-Instruct")
-smol_cfg, smol = load_smollm2()
-tok = smollm2_tokenizer()
+_, smol_cfg, smol, tok, _ = sources.load_model("smollm2-135m-instruct")
 smol_count = nn.count_params(smol)
 print(f"loaded {smol_count:,} parameters; config equals the preset: {smol_cfg == SMOLLM2_135M}")
 prompt = tok.encode("The capital of France is")
@@ -176,7 +180,7 @@ print("'The capital of France is' ->", prompt)
 completion = tok.decode(generate(smol, [prompt], 2, smol_cfg)[0, len(prompt) :])
 print("greedy continuation:", repr(completion))
 question = [{"role": "user", "content": "What is the capital of France?"}]
-print("the chat as the model sees it:\n" + tok.chat_prompt(question))
+print("the chat as the model sees it:\n" + tok.chat.render(question))
 reply = chat(smol, smol_cfg, tok, question, max_new_tokens=32)
 print("reply:", repr(reply))
 reply_ids = generate(smol, [tok.encode_chat(question)], 32, smol_cfg, eos_id=tok.eos_id)

@@ -58,6 +58,6 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def smollm2():
     """(cfg, params) of SmolLM2-135M-Instruct, loaded once per test run (a few seconds)."""
-    from gptflax.weights import load_smollm2
+    from gptflax import sources
 
-    return load_smollm2()
+    return sources.load_model("smollm2-135m-instruct")[1:3]

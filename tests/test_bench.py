@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from gptflax import models
 from gptflax.config import LLAMA_TINY
-from gptflax.families import family
 from gptflax.losses import loss_fn
 from gptflax.train import init_train_state, make_optimizer, train_step
 
@@ -73,7 +73,7 @@ def xla_train_flops(cfg, batch: int) -> float:
     """FLOPs of one loss-and-gradient computation as XLA's cost analysis counts the compiled
     program (it counts a scanned loop's body once, so this is exact for one block only)."""
     assert cfg.n_layers == 1
-    params = family(cfg).init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     x = jnp.zeros((batch, cfg.context_length), jnp.int32)
     grad_fn = jax.jit(jax.value_and_grad(partial(loss_fn, cfg=cfg)))
     return grad_fn.lower(params, x, x).compile().cost_analysis()["flops"]
@@ -106,7 +106,7 @@ def test_the_stage_split_puts_each_op_in_its_named_scope(monkeypatch):
     assert stages.stage_of("jit(step)/optimizer/mul;jit(step)/head/dot") == "optimizer"
     # a real step: every stage shows up, and the shares add up to one
     cfg = LLAMA_TINY.replace(n_layers=2)
-    params = family(cfg).init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     tx = make_optimizer(1e-3)
     step = jax.jit(partial(train_step, loss=partial(loss_fn, cfg=cfg), tx=tx))
     state, x = init_train_state(params, tx), jnp.ones((2, cfg.context_length), jnp.int32)

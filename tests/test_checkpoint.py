@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, gpt
+from gptflax import checkpoint, models
 from gptflax.checkpoint import CheckpointError
 from gptflax.train import init_train_state, make_optimizer
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.lab5
 @pytest.fixture
 def saved(tmp_path, small_cfg):
     tx = make_optimizer()
-    state = init_train_state(gpt.init_params(jax.random.key(0), small_cfg), tx)
+    state = init_train_state(models.init_params(jax.random.key(0), small_cfg), tx)
     train = {"step": state.step, "opt_state": state.opt_state}
     checkpoint.save_checkpoint(
         tmp_path, 1, state.params, cfg=small_cfg, train_state=train, meta={"note": "hi"}

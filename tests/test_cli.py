@@ -228,7 +228,7 @@ def test_generate_errors_are_one_line(run_dir, cli, tmp_path):
         (["word " * 40, "--checkpoint", ckpt], "shorten the prompt"),
         (["hi", "--checkpoint", str(tmp_path / "missing")], "no checkpoint directory"),
         (["hi", "--checkpoint", str(tmp_path)], "holds no complete checkpoint"),
-        (["hi", "--gpt2", "124M"], "put it at"),
+        (["hi", "--model", "gpt2-124m"], "put it at"),
         (["--chat", "hello", "--checkpoint", ckpt], "--chat needs a chat model"),
     ]
     for argv, message in cases:
@@ -240,7 +240,7 @@ def test_generate_errors_are_one_line(run_dir, cli, tmp_path):
 @pytest.mark.labllama
 def test_chat_with_smollm2_from_the_command_line(cli):
     status, out, _ = cli(
-        "generate", "--model", "smollm2", "--chat", "What is the capital of France?"
+        "generate", "--model", "smollm2-135m-instruct", "--chat", "What is the capital of France?"
     )
     assert status == 0 and out == "The capital of France is Paris.\n"
 

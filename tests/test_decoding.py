@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import gpt
+from gptflax import models
 
 pytestmark = pytest.mark.lab5
 
@@ -35,7 +35,7 @@ def test_sampling_follows_the_filtered_softmax_and_the_key():
 
 @pytest.fixture(scope="module")
 def params(small_cfg):
-    return gpt.init_params(jax.random.key(0), small_cfg)
+    return models.init_params(jax.random.key(0), small_cfg)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

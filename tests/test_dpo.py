@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import dpo, gpt
+from gptflax import dpo, models
 from gptflax.config import LLAMA_TINY, TINY
-from gptflax.families import family
 from gptflax.instruct import split_instruction_data
+from gptflax.models import family
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer
 
@@ -103,7 +103,7 @@ def test_sequence_logprobs_is_the_masked_mean_of_each_tokens_logprob():
 def test_training_raises_the_margin_against_a_frozen_reference(data):
     cfg = TINY.replace(context_length=128)
     encoded = dpo.encode_preferences(data[:8], gpt2_tokenizer())
-    params = gpt.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     options = dict(batch_size=4, pad_token_id=EOT_ID)
     reference = dpo.all_pair_logprobs(params, dpo.preference_loader(encoded, np.zeros((8, 2)),
                                                                      **options), cfg)  # fmt: skip

@@ -2,7 +2,8 @@
 for GPT: decoding with and without its cache, fit, checkpoints, a classification head, LoRA.
 
 The toy family: token embeddings, then blocks that each add tanh(mean of the positions so far @ W),
-a final layer norm and an output head. Its "KV cache" keeps each layer's inputs per position.
+a final layer norm; the output head is the library's. Its cache keeps each layer's inputs per
+position in the library's KV cache, read with the library's visibility rule.
 """
 
 import sys
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, families, nn
+from gptflax import attention, checkpoint, models, nn
+from gptflax.config import Architecture
 from gptflax.data import DataLoader
 from gptflax.finetune import replace_out_head, trainable_mask
 from gptflax.generate import generate, generate_cached
@@ -27,17 +29,17 @@ pytestmark = pytest.mark.lab4
 
 @jax.tree_util.register_static
 @dataclass(frozen=True)
-class ToyConfig:
+class ToyConfig(Architecture):
     vocab_size: int = 23
     context_length: int = 16
     emb_dim: int = 8
     n_layers: int = 2
+    n_heads: int = 1
+    n_kv_heads: int = 1
 
-    def same_weights_as(self, other) -> bool:
-        return self == other
-
-    def replace(self, **changes):
-        return ToyConfig(**{**self.__dict__, **changes})
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim  # the cache keeps a layer's whole input per position
 
 
 LOGICAL_AXES = {
@@ -60,66 +62,36 @@ def init_params(key, cfg):
     }
 
 
-def embed(params, tokens, cfg, *, key=None):
+def embed(params, tokens, cfg, *, positions, key=None):
     return nn.embedding(params["tok_emb"], tokens)
 
 
-def run_blocks(blocks, x, cfg, *, key=None):
-    def step(x, layer):
-        running_mean = jnp.cumsum(x, axis=1) / jnp.arange(1, x.shape[1] + 1)[:, None]
-        return x + jnp.tanh(nn.linear(layer["mix"], running_mean)), None
-
-    return jax.lax.scan(step, x, blocks)[0]
+def block(params, x, cfg, *, layer, positions, cache=None, key=None):
+    seen = x[:, None]  # (B, 1, S, D): each position's input is its key and its value
+    _, seen, seen_positions, cache = attention.with_cache(cache, seen, seen, positions)
+    visible = attention.visible_keys(positions, seen_positions).astype(x.dtype)  # (B or 1, S, T)
+    running_mean = visible @ seen[:, 0] / visible.sum(-1, keepdims=True)  # (B, S, D)
+    return x + jnp.tanh(nn.linear(params["mix"], running_mean)), cache
 
 
 def final_norm(params, x, cfg):
     return nn.layer_norm(params["final_norm"], x)
 
 
-def head(params, h):
-    return nn.linear(params["out_head"], h)
-
-
-def hidden(params, tokens, cfg, *, key=None):
-    x = run_blocks(params["trf_blocks"], embed(params, tokens, cfg), cfg)
-    return final_norm(params, x, cfg)
-
-
-def forward(params, tokens, cfg, *, key=None):
-    return head(params, hidden(params, tokens, cfg))
-
-
-def init_cache(cfg, batch_size, length, dtype=jnp.float32):
-    return tuple(jnp.zeros((batch_size, length, cfg.emb_dim), dtype) for _ in range(cfg.n_layers))
-
-
-def hidden_cached(params, tokens, cache, start, cfg):
-    params = nn.unstack_blocks(params)
-    positions = start[:, None] + jnp.arange(tokens.shape[1])  # (B, S)
-    visible = jnp.arange(cache[0].shape[1]) <= positions[..., None]  # (B, S, T_cache)
-    x, layers = embed(params, tokens, cfg), []
-    for layer, seen in zip(params["trf_blocks"], cache, strict=True):
-        seen = seen.at[jnp.arange(len(tokens))[:, None], positions].set(x)  # (B, T_max, D)
-        running_mean = jnp.einsum("bst,btd->bsd", visible, seen) / (positions + 1)[..., None]
-        x = x + jnp.tanh(nn.linear(layer["mix"], running_mean))
-        layers.append(seen)
-    return final_norm(params, x, cfg), tuple(layers)
-
-
-families.register("toy", ToyConfig, sys.modules[__name__])
+models.register("toy", ToyConfig, sys.modules[__name__])
 CFG = ToyConfig()
 PARAMS = init_params(jax.random.key(0), CFG)
 
 
 def test_a_family_must_provide_the_whole_interface():
     half = ModuleType("half")
-    half.init_params, half.forward = init_params, forward
-    with pytest.raises(TypeError, match="lacks embed, run_blocks"):
-        families.register("half", ToyConfig, half)
+    half.init_params, half.final_norm = init_params, final_norm
+    with pytest.raises(TypeError, match="lacks embed, block, LOGICAL_AXES"):
+        models.register("half", ToyConfig, half)
     with pytest.raises(TypeError, match="no model family is registered for dict"):
-        families.family({})
+        models.family({})
     with pytest.raises(TypeError, match="no model family is registered for dict"):
-        families.config_to_dict({})  # a checkpoint cannot record a config of no family
+        models.config_to_dict({})  # a checkpoint cannot record a config of no family
 
 
 @pytest.mark.parametrize("options", [{}, {"temperature": 1.0, "top_k": 5}])

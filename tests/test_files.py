@@ -54,12 +54,14 @@ def test_cache_comes_before_the_mirror(tmp_path):
     assert resolve("the-verdict.txt", cache_dir=tmp_path) == cached
 
 
-def test_a_corrupt_cache_copy_is_skipped_for_a_good_mirror_copy(tmp_path):
+def test_a_corrupt_cache_copy_is_reported_once_and_replaced_by_the_mirrors(tmp_path, capsys):
     (tmp_path / "the-verdict.txt").write_text("not the story")
     path = resolve("the-verdict.txt", cache_dir=tmp_path)
-    assert (
-        path.parent != tmp_path and files.sha256_of(path) == files.FILES["the-verdict.txt"].sha256
-    )
+    assert path == tmp_path / "the-verdict.txt"
+    assert files.sha256_of(path) == files.FILES["the-verdict.txt"].sha256
+    assert capsys.readouterr().err.count("was damaged") == 1
+    resolve("the-verdict.txt", cache_dir=tmp_path)  # the repaired copy: nothing more to say
+    assert "damaged" not in capsys.readouterr().err
 
 
 def test_a_corrupt_only_copy_is_an_error_that_says_so(tmp_path):

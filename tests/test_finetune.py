@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gptflax import gpt, nn
+from gptflax import models, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.data import DataLoader
 from gptflax.finetune import (
@@ -29,7 +29,7 @@ KEY = jax.random.key(0)
 
 def test_the_124m_classifier_trains_the_last_block_final_norm_and_head():
     def classifier():
-        params = gpt.init_params(jax.random.key(0), GPT_CONFIG_124M)
+        params = models.init_params(jax.random.key(0), GPT_CONFIG_124M)
         return replace_out_head(params, jax.random.key(1))
 
     params = jax.eval_shape(classifier)
@@ -42,7 +42,7 @@ def test_the_124m_classifier_trains_the_last_block_final_norm_and_head():
 
 
 def test_nnx_filters_count_the_same_trainable_parameters(small_cfg):
-    params = replace_out_head(gpt.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
+    params = replace_out_head(models.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
     twin = GPTModel(small_cfg, rngs=nnx.Rngs(0))
     twin.out_head = nnx.Linear(small_cfg.emb_dim, 2, rngs=nnx.Rngs(1))  # the NNX head surgery
     last = small_cfg.n_layers - 1
@@ -57,7 +57,7 @@ def test_nnx_filters_count_the_same_trainable_parameters(small_cfg):
 
 
 def test_frozen_parameters_never_move_not_even_by_weight_decay(small_cfg):
-    params = replace_out_head(gpt.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
+    params = replace_out_head(models.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
     mask = trainable_mask(params)
     tx = optax.chain(make_optimizer(1e-2, weight_decay=0.1), freeze(mask))
     grads = jax.tree.map(jnp.ones_like, params)
@@ -71,7 +71,7 @@ def test_frozen_parameters_never_move_not_even_by_weight_decay(small_cfg):
 
 
 def test_last_real_token_logits_ignore_the_padding(small_cfg):
-    params = replace_out_head(gpt.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
+    params = replace_out_head(models.init_params(jax.random.key(0), small_cfg), jax.random.key(1))
     pad = 96
     tokens = jnp.array([[5, 6, 7, 8, 9], [10, 11, 12, pad, pad]])
     at_last_real = classification_logits(params, tokens, small_cfg, pad_token_id=pad)
@@ -88,11 +88,11 @@ def test_last_real_token_logits_ignore_the_padding(small_cfg):
 
 def test_frozen_blocks_change_no_value_and_only_drop_frozen_gradients(small_cfg):
     cfg = small_cfg.replace(n_layers=3)
-    params = replace_out_head(gpt.init_params(jax.random.key(0), cfg), jax.random.key(1))
+    params = replace_out_head(models.init_params(jax.random.key(0), cfg), jax.random.key(1))
     tokens, labels = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]]), jnp.array([0, 1])
     np.testing.assert_allclose(
         classifier_forward(params, tokens, cfg, frozen_blocks=2),
-        gpt.forward(params, tokens, cfg),
+        models.forward(params, tokens, cfg),
         rtol=1e-6,
         atol=1e-6,  # a GPU sums in another order: 1.4e-7 apart on an H100 (grads: 2.7e-8)
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import gpt
+from gptflax import models
 from gptflax.generate import window_width
 
 pytestmark = pytest.mark.lab4
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.lab4
 def naive_greedy(params, idx, max_new_tokens, context_size, cfg):
     """The book's loop as written: the whole growing sequence through the model every step."""
     for _ in range(max_new_tokens):
-        logits = jax.jit(gpt.forward)(params, idx[:, -context_size:], cfg)[:, -1, :]
+        logits = jax.jit(models.forward)(params, idx[:, -context_size:], cfg)[:, -1, :]
         idx = jnp.concatenate([idx, jnp.argmax(logits, -1, keepdims=True)], axis=1)
     return idx
 
@@ -30,7 +30,7 @@ def test_window_widths_are_few():
 @pytest.mark.parametrize("context_size", [32, 12])
 def test_greedy_tokens_equal_the_naive_loop(small_cfg, context_size, use_cache):
     cfg = small_cfg.replace(context_length=context_size)  # 12: the window slides
-    params = gpt.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     idx = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
     ours = G.generate(params, idx, 12, cfg, use_cache=use_cache)
     assert ours.shape == (2, 17)
@@ -39,7 +39,7 @@ def test_greedy_tokens_equal_the_naive_loop(small_cfg, context_size, use_cache):
 
 def test_generation_compiles_once_per_window_width(small_cfg, compiles):
     cfg = small_cfg.replace(n_layers=1)  # compiled by no other test: every width is new
-    params = gpt.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     options = dict(temperature=1.0, key=jax.random.key(0), use_cache=False)
     G.generate(params, np.zeros((3, 1), np.int32), 40, cfg, **options)  # slides past 32
     assert compiles("_next_token") == 3  # widths 8, 16 and 32, not one per token

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import gpt, nn
+from gptflax import models, nn
 from gptflax.config import GPT2_PRESETS, GPT_CONFIG_124M, GPTConfig
 
 pytestmark = pytest.mark.lab4
 
 
 def shapes(cfg):
-    return jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), cfg))
+    return jax.eval_shape(lambda: models.init_params(jax.random.key(0), cfg))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_linear_flattened_matmul_and_its_gradients_match_einsum(shape):
 
 @pytest.fixture(scope="module")
 def tiny_params(small_cfg):
-    return gpt.init_params(jax.random.key(123), small_cfg)
+    return models.init_params(jax.random.key(123), small_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +96,15 @@ def tokens():
 
 
 def test_jit_takes_the_config_as_an_argument(tiny_params, tokens, small_cfg):
-    jitted = jax.jit(gpt.forward)(tiny_params, tokens, small_cfg)
-    np.testing.assert_allclose(jitted, gpt.forward(tiny_params, tokens, small_cfg), atol=1e-5)
+    jitted = jax.jit(models.forward)(tiny_params, tokens, small_cfg)
+    np.testing.assert_allclose(jitted, models.forward(tiny_params, tokens, small_cfg), atol=1e-5)
 
 
 def test_the_model_is_causal(tiny_params, tokens, small_cfg):
     changed = tokens.at[:, 10:].set(0)
     a, b = (
-        gpt.forward(tiny_params, tokens, small_cfg),
-        gpt.forward(tiny_params, changed, small_cfg),
+        models.forward(tiny_params, tokens, small_cfg),
+        models.forward(tiny_params, changed, small_cfg),
     )
     np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-5)
     assert not np.allclose(a[:, 10:], b[:, 10:])
@@ -114,7 +114,7 @@ def test_eval_is_deterministic_and_dropout_follows_the_key(tiny_params, tokens):
     cfg = GPTConfig(
         vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1
     )
-    forward = jax.jit(gpt.forward)
+    forward = jax.jit(models.forward)
     evals = [forward(tiny_params, tokens, cfg) for _ in range(2)]
     np.testing.assert_array_equal(*evals)
     k1, k2 = jax.random.key(1), jax.random.key(2)
@@ -131,4 +131,4 @@ def test_eval_is_deterministic_and_dropout_follows_the_key(tiny_params, tokens):
 
 def test_too_long_an_input_is_a_clear_error(tiny_params, small_cfg):
     with pytest.raises(ValueError, match="exceed the context length of 32"):
-        gpt.forward(tiny_params, jnp.zeros((1, 33), jnp.int32), small_cfg)
+        models.forward(tiny_params, jnp.zeros((1, 33), jnp.int32), small_cfg)

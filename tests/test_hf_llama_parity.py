@@ -9,10 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from gptflax import files, llama
+from gptflax import files, models, sources
 from gptflax.generate import generate
-from gptflax.tokenizer import smollm2_tokenizer
-from gptflax.weights import load_hf_llama
+from gptflax.weights.hf import load_hf_llama
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -23,7 +22,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def hf_smollm2():
-    path = files.smollm2_gguf()
+    path = files.resolve(files.SMOLLM2_GGUF)
     kwargs = {"gguf_file": path.name}
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), dtype=torch.float32, **kwargs
@@ -35,11 +34,11 @@ def test_logits_and_greedy_tokens_equal_transformers_from_the_same_gguf(hf_smoll
     model, hf_tok = hf_smollm2
     cfg, params = smollm2
     ids = hf_tok(PROMPT)["input_ids"]
-    assert ids == smollm2_tokenizer().encode(PROMPT)
+    assert ids == sources.load_tokenizer("smollm2").encode(PROMPT)
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits.numpy()
         hf_greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    ours = np.asarray(llama.forward(params, np.array([ids]), cfg))
+    ours = np.asarray(models.forward(params, np.array([ids]), cfg))
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-3)  # logits reach ~27
     np.testing.assert_array_equal(generate(params, [ids], 12, cfg), hf_greedy.numpy())
 
@@ -56,7 +55,7 @@ def test_tokenizer_equals_the_tokenizers_library_with_smollm2s_pre_tokenizer(hf_
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    ours = smollm2_tokenizer()
+    ours = sources.load_tokenizer("smollm2")
     pieces = list(
         "abXY 0123456789\n\t\r.,'!?-_()[]{}<>\"éüß日本語한국어Здравствуй🤖👍🏽\u200d\u00a0"
     )
@@ -83,4 +82,4 @@ def test_a_llama3_model_saved_by_transformers_loads_with_the_same_logits(tmp_pat
     tokens = np.arange(40)[None] * 7 % 300
     with torch.no_grad():
         expected = model(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(llama.forward(params, tokens, cfg), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(models.forward(params, tokens, cfg), expected, rtol=1e-4, atol=1e-5)

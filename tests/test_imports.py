@@ -10,17 +10,50 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gptflax"
 pytestmark = pytest.mark.lab4
 
 
-def imports_of(path: Path) -> set[str]:
-    """The gptflax modules that a module imports (by module name, e.g. "gpt")."""
+def module_name(path: Path) -> str:
+    """A module's name inside the package: "generate", "models.gpt", "weights" (an __init__)."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The package's modules that a module imports, by name ("gpt" of `from gptflax.models
+    import gpt` is "models.gpt"; `from gptflax import models` is "models")."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            parts = node.module.split(".")
-            if parts[0] == "gptflax":
-                found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gptflax"):
+            base = node.module.removeprefix("gptflax").lstrip(".")
+            for alias in node.names:
+                child = f"{base}.{alias.name}".lstrip(".")
+                found.add(child if child in known else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gptflax.")}
-    return found - {path.stem}
+            found |= {a.name.removeprefix("gptflax.") for a in node.names
+                      if a.name.startswith("gptflax.")}  # fmt: skip
+    return found - {module_name(path), ""}
+
+
+def package_graph() -> dict[str, set[str]]:
+    paths = list(PACKAGE.rglob("*.py"))
+    known = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, known) for p in paths}
+
+
+# The layers of ../shared/DESIGN.md, lowest first: a module imports only from its own layer (with
+# no cycle) or below. A package's modules sit in the package's layer.
+LAYERS = [
+    {"config"},
+    {"nn", "files", "gguf", "chat", "bpe", "plots"},
+    {"attention", "rope", "decoding", "tokenizer", "data", "nnx_model"},
+    {"models"},
+    {"generate", "losses", "checkpoint", "parallel", "lora", "weights"},
+    {"train", "finetune", "instruct", "dpo", "sources"},
+    {"cli", "__main__", ""},
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    return next(i for i, layer in enumerate(LAYERS) if top in layer)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -48,8 +81,11 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_the_package_has_no_import_cycle():
-    graph = {p.stem: imports_of(p) for p in PACKAGE.glob("*.py")}
+def test_the_package_has_no_import_cycle_and_no_layer_imports_a_higher_one():
+    graph = package_graph()
     assert graph["cli"] >= {"train", "generate"}  # the walk sees real imports
+    assert "models.gpt" in graph["models"] and "weights.names" in graph["weights.gguf"]
     assert find_cycle(graph) is None, find_cycle(graph)
-    assert not any("cli" in deps for name, deps in graph.items() if name != "__main__")
+    upward = [(a, b) for a, deps in graph.items() for b in deps if layer_of(b) > layer_of(a)]
+    assert not upward, upward
+    assert graph["nnx_model"] <= {"config", "nn"}  # the twin is written independently

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from gptflax import generate as G
-from gptflax import gpt, instruct
+from gptflax import instruct, models
 from gptflax.losses import loss_fn
-from gptflax.tokenizer import EOT_ID, end_token_id, gpt2_tokenizer, smollm2_tokenizer
+from gptflax.sources import load_tokenizer
+from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
 from gptflax.train import fit, init_train_state, make_optimizer
 
 pytestmark = pytest.mark.lab7
@@ -55,7 +56,7 @@ def test_bucketed_and_filled_batches_give_the_book_loss(small_cfg):
     bucketed = collate(items, pad_to_multiple=8, batch_size=5)
     assert book[0].shape == (3, 7) and bucketed[0].shape == (5, 8)
     assert (bucketed[1][3:] == -100).all()  # filler rows teach nothing
-    params = gpt.init_params(jax.random.key(0), small_cfg)
+    params = models.init_params(jax.random.key(0), small_cfg)
     loss = partial(loss_fn, cfg=small_cfg)
     assert float(loss(params, *bucketed)) == pytest.approx(float(loss(params, *book)), rel=1e-6)
 
@@ -81,7 +82,7 @@ def test_training_compiles_once_per_bucket(data, tiny_cfg, compiles):
     shapes = instruct.batch_shapes(loader, num_epochs=2)
     assert {t for _, t in shapes} <= {64, 96} and {b for b, _ in shapes} == {8}
     cfg = tiny_cfg.replace(context_length=96)
-    state = init_train_state(gpt.init_params(jax.random.key(0), cfg), make_optimizer(1e-3))
+    state = init_train_state(models.init_params(jax.random.key(0), cfg), make_optimizer(1e-3))
     fit(state, loader, loader, cfg, make_optimizer(1e-3), num_epochs=2, key=jax.random.key(1),
         eval_freq=100, eval_iter=1)  # fmt: skip
     assert compiles("train_step") == len(shapes)  # 1-2 compilations for 24 steps
@@ -92,7 +93,7 @@ def test_training_compiles_once_per_bucket(data, tiny_cfg, compiles):
 def test_batched_responses_equal_one_by_one_decoding(data, small_cfg):
     tok = gpt2_tokenizer()
     cfg = small_cfg.replace(vocab_size=50257, context_length=128)
-    params = gpt.init_params(jax.random.key(1), cfg)
+    params = models.init_params(jax.random.key(1), cfg)
     entries = data[:5]
     got = instruct.generate_responses(params, entries, tok, cfg, max_new_tokens=6, batch_size=2)
     for entry, completion in zip(entries, got, strict=True):
@@ -104,18 +105,18 @@ def test_batched_responses_equal_one_by_one_decoding(data, small_cfg):
 
 @pytest.mark.parametrize(
     "tokenizer, model_end, stops",
-    [(gpt2_tokenizer, EOT_ID, True), (gpt2_tokenizer, 2, False),
-     (smollm2_tokenizer, 2, True), (smollm2_tokenizer, 0, False)],  # 0: SmolLM2's <|endoftext|>
+    [("gpt2", EOT_ID, True), ("gpt2", 2, False),
+     ("smollm2", 2, True), ("smollm2", 0, False)],  # 0: SmolLM2's <|endoftext|>
 )  # fmt: skip
 def test_responses_end_at_the_tokenizers_end_token(data, small_cfg, tokenizer, model_end, stops):
-    tok, cfg = tokenizer(), small_cfg.replace(vocab_size=50257, context_length=128)
-    params = gpt.init_params(jax.random.key(1), cfg)
+    tok, cfg = load_tokenizer(tokenizer), small_cfg.replace(vocab_size=50257, context_length=128)
+    params = models.init_params(jax.random.key(1), cfg)
     # A model that always says `model_end`: constant final features, one nonzero head column.
     params["final_norm"] = {"scale": jnp.zeros(cfg.emb_dim), "shift": jnp.ones(cfg.emb_dim)}
     head = jnp.zeros_like(params["out_head"]["kernel"]).at[:, model_end].set(1.0)
     params["out_head"] = {"kernel": head}
     got = instruct.generate_responses(params, data[:2], tok, cfg, max_new_tokens=4)
-    assert (model_end == end_token_id(tok)) == stops
+    assert (model_end == tok.eos_id) == stops
     assert all(c.finished == stops for c in got)
     assert all(c.text == ("" if stops else tok.decode([model_end] * 4)) for c in got)
 

@@ -5,28 +5,56 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptflax import checkpoint, models, nn
 from gptflax import generate as G
-from gptflax import gpt, nn
+from gptflax.config import GEMMA3_TINY, LLAMA_TINY, TINY
+from gptflax.decoding import DecodingParams, TransposedKernel, decoding_layout, decoding_params
+from gptflax.losses import loss_fn
 
 pytestmark = pytest.mark.lab5
 
 
 @pytest.fixture(scope="module")
 def params(small_cfg):
-    return gpt.init_params(jax.random.key(0), small_cfg)
+    return models.init_params(jax.random.key(0), small_cfg)
 
 
-def test_prefill_and_one_token_steps_give_the_forward_logits(params, small_cfg):
-    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, small_cfg.vocab_size)
-    reference = gpt.forward(params, tokens, small_cfg)  # (2, 20, V)
-    cache = gpt.init_cache(small_cfg, 2, small_cfg.context_length)
-    start = jnp.zeros(2, jnp.int32)
-    assert len(cache) == small_cfg.n_layers  # one (keys, values) pair per layer
-    prefill, cache = gpt.hidden_cached(params, tokens[:, :12], cache, start, small_cfg)
-    np.testing.assert_allclose(gpt.head(params, prefill), reference[:, :12], atol=1e-5)
+@pytest.mark.parametrize("cfg", [TINY.replace(vocab_size=97), LLAMA_TINY, GEMMA3_TINY])
+def test_prefill_and_one_token_steps_give_the_forward_logits(cfg):
+    """For every family; Gemma 3's sliding layers (window 4) keep only 4 slots, used as a ring."""
+    params = models.init_params(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
+    reference = models.forward(params, tokens, cfg)  # (2, 20, V)
+    cache = models.init_cache(cfg, 2, 32)
+    assert len(cache) == cfg.n_layers  # one cache per layer
+    sizes = [layer.keys.shape[2] for layer in cache]
+    assert sizes == [min(32, cfg.kv_window(i) or 32) for i in range(cfg.n_layers)]
+    positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
+    prefill, cache = models.hidden_cached(params, tokens[:, :12], cache, positions[:, :12], cfg)
+    np.testing.assert_allclose(models.head(params, prefill), reference[:, :12], atol=2e-5)
     for t in range(12, 20):
-        step, cache = gpt.hidden_cached(params, tokens[:, t : t + 1], cache, start + t, small_cfg)
-        np.testing.assert_allclose(gpt.head(params, step[:, 0]), reference[:, t], atol=1e-5)
+        step, cache = models.hidden_cached(
+            params, tokens[:, t : t + 1], cache, positions[:, t : t + 1], cfg
+        )
+        np.testing.assert_allclose(models.head(params, step[:, 0]), reference[:, t], atol=2e-5)
+
+
+def test_a_ring_cache_takes_chunks_longer_than_its_window_and_no_padding():
+    """Gemma 3's sliding layers: a second chunk (a chat's next turn) longer than the window reads
+    the old slots beside its own keys; padding (position -1) is written nowhere."""
+    cfg = GEMMA3_TINY
+    params = models.init_params(jax.random.key(2), cfg)
+    tokens = jax.random.randint(jax.random.key(3), (1, 19), 0, cfg.vocab_size)
+    reference = models.forward(params, tokens, cfg)
+    cache = models.init_cache(cfg, 1, 32)
+    chunk = jnp.concatenate([tokens[:, :7], jnp.zeros((1, 3), jnp.int32)], 1)  # 3 of padding
+    positions = jnp.where(jnp.arange(10) < 7, jnp.arange(10), -1)[None]
+    _, cache = models.hidden_cached(params, chunk, cache, positions, cfg)
+    ring, full = cache[0], cache[cfg.sliding_window_pattern - 1]
+    assert sorted(ring.positions[0].tolist()) == [3, 4, 5, 6]  # the last window's positions
+    assert full.positions[0, :8].tolist() == [*range(7), -1]  # no padding entered
+    h, cache = models.hidden_cached(params, tokens[:, 7:19], cache, jnp.arange(7, 19)[None], cfg)
+    np.testing.assert_allclose(models.head(params, h), reference[:, 7:19], atol=2e-5)
 
 
 def test_cached_greedy_equals_the_uncached_loop(params, small_cfg):
@@ -66,7 +94,7 @@ def test_eos_stops_cached_decoding_early(params, small_cfg):
 
 def test_one_compilation_per_window_width_and_cache_size(small_cfg, compiles):
     small_cfg = small_cfg.replace(n_layers=3)  # compiled by no other test: every size is new
-    params = gpt.init_params(jax.random.key(0), small_cfg)
+    params = models.init_params(jax.random.key(0), small_cfg)
     runs = [(3, 20), (5, 10), (8, 1), (9, 12), (15, 2), (16, 16)]  # (prompt length, new tokens)
     for length, new in runs:
         G.generate_cached(params, np.ones((2, length), np.int32), new, small_cfg)
@@ -84,32 +112,44 @@ def test_too_long_for_the_cache_is_a_clear_error(params, small_cfg):
 
 
 @pytest.mark.parametrize("rows", [1, 8, 64, 65, 300])  # both sides of the few-rows form
-def test_times_transposed_is_the_matmul_with_the_transposed_weight(rows):
+def test_a_transposed_kernel_multiplies_as_the_kernel_it_stands_for(rows):
     rng = np.random.default_rng(rows)
     x, w_t = rng.standard_normal((rows, 48)), rng.standard_normal((40, 48))  # w_t (d_out, d_in)
-    got = nn.times_transposed(jnp.asarray(x, jnp.float32), jnp.asarray(w_t, jnp.float32))
+    kernel = TransposedKernel(jnp.asarray(w_t, jnp.float32))
+    assert kernel.shape == (48, 40)
+    got = nn.linear({"kernel": kernel}, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(got, x @ w_t.T, rtol=1e-5, atol=1e-5)  # float64 reference
 
 
 def test_the_decoding_layout_transposes_every_kernel_and_lists_the_blocks(params, small_cfg):
-    laid_out = G.decoding_params(params)
-    assert len(laid_out["trf_blocks"]) == small_cfg.n_layers
-    assert nn.decoding_layout(laid_out) is laid_out  # already laid out: left as it is
+    laid_out = decoding_params(params)
+    assert isinstance(laid_out, DecodingParams) and decoding_layout(laid_out) is laid_out
+    assert len(laid_out.params["trf_blocks"]) == small_cfg.n_layers
     if jax.default_backend() != "cpu":
         pytest.skip("the kernels are transposed on a CPU only")
-    fc1 = laid_out["trf_blocks"][1]["ff"]["fc1"]
-    assert "kernel" not in fc1 and fc1["bias"].shape == (4 * small_cfg.emb_dim,)
-    np.testing.assert_array_equal(fc1["kernel_t"], params["trf_blocks"]["ff"]["fc1"]["kernel"][1].T)
-    np.testing.assert_array_equal(laid_out["out_head"]["kernel_t"], params["out_head"]["kernel"].T)
+    fc1 = laid_out.params["trf_blocks"][1]["ff"]["fc1"]
+    assert fc1["bias"].shape == (4 * small_cfg.emb_dim,)
+    np.testing.assert_array_equal(
+        fc1["kernel"].w_t, params["trf_blocks"]["ff"]["fc1"]["kernel"][1].T
+    )
+    tied = decoding_params(models.init_params(jax.random.key(0), LLAMA_TINY)).params["out_head"]
+    assert isinstance(tied["kernel"], TransposedKernel)  # the embedding itself, (V, D)
 
 
-def test_decoding_params_give_the_same_tokens_and_leave_the_params_as_they_were(params, small_cfg):
+def test_decoding_params_give_the_same_tokens_and_are_refused_elsewhere(
+    params, small_cfg, tmp_path
+):
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14]]
-    laid_out = G.decoding_params(params)
+    laid_out = decoding_params(params)
     assert params["trf_blocks"]["att"]["W_query"]["kernel"].ndim == 3  # still stacked
     np.testing.assert_array_equal(
         G.generate_cached(laid_out, prompts, 10, small_cfg),
         G.generate_cached(params, prompts, 10, small_cfg),
     )
-    with pytest.raises(ValueError, match="KV cache only.*pass the model's own params"):
+    refused = "decoding layout.*pass the model's own params"
+    with pytest.raises(TypeError, match=refused):
         G.generate(laid_out, np.ones((1, 30), np.int32), 5, small_cfg)  # needs the sliding window
+    with pytest.raises(TypeError, match=refused):
+        loss_fn(laid_out, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32), small_cfg)
+    with pytest.raises(TypeError, match=refused):
+        checkpoint.save_checkpoint(tmp_path, 1, laid_out, cfg=small_cfg)

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, files, gpt, nn
-from gptflax.tokenizer import gpt2_tokenizer, smollm2_tokenizer
+from gptflax import checkpoint, files, models, nn, sources
+from gptflax.tokenizer import gpt2_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "labs"))
 import labkit  # noqa: E402
@@ -32,11 +32,11 @@ def test_starting_model_falls_back_from_gpt2_to_a_checkpoint_to_fresh_weights(
     assert start.kind == "fresh" and "no checkpoint in" in start.about
     assert start.cfg == small_cfg.replace(drop_rate=0.0) and start.gpt2_size is None
     assert nn.count_params(start.params) == nn.count_params(
-        gpt.init_params(jax.random.key(0), small_cfg)
+        models.init_params(jax.random.key(0), small_cfg)
     )
 
     saved_cfg = small_cfg.replace(drop_rate=0.1)
-    saved = gpt.init_params(jax.random.key(5), saved_cfg)
+    saved = models.init_params(jax.random.key(5), saved_cfg)
     checkpoint.save_checkpoint(tmp_path / "ckpt", 3, saved, cfg=saved_cfg)
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
     assert start.kind == "checkpoint" and start.about == f"the checkpoint in {tmp_path / 'ckpt'}"
@@ -56,21 +56,26 @@ def test_quick_runs_write_under_runs_quick(tmp_path, monkeypatch):
 def test_smollm2_comes_after_gpt2_and_before_a_checkpoint(
     tmp_path, monkeypatch, no_gpt2, small_cfg, smollm2
 ):
-    checkpoint.save_checkpoint(tmp_path / "ckpt", 1, gpt.init_params(jax.random.key(5), small_cfg),
-                               cfg=small_cfg)  # fmt: skip
-    monkeypatch.setattr(labkit, "load_smollm2", lambda: smollm2)  # the one loaded for the session
+    saved = models.init_params(jax.random.key(5), small_cfg)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", 1, saved, cfg=small_cfg)
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
     assert start.kind == "smollm2" and start.params is smollm2[1] and start.cfg is smollm2[0]
-    assert start.tokenizer is smollm2_tokenizer() and "SmolLM2-135M-Instruct" in start.about
+    assert (
+        start.tokenizer is sources.load_tokenizer("smollm2") and start.tokenizer_name == "smollm2"
+    )
+    assert "SmolLM2-135M-Instruct" in start.about
     assert start.read_at == 2  # its spam classifier reads the last real token, before <|im_end|>
 
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", small_cfg, smollm2=False)
     assert start.kind == "checkpoint" and start.tokenizer is gpt2_tokenizer()
     assert start.read_at is None  # the book's last position
 
-    def missing():
-        raise files.DataFileError("SmolLM2-135M-Instruct.Q4_1.gguf: no copy found")
+    def without_smollm2(name, *args):
+        if name == "smollm2-135m-instruct":
+            raise files.DataFileError("SmolLM2-135M-Instruct.Q4_1.gguf: no copy found")
+        return real_load(name, *args)
 
-    monkeypatch.setattr(labkit, "load_smollm2", missing)
+    real_load = sources.load_model
+    monkeypatch.setattr(sources, "load_model", without_smollm2)
     start = labkit.starting_model(("124M",), tmp_path / "ckpt", fresh_cfg=small_cfg)
     assert start.kind == "checkpoint" and start.cfg == small_cfg

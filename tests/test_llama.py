@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, llama, nn
+from gptflax import attention, checkpoint, models, nn, rope
 from gptflax.config import LLAMA_PRESETS, LLAMA_TINY, Llama3RoPE, LlamaConfig
 from gptflax.generate import generate, generate_cached
+from gptflax.models import llama
 
 pytestmark = pytest.mark.labllama
 CFG = LLAMA_TINY
-PARAMS = llama.init_params(jax.random.key(0), CFG)
+PARAMS = models.init_params(jax.random.key(0), CFG)
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12))
 
 
@@ -37,10 +38,12 @@ def test_rotary_scores_depend_only_on_the_distance_between_positions():
     rng = np.random.default_rng(3)
     q, k = (rng.normal(size=(1, 1, 1, CFG.head_dim)).astype(np.float32) for _ in range(2))
 
+    inv_freq = rope.rope_frequencies(CFG.head_dim, CFG.rope_base)
+
     def score(m, n):
-        cos_m, sin_m = llama.rope_angles(jnp.array([[m]]), CFG)
-        cos_n, sin_n = llama.rope_angles(jnp.array([[n]]), CFG)
-        return float(jnp.sum(llama.rope(q, cos_m, sin_m) * llama.rope(k, cos_n, sin_n)))
+        cos_m, sin_m = rope.rope_angles(jnp.array([[m]]), inv_freq)
+        cos_n, sin_n = rope.rope_angles(jnp.array([[n]]), inv_freq)
+        return float(jnp.sum(rope.apply_rope(q, cos_m, sin_m) * rope.apply_rope(k, cos_n, sin_n)))
 
     assert score(7, 3) == pytest.approx(score(107, 103), rel=1e-4)
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-2)
@@ -50,7 +53,7 @@ def test_rotary_scores_depend_only_on_the_distance_between_positions():
 def test_llama3_rescaling_follows_metas_rule():
     cfg = LLAMA_PRESETS["Llama-3.2-1B"]
     s = cfg.rope_scaling
-    got = np.asarray(llama.rope_frequencies(cfg))
+    got = np.asarray(rope.rope_frequencies(cfg.head_dim, cfg.rope_base, s))
     for i, freq in enumerate(cfg.rope_base ** (-np.arange(0, cfg.head_dim, 2) / cfg.head_dim)):
         wavelen = 2 * math.pi / freq
         if wavelen < s.original_context_length / s.high_freq_factor:
@@ -70,27 +73,31 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads
     q = rng.normal(size=(2, 4, 5, 8)).astype(np.float32)  # 4 query heads, (B, H, T, Dh)
     k, v = (rng.normal(size=(2, 2, 5, 8)).astype(np.float32) for _ in range(2))  # 2 kv heads
     visible = np.tril(np.ones((5, 5), bool))[None]
+    positions = jnp.arange(5)[None]
     k4, v4 = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)  # head h reads kv head h // 2
     scores = np.einsum("bhsd,bhtd->bhst", q, k4) / math.sqrt(8)
     scores = np.where(visible[:, None], scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     expected = np.einsum("bhst,bhtd->bshd", weights, v4).reshape(2, 5, 32)
-    np.testing.assert_allclose(llama.attend(q, k, v, visible), expected, rtol=1e-5, atol=1e-6)
+    got = attention.attend(q, k, v, positions, positions)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cached_forward_equals_the_full_forward():
-    full = llama.forward(PARAMS, TOKENS, CFG)
-    cache = llama.init_cache(CFG, 2, 16)
-    assert len(cache) == CFG.n_layers  # one pair per layer, of the key/value heads only
-    assert cache[0][0].shape == (2, CFG.n_kv_heads, 16, CFG.head_dim)
-    start = jnp.zeros(2, jnp.int32)
-    prefill, cache = llama.hidden_cached(PARAMS, TOKENS[:, :8], cache, start, CFG)
+    full = models.forward(PARAMS, TOKENS, CFG)
+    cache = models.init_cache(CFG, 2, 16)
+    assert len(cache) == CFG.n_layers  # one cache per layer, of the key/value heads only
+    assert cache[0].keys.shape == (2, CFG.n_kv_heads, 16, CFG.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    prefill, cache = models.hidden_cached(PARAMS, TOKENS[:, :8], cache, positions[:, :8], CFG)
     steps = [prefill]
     for t in range(8, 12):
-        step, cache = llama.hidden_cached(PARAMS, TOKENS[:, t : t + 1], cache, start + t, CFG)
+        step, cache = models.hidden_cached(
+            PARAMS, TOKENS[:, t : t + 1], cache, positions[:, t : t + 1], CFG
+        )
         steps.append(step)
-    logits = llama.head(PARAMS, jnp.concatenate(steps, 1))
+    logits = models.head(PARAMS, jnp.concatenate(steps, 1))
     np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-5)
 
 
@@ -109,17 +116,17 @@ def test_tied_head_is_the_token_embedding_and_untied_has_its_own():
     assert "out_head" not in PARAMS
     h = jax.random.normal(jax.random.key(6), (1, 2, CFG.emb_dim))
     np.testing.assert_allclose(
-        llama.head(PARAMS, h), h @ PARAMS["tok_emb"]["embedding"].T, rtol=1e-5, atol=1e-6
+        models.head(PARAMS, h), h @ PARAMS["tok_emb"]["embedding"].T, rtol=1e-5, atol=1e-6
     )
-    untied = llama.init_params(jax.random.key(0), CFG.replace(tie_embeddings=False))
+    untied = models.init_params(jax.random.key(0), CFG.replace(tie_embeddings=False))
     assert untied["out_head"]["kernel"].shape == (CFG.emb_dim, CFG.vocab_size)
 
 
 def test_bf16_params_run_in_bf16_close_to_float32():
     half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), PARAMS)
-    logits = llama.forward(half, TOKENS, CFG)
+    logits = models.forward(half, TOKENS, CFG)
     assert logits.dtype == jnp.bfloat16
-    full = llama.forward(PARAMS, TOKENS, CFG)
+    full = models.forward(PARAMS, TOKENS, CFG)
     assert float(jnp.abs(logits.astype(jnp.float32) - full).max()) < 0.05 * float(
         jnp.abs(full).max()
     )
@@ -136,15 +143,17 @@ def test_bf16_params_run_in_bf16_close_to_float32():
     ],
 )
 def test_presets_have_the_published_parameter_counts(name, published):
-    shapes = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), LLAMA_PRESETS[name]))
+    shapes = jax.eval_shape(lambda: models.init_params(jax.random.key(0), LLAMA_PRESETS[name]))
     assert nn.count_params(shapes) == published
 
 
 def test_config_checks_and_identity():
     with pytest.raises(ValueError, match="not a multiple of n_kv_heads"):
         LlamaConfig(n_heads=9, n_kv_heads=2)
-    with pytest.raises(ValueError, match="even size"):
+    with pytest.raises(ValueError, match="head_dim=3 must be even"):
         LlamaConfig(emb_dim=27, n_heads=9, n_kv_heads=3)
+    assert LLAMA_PRESETS["Llama-3.2-3B"].head_dim == 128  # follows emb_dim / n_heads on replace
+    assert LlamaConfig(head_dim=128).replace(emb_dim=1152).head_dim == 128  # a set one stays
     assert CFG.same_weights_as(CFG.replace(context_length=8))  # no weight depends on it
     assert not CFG.same_weights_as(CFG.replace(n_kv_heads=4))
     scaled = CFG.replace(rope_scaling={"factor": 8.0})  # as a checkpoint's JSON gives it back
@@ -153,10 +162,10 @@ def test_config_checks_and_identity():
 
 def test_a_llama_checkpoint_loads_back_with_its_config(tmp_path):
     cfg = CFG.replace(rope_scaling=Llama3RoPE(factor=8.0, original_context_length=16))
-    params = llama.init_params(jax.random.key(7), cfg)
+    params = models.init_params(jax.random.key(7), cfg)
     checkpoint.save_checkpoint(tmp_path / "ckpt", 1, params, cfg=cfg)
     loaded_cfg, loaded = checkpoint.load_model(tmp_path / "ckpt")
     assert loaded_cfg == cfg  # the nested rope scaling survives the JSON
     np.testing.assert_array_equal(
-        llama.forward(loaded, TOKENS, cfg), llama.forward(params, TOKENS, cfg)
+        models.forward(loaded, TOKENS, cfg), models.forward(params, TOKENS, cfg)
     )

@@ -1,5 +1,6 @@
-"""Llama weights from files the tests write in the real formats: GGUF as llama.cpp's converter
-writes it (query/key rows reordered, quantized) and Hugging Face safetensors folders."""
+"""Llama-like weights from files the tests write in the real formats: GGUF as llama.cpp's
+converter writes it (query/key rows reordered for llama, Gemma's norms plus one; quantized) and
+Hugging Face safetensors folders."""
 
 import json
 
@@ -12,28 +13,36 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
-from gptflax import llama, weights
-from gptflax.config import LLAMA_TINY
+from gptflax import models
+from gptflax.config import GEMMA3_TINY, LLAMA_TINY
+from gptflax.gguf import GGUFError
+from gptflax.weights import names
+from gptflax.weights.gguf import load_gguf
+from gptflax.weights.hf import load_hf_llama
 
 pytestmark = pytest.mark.labllama
 CFG = LLAMA_TINY
-PARAMS = jax.tree.map(np.asarray, llama.init_params(jax.random.key(0), CFG))
+PARAMS = jax.tree.map(np.asarray, models.init_params(jax.random.key(0), CFG))
 TOKENS = np.arange(10)[None] * 7 % CFG.vocab_size
 
 
-def hf_tensors(params, cfg) -> dict:
-    """The params under Hugging Face's names, (out, in) matrices."""
-    out = {
-        "model.embed_tokens.weight": params["tok_emb"]["embedding"],
-        "model.norm.weight": params["final_norm"]["scale"],
-    }
-    if "out_head" in params:
-        out["lm_head.weight"] = np.ascontiguousarray(params["out_head"]["kernel"].T)
-    for i in range(cfg.n_layers):
-        layer = jax.tree.map(lambda a, i=i: a[i], params["trf_blocks"])
-        for (group, name), (hf_name, *_) in weights.LLAMA_BLOCK_NAMES.items():
-            w = layer[group][name]
-            out[hf_name.format(i=i)] = w if name == "scale" else np.ascontiguousarray(w["kernel"].T)
+def named_tensors(params, source: int, block_names=names.LLAMA_BLOCK) -> dict:
+    """The params under a format's names (`names.HF`, `names.GGUF`), (out, in) matrices."""
+    out = {}
+
+    def put(path, leaf, table, layer=None):
+        keys = tuple(k.key for k in path)
+        w = np.asarray(leaf)
+        w = np.ascontiguousarray(w.T) if keys[-1] == "kernel" else w
+        out[names.tensor_name(table, keys, source, layer)] = w
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        {k: v for k, v in params.items() if k != "trf_blocks"}
+    )[0]:
+        put(path, leaf, names.OUTSIDE_BLOCKS)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params["trf_blocks"])[0]:
+        for i in range(leaf.shape[0]):
+            put(path, leaf[i], block_names, i)
     return out
 
 
@@ -44,8 +53,9 @@ def llama_cpp_order(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, half, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, params, cfg, qtype: Q) -> None:
-    writer = gguf.GGUFWriter(str(path), "llama")
+def write_gguf(path, params, cfg, qtype: Q, arch: str = "llama") -> None:
+    """A GGUF file as llama.cpp writes one: metadata for `arch`, tensors under its names."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.n_layers)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.emb_dim)
@@ -54,16 +64,20 @@ def write_gguf(path, params, cfg, qtype: Q) -> None:
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_rope_freq_base(cfg.rope_base)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    hf_to_cpp = {hf.format(i=i): cpp.format(i=i)
-                 for (hf, cpp, _) in weights.LLAMA_BLOCK_NAMES.values()
-                 for i in range(cfg.n_layers)}  # fmt: skip
-    hf_to_cpp |= {hf: cpp for hf, cpp, _ in weights.LLAMA_NAMES.values()}
-    for hf_name, w in hf_tensors(params, cfg).items():
-        name = hf_to_cpp[hf_name]
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
-            w = llama_cpp_order(w, heads)
+    block_names = names.LLAMA_BLOCK
+    if arch == "gemma3":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+        block_names = names.GEMMA3_BLOCK
+    else:
+        writer.add_vocab_size(cfg.vocab_size)
+    for name, w in named_tensors(params, names.GGUF, block_names).items():
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = llama_cpp_order(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w + 1.0  # llama.cpp stores Gemma's 1 + scale
         if w.ndim == 1 or qtype == Q.F32:  # llama.cpp keeps norms in float32
             writer.add_tensor(name, w.astype(np.float32))
         elif qtype == Q.F16:
@@ -89,10 +103,10 @@ def round_trip(w: np.ndarray, qtype: Q) -> np.ndarray:
 def test_gguf_loads_every_weight_in_its_place(tmp_path, qtype):
     path = tmp_path / "tiny.gguf"
     write_gguf(path, PARAMS, CFG, qtype)
-    cfg, params = weights.load_gguf(path)
+    cfg, params = load_gguf(path)
     assert cfg == CFG
-    expected = hf_tensors(PARAMS, CFG)
-    got = hf_tensors(jax.tree.map(np.asarray, params), cfg)
+    expected = named_tensors(PARAMS, names.HF)
+    got = named_tensors(params, names.HF)
     assert got.keys() == expected.keys()
     for name, w in expected.items():
         np.testing.assert_allclose(
@@ -102,21 +116,42 @@ def test_gguf_loads_every_weight_in_its_place(tmp_path, qtype):
 
 def test_gguf_float32_file_gives_the_same_logits(tmp_path):
     write_gguf(tmp_path / "tiny.gguf", PARAMS, CFG, Q.F32)
-    cfg, params = weights.load_gguf(tmp_path / "tiny.gguf")
+    cfg, params = load_gguf(tmp_path / "tiny.gguf")
     np.testing.assert_allclose(
-        llama.forward(params, TOKENS, cfg), llama.forward(PARAMS, TOKENS, CFG), rtol=1e-5, atol=1e-6
+        models.forward(params, TOKENS, cfg),
+        models.forward(PARAMS, TOKENS, CFG),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
-def test_the_query_key_reordering_matters(tmp_path):
+def test_the_query_key_reordering_matters(tmp_path, monkeypatch):
     """Without undoing llama.cpp's row order, the logits would differ: the test above can fail."""
+    from gptflax.weights import gguf as gguf_weights
+
     write_gguf(tmp_path / "tiny.gguf", PARAMS, CFG, Q.F32)
-    _, tensors = weights.read_gguf(tmp_path / "tiny.gguf")
-    kept = weights.from_llama_tensors(
-        weights._getter(tensors, "t", "a Llama"), CFG, source=weights.GGUF
+    config, table, _ = gguf_weights.ARCHITECTURES["llama"]
+    as_stored = (config, table, lambda cfg: lambda name, w: w)
+    monkeypatch.setitem(gguf_weights.ARCHITECTURES, "llama", as_stored)
+    _, kept = load_gguf(tmp_path / "tiny.gguf")
+    wrong = models.forward(kept, TOKENS, CFG)
+    assert float(jnp.abs(wrong - models.forward(PARAMS, TOKENS, CFG)).max()) > 1e-3
+
+
+def test_a_gemma3_file_loads_with_its_norms_and_windows(tmp_path):
+    """A Gemma 3 GGUF (QK-norm, four norms a block stored plus one, two RoPE bases): the same
+    logits; read without subtracting the one, they would differ."""
+    params = jax.tree.map(np.asarray, models.init_params(jax.random.key(3), GEMMA3_TINY))
+    params = jax.tree.map(lambda a: a + 0.1 if a.ndim <= 2 and a.shape[-1] in (16, 32) else a,
+                          params)  # norms away from their zero start  # fmt: skip
+    write_gguf(tmp_path / "g.gguf", params, GEMMA3_TINY, Q.F32, arch="gemma3")
+    cfg, loaded = load_gguf(tmp_path / "g.gguf")
+    assert cfg == GEMMA3_TINY  # its query_pre_attn_scalar is its head size, as llama.cpp takes it
+    tokens = np.arange(20)[None] * 5 % cfg.vocab_size
+    np.testing.assert_allclose(
+        models.forward(loaded, tokens, cfg), models.forward(params, tokens, cfg), atol=1e-5
     )
-    wrong = llama.forward(kept, TOKENS, CFG)
-    assert float(jnp.abs(wrong - llama.forward(PARAMS, TOKENS, CFG)).max()) > 1e-3
+    assert np.allclose(loaded["final_norm"]["scale"], params["final_norm"]["scale"])
 
 
 def write_hf_folder(folder, params, cfg, dtype=np.float32, shards=1, rope_scaling=None):
@@ -131,15 +166,15 @@ def write_hf_folder(folder, params, cfg, dtype=np.float32, shards=1, rope_scalin
         "rope_scaling": rope_scaling, "torch_dtype": "bfloat16",
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    tensors = {k: v.astype(dtype) for k, v in hf_tensors(params, cfg).items()}
+    tensors = {k: v.astype(dtype) for k, v in named_tensors(params, names.HF).items()}
     if shards == 1:
         save_file(tensors, str(folder / "model.safetensors"))
         return
-    names = sorted(tensors)
+    keys = sorted(tensors)
     weight_map = {}
     for s in range(shards):
         shard = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[s::shards]
+        part = keys[s::shards]
         save_file({k: tensors[k] for k in part}, str(folder / shard))
         weight_map |= dict.fromkeys(part, shard)
     index = {"metadata": {}, "weight_map": weight_map}
@@ -149,7 +184,7 @@ def write_hf_folder(folder, params, cfg, dtype=np.float32, shards=1, rope_scalin
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_hugging_face_folders_load_sharded_and_bf16(tmp_path, dtype):
     write_hf_folder(tmp_path / "m", PARAMS, CFG, dtype, shards=3)
-    cfg, params = weights.load_hf_llama(tmp_path / "m")
+    cfg, params = load_hf_llama(tmp_path / "m")
     assert cfg == CFG
     expected = jax.tree.map(lambda a: np.asarray(a.astype(dtype), np.float32), PARAMS)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), expected)
@@ -157,24 +192,24 @@ def test_hugging_face_folders_load_sharded_and_bf16(tmp_path, dtype):
 
 def test_hugging_face_llama3_config_and_untied_head(tmp_path):
     cfg = CFG.replace(tie_embeddings=False)
-    params = jax.tree.map(np.asarray, llama.init_params(jax.random.key(1), cfg))
+    params = jax.tree.map(np.asarray, models.init_params(jax.random.key(1), cfg))
     scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
     write_hf_folder(tmp_path / "m", params, cfg, rope_scaling=scaling)
-    loaded_cfg, loaded = weights.load_hf_llama(tmp_path / "m")
+    loaded_cfg, loaded = load_hf_llama(tmp_path / "m")
     assert loaded_cfg.rope_scaling.factor == 32.0 and not loaded_cfg.tie_embeddings
     np.testing.assert_array_equal(loaded["out_head"]["kernel"], params["out_head"]["kernel"])
 
 
 def test_damaged_files_are_clear_errors(tmp_path):
-    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(ValueError, match="not a readable GGUF file"):
-        weights.load_gguf(tmp_path / "bad.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file, though long enough")
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        load_gguf(tmp_path / "bad.gguf")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a readable Hugging Face Llama folder"):
-        weights.load_hf_llama(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a readable Hugging Face model folder"):
+        load_hf_llama(tmp_path / "empty")
     write_hf_folder(tmp_path / "m", PARAMS, CFG)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
     with pytest.raises(ValueError, match="shape"):
-        weights.load_hf_llama(tmp_path / "m")
+        load_hf_llama(tmp_path / "m")

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import gpt, nn
+from gptflax import models, nn
 from gptflax.config import GPT_CONFIG_124M
 from gptflax.finetune import replace_out_head
-from gptflax.lora import attach_lora, init_lora, lora_loss, lora_optimizer, merge_lora
+from gptflax.lora import LoRAKernel, attach_lora, init_lora, lora_loss, lora_optimizer, merge_lora
 from gptflax.losses import classification_loss
 from gptflax.train import init_train_state, make_optimizer, train_step
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.labE
 
 
 def classifier(cfg):
-    return replace_out_head(gpt.init_params(jax.random.key(0), cfg), jax.random.key(1))
+    return replace_out_head(models.init_params(jax.random.key(0), cfg), jax.random.key(1))
 
 
 def test_rank_16_on_the_124m_classifier_trains_2666528_parameters():
@@ -60,11 +60,12 @@ def test_side_by_side_training_form_equals_the_merged_form(small_cfg):
     lora = jax.tree.map(lambda x: x + 0.1, lora)  # nonzero B
     tokens, labels = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]]), jnp.array([0, 1])
     attached = attach_lora(params, lora, alpha=8, rank=4)
-    assert set(attached["trf_blocks"]["ff"]["fc1"]) == {"kernel", "bias", "lora_A", "lora_B"}
-    np.testing.assert_array_equal(attached["trf_blocks"]["ff"]["fc1"]["kernel"],
-                                  params["trf_blocks"]["ff"]["fc1"]["kernel"])  # fmt: skip
+    kernel = attached["trf_blocks"]["ff"]["fc1"]["kernel"]
+    assert isinstance(kernel, LoRAKernel) and kernel.shape == (2, 32, 128)  # stacked layers
+    np.testing.assert_array_equal(kernel.w, params["trf_blocks"]["ff"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(kernel.a, 2 * lora["trf_blocks"]["ff"]["fc1"]["A"])  # alpha/r
     side_by_side, merged = (
-        gpt.forward(p, tokens, small_cfg) for p in (attached, merge_lora(params, lora, 8, 4))
+        models.forward(p, tokens, small_cfg) for p in (attached, merge_lora(params, lora, 8, 4))
     )
     np.testing.assert_allclose(side_by_side, merged, rtol=1e-5, atol=1e-5)
 

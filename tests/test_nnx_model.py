@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gptflax import gpt
+from gptflax import models
 from gptflax.config import GPTConfig
 from gptflax.losses import loss_fn
 from gptflax.nnx_model import GPTModel, from_params, to_params
@@ -29,7 +29,7 @@ def shapes(tree):
 
 @pytest.mark.parametrize("cfg", [CFG, CFG_BIAS], ids=["no_qkv_bias", "qkv_bias"])
 def test_same_tree_structure_both_ways(cfg):
-    functional = gpt.init_params(jax.random.key(0), cfg)
+    functional = models.init_params(jax.random.key(0), cfg)
     nnx_params = to_params(GPTModel(cfg, rngs=nnx.Rngs(0)))
     assert shapes(nnx_params) == shapes(functional)
     assert shapes(to_params(from_params(cfg, functional))) == shapes(functional)
@@ -38,20 +38,20 @@ def test_same_tree_structure_both_ways(cfg):
 @pytest.mark.parametrize("cfg", [CFG, CFG_BIAS], ids=["no_qkv_bias", "qkv_bias"])
 def test_equal_eval_logits_in_both_directions(cfg):
     inputs, _ = batch()
-    params = gpt.init_params(jax.random.key(0), cfg)  # functional -> NNX
+    params = models.init_params(jax.random.key(0), cfg)  # functional -> NNX
     np.testing.assert_allclose(
-        from_params(cfg, params)(inputs), gpt.forward(params, inputs, cfg), rtol=1e-5, atol=1e-5
+        from_params(cfg, params)(inputs), models.forward(params, inputs, cfg), rtol=1e-5, atol=1e-5
     )
     twin = GPTModel(cfg, rngs=nnx.Rngs(1))  # NNX -> functional
     np.testing.assert_allclose(
-        gpt.forward(to_params(twin), inputs, cfg), twin(inputs), rtol=1e-5, atol=1e-5
+        models.forward(to_params(twin), inputs, cfg), twin(inputs), rtol=1e-5, atol=1e-5
     )
 
 
 def test_one_adamw_step_gives_equal_loss_and_params():
     inputs, targets = batch()
     tx = optax.adamw(4e-4, weight_decay=0.1)
-    params = gpt.init_params(jax.random.key(0), CFG)
+    params = models.init_params(jax.random.key(0), CFG)
 
     @jax.jit
     def functional_step(params, opt_state):
@@ -99,15 +99,15 @@ def test_dropout_in_the_twin_follows_its_rngs():
     gap_nnx = float(jnp.abs(a - twin(inputs)).mean())
     gap_fn = float(
         jnp.abs(
-            gpt.forward(params, inputs, cfg, key=jax.random.key(1))
-            - gpt.forward(params, inputs, cfg)
+            models.forward(params, inputs, cfg, key=jax.random.key(1))
+            - models.forward(params, inputs, cfg)
         ).mean()
     )
     assert 0.5 < gap_nnx / gap_fn < 2.0
 
 
 def test_params_of_another_config_are_refused():
-    params = gpt.init_params(jax.random.key(0), CFG)
+    params = models.init_params(jax.random.key(0), CFG)
     with pytest.raises(ValueError, match="do not fit"):
         from_params(CFG.replace(emb_dim=64, n_heads=4), params)
 

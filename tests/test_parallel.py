@@ -14,11 +14,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gptflax import checkpoint, files, gpt, llama, parallel
+from gptflax import checkpoint, files, models, parallel
 from gptflax.config import GPT2_PRESETS, LLAMA_TINY
 from gptflax.data import DataLoader
-from gptflax.families import family
 from gptflax.lora import init_lora
+from gptflax.models import family
 from gptflax.train import fit, init_train_state, make_optimizer, resume
 
 pytestmark = [pytest.mark.labA, pytest.mark.lab5]  # lab A's A.9.3; lab 5 trains data parallel
@@ -60,7 +60,7 @@ def _spec(tree, path, strategy, mesh, cfg):
 
 
 def test_shardings_follow_the_logical_axes(small_cfg):
-    params = jax.eval_shape(lambda: gpt.init_params(jax.random.key(0), small_cfg))
+    params = jax.eval_shape(lambda: models.init_params(jax.random.key(0), small_cfg))
     mesh = parallel.make_mesh(data=4, model=2)
     spec = partial(_spec, params, mesh=mesh, cfg=small_cfg)
     layers = "trf_blocks/att/W_query"  # (L, D, H * Dh)
@@ -74,14 +74,14 @@ def test_shardings_follow_the_logical_axes(small_cfg):
     assert spec("tok_emb/embedding", "fsdp+tp") == P(None, "data")  # 97 rows do not split in 2
     assert spec("out_head/kernel", "fsdp+tp") == P("data", None)
     wide = jax.eval_shape(
-        lambda: gpt.init_params(jax.random.key(0), small_cfg.replace(vocab_size=98))
+        lambda: models.init_params(jax.random.key(0), small_cfg.replace(vocab_size=98))
     )
     assert _spec(wide, "tok_emb/embedding", "tp", mesh, small_cfg) == P("model", None)
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), params, rank=2))
     assert _spec(lora, "trf_blocks/ff/fc1/A", "fsdp+tp", mesh, small_cfg) == P(None, "data", None)
     assert _spec(lora, "trf_blocks/ff/fc1/B", "fsdp+tp", mesh, small_cfg) == P(None, None, "model")
 
-    llama_params = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), LLAMA_TINY))
+    llama_params = jax.eval_shape(lambda: models.init_params(jax.random.key(0), LLAMA_TINY))
     assert _spec(llama_params, "trf_blocks/att/W_key/kernel", "tp", mesh, LLAMA_TINY) == P(
         None, None, "model"
     )  # (L, D, G * Dh): the key/value heads
@@ -95,7 +95,7 @@ def test_shardings_follow_the_logical_axes(small_cfg):
 def test_fsdp_holds_an_eighth_of_what_data_parallel_holds():
     cfg = GPT2_PRESETS["124M"]
     tx = make_optimizer()
-    state = jax.eval_shape(lambda: init_train_state(gpt.init_params(jax.random.key(0), cfg), tx))
+    state = jax.eval_shape(lambda: init_train_state(models.init_params(jax.random.key(0), cfg), tx))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     dp = parallel.bytes_per_device(state, cfg, parallel.make_mesh(), "dp")
     fsdp = parallel.bytes_per_device(state, cfg, parallel.make_mesh(), "fsdp")

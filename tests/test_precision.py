@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import checkpoint, gpt
+from gptflax import checkpoint, models
 from gptflax.losses import loss_fn, mixed_precision
 
 pytestmark = pytest.mark.lab5
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.lab5
 @pytest.fixture(scope="module")
 def setup(small_cfg):
     cfg = small_cfg.replace(emb_dim=64, n_layers=3)
-    params = gpt.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, cfg.vocab_size)
     return cfg, params, tokens[:, :-1], tokens[:, 1:]
 
@@ -34,7 +34,7 @@ def test_bf16_loss_and_gradients_follow_float32(setup):
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # master weights' dtype
     cosine = flat(g16) @ flat(g32) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32)))
     assert float(cosine) > 0.99
-    logits16 = gpt.forward(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), x, cfg)
+    logits16 = models.forward(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), x, cfg)
     assert logits16.dtype == jnp.bfloat16  # the matmuls really ran in bf16
 
 
@@ -42,7 +42,7 @@ def test_fused_attention_computes_the_same_model(setup):
     cfg, params, x, y = setup
     fused = cfg.replace(fused_attention=True)
     np.testing.assert_allclose(
-        gpt.forward(params, x, fused), gpt.forward(params, x, cfg), atol=2e-5
+        models.forward(params, x, fused), models.forward(params, x, cfg), atol=2e-5
     )
     g_ref, g_fused = (jax.grad(loss_fn)(params, x, y, c) for c in (cfg, fused))
     np.testing.assert_allclose(flat(g_fused), flat(g_ref), atol=2e-5)

@@ -3,7 +3,6 @@
 import pytest
 
 from gptflax import files
-from gptflax.config import GPT_CONFIG_124M
 from gptflax.tokenizer import (
     EOT,
     EOT_ID,
@@ -11,13 +10,11 @@ from gptflax.tokenizer import (
     SimpleTokenizerV1,
     SimpleTokenizerV2,
     build_vocab,
-    end_token_id,
     gpt2_tokenizer,
     load_bpe_ranks,
     split_text,
     text_to_token_ids,
     token_ids_to_text,
-    tokenizer_for,
 )
 
 pytestmark = pytest.mark.lab2
@@ -74,8 +71,8 @@ def test_bpe_vocabulary_is_gpt2s():
     tok = gpt2_tokenizer()
     ranks = load_bpe_ranks(files.resolve("gpt2.tiktoken"))
     assert len(ranks) == 50_256 and sorted(ranks.values()) == list(range(50_256))
-    assert tok.n_vocab == 50_257 and tok.eot_token == EOT_ID == end_token_id(tok)
-    assert tokenizer_for(GPT_CONFIG_124M) is tok
+    assert tok.n_vocab == 50_257 and tok.eot_token == EOT_ID == tok.eos_id
+    assert tok.bos_id is None and tok.chat is None and tok.encode("Hi", bos=True) == [17250]
     assert tok.encode(EOT, allowed_special={EOT}) == [EOT_ID]
     with pytest.raises(ValueError):  # special tokens in text must be allowed explicitly
         tok.encode(EOT)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptflax import gpt, llama
+from gptflax import models
 from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, GPTConfig
 from gptflax.generate import generate
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
-from gptflax.weights import from_book_state_dict
+from gptflax.weights.gpt2 import from_book_state_dict
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="llms-from-scratch is not installed")
@@ -49,7 +49,7 @@ def test_logits_equal_the_books_model(qkv_bias):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         expected = book(torch.from_numpy(tokens)).numpy()
-    np.testing.assert_allclose(gpt.forward(params, tokens, cfg), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(models.forward(params, tokens, cfg), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_generation_gives_the_books_tokens():
@@ -74,7 +74,7 @@ def test_the_books_llama3_model_computes_our_llama(monkeypatch):
     x = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
     with torch.no_grad():
         theirs = book_llama(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(llama.forward(params, x, cfg), theirs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(models.forward(params, x, cfg), theirs, rtol=1e-4, atol=1e-5)
     cached = baselines.book_llama_model(cfg, baselines.book_kv_llama)
     cached.load_state_dict(book_llama.state_dict())
     tokens = baselines.book_kv_generate.generate_text_simple(cached, torch.from_numpy(x), 8)

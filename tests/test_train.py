@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptflax import checkpoint, gpt
+from gptflax import checkpoint, models
 from gptflax.config import TINY
 from gptflax.data import DataLoader, train_val_loaders
 from gptflax.losses import cross_entropy, loss_fn
@@ -49,7 +49,7 @@ def test_fresh_model_loss_is_near_uniform_and_book_split_sizes(verdict_text):
     train, val = train_val_loaders(verdict_text, context_length=256, batch_size=2)
     assert sum(x.size for x, _ in train.batches(0)) == 4_608
     assert sum(x.size for x, _ in val.batches(0)) == 512
-    params = gpt.init_params(jax.random.key(0), TINY)
+    params = models.init_params(jax.random.key(0), TINY)
     x, y = next(iter(val))
     loss = float(loss_fn(params, x[:, :32], y[:, :32], TINY))
     assert abs(loss - math.log(50257)) < 0.5
@@ -73,7 +73,7 @@ def test_train_step_lowers_the_loss_and_dropout_is_seeded(small_cfg):
     tx = make_optimizer(1e-3)
     x, y = next(iter(random_loader(cfg)))
     step = jax.jit(lambda s, k: train_step(s, (x, y), k, loss=partial(loss_fn, cfg=cfg), tx=tx))
-    state = init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
+    state = init_train_state(models.init_params(jax.random.key(0), cfg), tx)
     first = float(step(state, jax.random.key(1))[1]["loss"])
     again = float(step(state, jax.random.key(1))[1]["loss"])
     other = float(step(state, jax.random.key(2))[1]["loss"])
@@ -140,7 +140,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(small_cfg, tmp_path):
     key = jax.random.key(5)
 
     def run(num_epochs, ckpt, state=None, history=None):
-        state = state or init_train_state(gpt.init_params(jax.random.key(0), cfg), tx)
+        state = state or init_train_state(models.init_params(jax.random.key(0), cfg), tx)
         return fit(
             state,
             random_loader(cfg, n=12, shuffle=True, seed=3),
@@ -157,7 +157,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(small_cfg, tmp_path):
 
     full_state, full = run(3, tmp_path / "full")
     run(1, tmp_path / "cut")  # interrupted after epoch 1
-    template = init_train_state(gpt.init_params(jax.random.key(42), cfg), tx)
+    template = init_train_state(models.init_params(jax.random.key(42), cfg), tx)
     state, history = resume(tmp_path / "cut", template, cfg)
     assert history.epochs_done == 1 and int(state.step) == 6
     resumed_state, resumed = run(3, tmp_path / "cut", state, history)
@@ -169,7 +169,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(small_cfg, tmp_path):
 @pytest.mark.parametrize("presses, kept", [(1, [1]), (2, [])])
 def test_ctrl_c_stops_between_steps_and_twice_at_once(small_cfg, tmp_path, presses, kept):
     tx = make_optimizer(1e-3)
-    state = init_train_state(gpt.init_params(jax.random.key(0), small_cfg), tx)
+    state = init_train_state(models.init_params(jax.random.key(0), small_cfg), tx)
 
     def press_ctrl_c(params):  # called at the end of epoch 1, before its checkpoint is saved
         for _ in range(presses):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gptflax import files, gpt
+from gptflax import files, models
 from gptflax.config import GPTConfig
-from gptflax.weights import gpt2_config, load_gpt2, load_gpt2_file
+from gptflax.weights.gpt2 import gpt2_config, load_gpt2, load_gpt2_file
 
 pytestmark = pytest.mark.lab5
 
@@ -84,7 +84,7 @@ def test_loaded_params_give_the_reference_logits(tmp_path, prefix):
     expected = reference_gpt2_logits(
         {k.removeprefix(prefix): v for k, v in tensors.items()}, tokens, CFG
     )
-    np.testing.assert_allclose(gpt.forward(params, tokens, CFG), expected, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(models.forward(params, tokens, CFG), expected, rtol=2e-4, atol=2e-4)
 
 
 def test_load_gpt2_resolves_the_file_through_files(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_load_gpt2_resolves_the_file_through_files(tmp_path, monkeypatch):
     assert cfg.qkv_bias and cfg.context_length == 1024 and cfg.emb_dim == 768
     small = {"gpt2/124M/model.safetensors": files.DataFile("gpt2/124M/model.safetensors", ())}
     monkeypatch.setattr(files, "FILES", {**files.FILES, **small})
-    monkeypatch.setattr("gptflax.weights.gpt2_config", lambda size: CFG)
+    monkeypatch.setattr("gptflax.weights.gpt2.gpt2_config", lambda size: CFG)
     (tmp_path / "gpt2" / "124M").mkdir(parents=True)
     save_file(hf_gpt2_tensors(CFG), str(tmp_path / "gpt2" / "124M" / "model.safetensors"))
     loaded_cfg, params = load_gpt2("124M", cache_dir=tmp_path, mirrors=[])

@@ -1,11 +1,13 @@
 """Model families: one module of pure functions per architecture, found from the config's type.
 
-A family module (`gptflax.gpt`, or a toy one in the tests) provides the functions and the table
-named in `INTERFACE`, over a params dict whose transformer blocks are stacked under "trf_blocks".
-Decoding, the losses, the training loop, checkpoints, sharding, the classification head, freezing
-and LoRA call them through `family(cfg)` and never ask which family they hold. A new family is one
-module and a frozen-dataclass config, joined by `register`. The config passes through `jax.jit` as
-a static value, so decorate its class with `jax.tree_util.register_static`, as `GPTConfig` is.
+A family module provides only what differs between architectures, the functions and the table
+named in `INTERFACE`, over a params dict whose transformer blocks are stacked under "trf_blocks";
+its output head is `out_head`, or the token embedding when the params have none. Everything
+derivable (`hidden`, `forward`, the KV cache, the cached layer loop, the context check) is written
+once, in `gptflax.models.transformer`, and the rest of the library calls those, never asking which
+family it holds. A new family is one module and a frozen-dataclass config
+(`gptflax.config.Architecture`), joined by `register`; decorate the config's class with
+`jax.tree_util.register_static` so that it passes through `jax.jit`.
 """
 
 from __future__ import annotations
@@ -13,19 +15,12 @@ from __future__ import annotations
 import dataclasses
 from types import ModuleType
 
-from gptflax import gpt, llama
-from gptflax.config import GPTConfig, LlamaConfig
-
 INTERFACE = {
     "init_params": "(key, cfg) -> params",
-    "embed": "(params, tokens (B, T), cfg, *, key=None) -> (B, T, D)",
-    "run_blocks": "(params['trf_blocks'], x (B, T, D), cfg, *, key=None) -> (B, T, D)",
+    "embed": "(params, tokens (B, T), cfg, *, positions (B or 1, T), key=None) -> (B, T, D)",
+    "block": "(params of one layer, x (B, T, D), cfg, *, layer, positions, cache=None, key=None)"
+    " -> ((B, T, D), the layer's updated cache or None)",
     "final_norm": "(params, x (B, T, D), cfg) -> (B, T, D)",
-    "head": "(params, h (B, T, D)) -> (B, T, V)",
-    "hidden": "(params, tokens, cfg, *, key=None) -> (B, T, D): final_norm(run_blocks(embed))",
-    "forward": "(params, tokens, cfg, *, key=None) -> (B, T, V): head(hidden)",
-    "init_cache": "(cfg, batch_size, length, dtype) -> an empty KV cache of `length` positions",
-    "hidden_cached": "(params, tokens (B, S), cache, start (B,), cfg) -> ((B, S, D), cache)",
     "LOGICAL_AXES": "{path suffix: names of its axes}, for gptflax.parallel's sharding rules",
 }
 
@@ -53,15 +48,19 @@ def family(cfg) -> ModuleType:
     except KeyError:
         raise TypeError(
             f"no model family is registered for {type(cfg).__name__}: "
-            "call gptflax.families.register(name, config_type, module) first"
+            "call gptflax.models.register(name, config_type, module) first"
         ) from None
+
+
+def family_name(cfg) -> str:
+    """The name the config's family was registered under."""
+    family(cfg)  # a clear error for a config of no registered family
+    return next(n for n, t in _CONFIGS.items() if t is type(cfg))
 
 
 def config_to_dict(cfg) -> dict:
     """A JSON-ready record of a config, naming its family."""
-    family(cfg)  # a clear error for a config of no registered family
-    name = next(n for n, t in _CONFIGS.items() if t is type(cfg))
-    return {"family": name, **dataclasses.asdict(cfg)}
+    return {"family": family_name(cfg), **dataclasses.asdict(cfg)}
 
 
 def config_from_dict(record: dict):
@@ -71,7 +70,3 @@ def config_from_dict(record: dict):
     if name not in _CONFIGS:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(_CONFIGS)}")
     return _CONFIGS[name](**fields)
-
-
-register("gpt", GPTConfig, gpt)
-register("llama", LlamaConfig, llama)

@@ -1,0 +1,138 @@
+"""What every model family shares, written once: embed, the blocks in order, final norm, head
+(Book §4.6's GPTModel.forward), and the same with a KV cache for decoding.
+
+A family (`gptflax.models.registry`) provides its params, `embed`, `block`, `final_norm` and
+logical axes; the functions here run them for any config. Every family's head is `out_head`, or
+the token embedding when the model has none (tied). Without a cache, the stacked blocks run
+in a `jax.lax.scan` (on a CPU this compiles one block instead of n_layers copies); with one, as a
+Python loop over the unstacked layers, each with its own cache (`gptflax.attention.KVCache`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gptflax import attention, nn
+from gptflax.decoding import DecodingParams, check_trainable, unstack_blocks
+from gptflax.models.registry import family
+
+
+def check_context(num_tokens: int, cfg) -> None:
+    """A clear error for more tokens than the model's context holds."""
+    if num_tokens > cfg.context_length:
+        raise ValueError(
+            f"{num_tokens} tokens exceed the context length of {cfg.context_length}: "
+            "keep only the last context_length tokens (e.g. tokens[:, -context_length:])"
+        )
+
+
+def run_blocks(
+    blocks: dict,
+    x: jax.Array,
+    cfg,
+    *,
+    positions: jax.Array,
+    key: jax.Array | None = None,
+    first_layer: int = 0,
+) -> jax.Array:
+    """Run stacked transformer blocks in order: (B, T, D) -> (B, T, D). `first_layer` numbers
+    the first of them (a model's later blocks run alone when its first ones are frozen).
+
+    A `lax.scan` over the stacked layers; off the CPU it is unrolled: there, slicing each layer's
+    weights out of the stack and stacking what the backward pass keeps were device copies that
+    cost more than the attention (README); on a CPU unrolling only lengthens the compile."""
+    block = family(cfg).block
+    n_layers = jax.tree.leaves(blocks)[0].shape[0]
+    layer_keys = jax.random.split(key, n_layers) if key is not None else None
+    layers = jnp.arange(first_layer, first_layer + n_layers)
+
+    def step(x, layer):
+        layer_params, layer_key, i = layer
+        with jax.named_scope("block"):
+            return block(layer_params, x, cfg, layer=i, positions=positions, key=layer_key)[0], None
+
+    unroll = jax.default_backend() != "cpu"
+    return jax.lax.scan(step, x, (blocks, layer_keys, layers), unroll=unroll)[0]
+
+
+def head(params: dict | DecodingParams, h: jax.Array) -> jax.Array:
+    """The output head: normed hidden states (B, T, D) -> (B, T, V) logits, through `out_head`,
+    or the token embedding's transpose when the model has none (a tied head)."""
+    params = _plain(params)
+    with jax.named_scope("head"):
+        if "out_head" in params:
+            return nn.linear(params["out_head"], h)
+        return nn.linear({"kernel": params["tok_emb"]["embedding"].T}, h)
+
+
+def hidden(
+    params: dict, tokens: jax.Array, cfg, *, key: jax.Array | None = None, frozen_blocks: int = 0
+) -> jax.Array:
+    """(B, T) ids -> (B, T, D) final hidden states, what the output head reads (Book §4.6); a
+    `key` turns dropout on. No gradient flows back through the embeddings and the first
+    `frozen_blocks` blocks, so that their backward pass is never computed (chapter 6's frozen
+    layers)."""
+    check_trainable(params)
+    check_context(tokens.shape[-1], cfg)
+    fam = family(cfg)
+    k_emb, k_blocks = nn.split_key(key, 2)
+    positions = jnp.arange(tokens.shape[-1])[None]  # (1, T)
+    x = fam.embed(params, tokens, cfg, positions=positions, key=k_emb)  # (B, T, D)
+    blocks = params["trf_blocks"]
+    if frozen_blocks:
+        k_frozen, k_blocks = nn.split_key(k_blocks, 2)
+        first = jax.tree.map(lambda leaf: leaf[:frozen_blocks], blocks)
+        x = jax.lax.stop_gradient(run_blocks(first, x, cfg, positions=positions, key=k_frozen))
+        blocks = jax.tree.map(lambda leaf: leaf[frozen_blocks:], blocks)
+    x = run_blocks(blocks, x, cfg, positions=positions, key=k_blocks, first_layer=frozen_blocks)
+    return fam.final_norm(params, x, cfg)
+
+
+def forward(params: dict, tokens: jax.Array, cfg, *, key: jax.Array | None = None) -> jax.Array:
+    """The model: (B, T) ids -> (B, T, V) logits; a `key` turns dropout on (Book §4.6)."""
+    return head(params, hidden(params, tokens, cfg, key=key))
+
+
+def init_cache(cfg, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
+    """An empty KV cache for decoding up to `length` positions: one `KVCache` per layer, with
+    `length` slots, or the layer's window when it sees fewer (a ring). Separate arrays per layer,
+    so that a decoding step updates each in place."""
+    return tuple(
+        attention.init_kv_cache(
+            batch_size,
+            cfg.n_kv_heads,
+            min(length, cfg.kv_window(i) or length),
+            cfg.head_dim,
+            dtype,
+        )  # fmt: skip
+        for i in range(cfg.n_layers)
+    )
+
+
+def hidden_cached(
+    params: dict | DecodingParams, tokens: jax.Array, cache: tuple, positions: jax.Array, cfg
+) -> tuple[jax.Array, tuple]:
+    """Eval-mode `hidden` for new tokens only: tokens (B, S) at `positions` (B, S), -1 for
+    padding, which enters no cache; earlier positions' keys and values come from the cache
+    (`init_cache`), which is returned updated. Prefill with the prompts at 0, 1, ..., then feed
+    one token at a time: (B, S, D) final hidden states, for `head` where logits are needed.
+
+    The params may be in the decoding layout (`gptflax.decoding`), as a decoding loop puts them
+    once before it starts."""
+    fam = family(cfg)
+    params = _plain(params)
+    if not isinstance(params["trf_blocks"], list):
+        params = unstack_blocks(params)
+    x = fam.embed(params, tokens, cfg, positions=positions)  # (B, S, D)
+    new_cache = []
+    for i, (layer_params, layer_cache) in enumerate(zip(params["trf_blocks"], cache, strict=True)):
+        x, layer_cache = fam.block(
+            layer_params, x, cfg, layer=i, positions=positions, cache=layer_cache
+        )
+        new_cache.append(layer_cache)
+    return fam.final_norm(params, x, cfg), tuple(new_cache)
+
+
+def _plain(params: dict | DecodingParams) -> dict:
+    return params.params if isinstance(params, DecodingParams) else params
