@@ -1,18 +1,28 @@
-"""Checkpoints with orbax (Book §5.4): params, optimizer state and a JSON record, saved atomically.
+"""Checkpoints with orbax (Book §5.4): params, optimizer state and a JSON record, saved atomically
+and checked when loaded.
 
-A checkpoint directory holds one numbered sub-directory per save (the epoch, in `fit`). Each has
-three items: `params`, `train` (step and optimizer state) and `meta` (the model config and whatever
-the caller records, e.g. the loss history). Orbax writes a save into a temporary directory, puts
-its commit marker in last and renames it into place, so a save cut short is never listed or
-loaded; the next save deletes what it left behind.
+A checkpoint directory holds one numbered sub-directory per save (the step, in a training run).
+Each has three items: `params`, `train` (step and optimizer state) and `meta` (the model config
+and whatever the caller records, e.g. the loss history), and `checksums.json`, the sha256 of every
+file. A save is written into a staging folder of its own (orbax commits it there), its checksums
+added, then renamed into place: a save cut short is never listed or loaded (the next save deletes
+what a dead one left), and of two saves of one step into one directory one completes and the other
+gets a clear error. Loading verifies the checksums first: a flipped byte anywhere gives a one-line
+error naming the checkpoint, and nothing damaged is returned. (Checkpoints written before
+checksums were recorded load unverified.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import secrets
 import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -25,7 +35,8 @@ class CheckpointError(RuntimeError):
 
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a save before renaming it into place
-STAGING = ".orbax-checkpoint-tmp"  # orbax stages save N in N.orbax-checkpoint-tmp-<timestamp>
+CHECKSUMS = "checksums.json"
+SAVING = ".saving-"  # a save's staging folder: .saving-<step>-<pid>-<token>
 
 
 def _is_complete(folder: Path) -> bool:
@@ -41,19 +52,31 @@ def complete_steps(directory: str | Path) -> list[int]:
 
 
 def _remove_leftovers(directory: Path) -> None:
-    """Delete what saves cut short left behind: staging folders and numbered folders without
-    the commit marker (neither can be loaded)."""
+    """Delete what saves cut short left behind: numbered folders without the commit marker, and
+    staging folders whose process has died (a live save's staging is left alone)."""
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        if p.is_dir() and (STAGING in p.name or (p.name.isdigit() and not _is_complete(p))):
-            shutil.rmtree(p)
+        if not p.is_dir():
+            continue
+        if p.name.startswith(SAVING) and not _alive(int(p.name.split("-")[2])):
+            shutil.rmtree(p, ignore_errors=True)
+        elif (p.name.isdigit() and not _is_complete(p)) or ".orbax-checkpoint-tmp" in p.name:
+            shutil.rmtree(p, ignore_errors=True)  # the latter: staged by an older gptflax
 
 
-def _manager(directory: str | Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
-    )
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _manager(directory: str | Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
@@ -65,28 +88,89 @@ def save_checkpoint(
     cfg,
     train_state: dict | None = None,
     meta: dict | None = None,
-    max_to_keep: int | None = None,
 ) -> Path:
     """Save params (and optionally {"step", "opt_state"} and JSON `meta`) as checkpoint `step`,
     after deleting what earlier saves cut short left in `directory`. Arrays split over devices
     are saved as they are: in a multi-process run, every process calls this and writes its own
     shards."""
     check_trainable(params)
+    directory = Path(directory).absolute()
     if step in complete_steps(directory):
         raise CheckpointError(f"{directory} already has checkpoint {step}: not overwriting it")
+    directory.mkdir(parents=True, exist_ok=True)
+    owner = np.array([os.getpid(), secrets.randbits(31)])
+    if jax.process_count() > 1:  # every process writes into process 0's staging folder
+        owner = multihost_utils.broadcast_one_to_all(owner)
     if jax.process_index() == 0:
-        _remove_leftovers(Path(directory))
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("gptflax: leftovers removed")
+        _remove_leftovers(directory)
+    staging = directory / f"{SAVING}{step}-{owner[0]}-{owner[1]:08x}"
     items = {
         "params": ocp.args.StandardSave(params),
         "meta": ocp.args.JsonSave({"config": config_to_dict(cfg), **(meta or {})}),
     }
     if train_state is not None:
         items["train"] = ocp.args.StandardSave(train_state)
-    with _manager(directory, max_to_keep) as mngr:
+    with _manager(staging) as mngr:
         mngr.save(step, args=ocp.args.Composite(**items))
-    return Path(directory) / str(step)
+    final = directory / str(step)
+    if jax.process_index() == 0:
+        try:
+            _write_checksums(staging / str(step))
+            os.rename(staging / str(step), final)  # atomic; refused if the step exists already
+        except OSError as e:
+            raise CheckpointError(
+                f"checkpoint {final} was written by another save while this one ran ({e.strerror}):"
+                " this save is not kept"
+            ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"gptflax: checkpoint {step} in place")
+    return final
+
+
+def _write_checksums(folder: Path) -> None:
+    """Record the sha256 and size of every file of a checkpoint folder in its checksums.json."""
+    record = {str(f.relative_to(folder)): [f.stat().st_size, _sha256(f)]
+              for f in sorted(folder.rglob("*")) if f.is_file()}  # fmt: skip
+    tmp = folder / f".{CHECKSUMS}.part"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, folder / CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(directory: str | Path, step: int, item: str | None = None) -> None:
+    """Check the files of checkpoint `step` (or of one of its items) against its checksums: a
+    CheckpointError naming the first that differs, or is missing."""
+    folder = Path(directory) / str(step)
+    record_path = folder / CHECKSUMS
+    if not record_path.is_file():
+        return  # written before checksums were recorded
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        raise _damaged(directory, step, f"its {CHECKSUMS} is not readable") from None
+    for name, (size, digest) in record.items():
+        if item is not None and not name.startswith(f"{item}/"):
+            continue
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size or _sha256(f) != digest:
+            raise _damaged(directory, step, f"{name} does not match its checksum")
+
+
+def remove_old(directory: str | Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints; the steps deleted."""
+    old = complete_steps(directory)[:-keep]
+    for step in old:
+        shutil.rmtree(Path(directory) / str(step))
+    return old
 
 
 def latest_step(directory: str | Path) -> int | None:
@@ -99,11 +183,12 @@ def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict
     """(step, meta) of checkpoint `step` (default: the latest); meta["config"] is the model's
     config (a GPTConfig, or another family's)."""
     step = _existing_step(directory, step)
+    verify(directory, step, "meta")
     with _manager(directory) as mngr:
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax raises many types for a broken file
-            raise _damaged(directory, step, e) from e
+            raise _damaged(directory, step, f"orbax cannot read it ({type(e).__name__})") from e
     meta["config"] = config_from_dict(meta["config"])
     return step, meta
 
@@ -145,6 +230,7 @@ def load_model(directory: str | Path, step: int | None = None) -> tuple[object, 
 
 def _restore_arrays(directory, step: int, params_like: dict, train_like: dict | None) -> tuple:
     """(params, train_state or None) of checkpoint `step`, in the structures of the templates."""
+    verify(directory, step)
     items = {"params": ocp.args.StandardRestore(_abstract(params_like))}
     if train_like is not None:
         items["train"] = ocp.args.StandardRestore(_abstract(train_like))
@@ -152,7 +238,7 @@ def _restore_arrays(directory, step: int, params_like: dict, train_like: dict | 
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise _damaged(directory, step, e) from e
+            raise _damaged(directory, step, f"orbax cannot read it ({type(e).__name__})") from e
     # Orbax hands back plain tuples for optax's named tuples: rebuild the exact structures.
     params = _like(params_like, restored.params)
     train = _like(train_like, restored.train) if train_like is not None else None
@@ -172,10 +258,10 @@ def _existing_step(directory: str | Path, step: int | None) -> int:
     return step
 
 
-def _damaged(directory, step, error: Exception) -> CheckpointError:
+def _damaged(directory, step, reason: str) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {directory}/{step} is damaged or incomplete ({type(error).__name__}: "
-        f"{str(error)[:300]}); delete that folder and resume from an earlier checkpoint"
+        f"checkpoint {directory}/{step} is damaged or incomplete: {reason}; delete that folder "
+        "and resume from an earlier checkpoint"
     )
 
 
