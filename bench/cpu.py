@@ -37,7 +37,7 @@ from gptflax.decoding import decoding_params
 from gptflax.generate import generate
 from gptflax.losses import cross_entropy, loss_fn, mixed_precision
 from gptflax.nnx_model import from_params
-from gptflax.train import init_train_state, make_optimizer, train_step
+from gptflax.training import init_train_state, make_optimizer, train_step
 
 # glibc settings the Makefile exports (see there): without them every XLA step page-faults its
 # scratch memory in again, and JAX's times here come out 15-35% slower.

@@ -105,7 +105,8 @@ def create_dataloader_v1(
     seed: int = 0,
     tokenizer=None,
 ) -> DataLoader:
-    """GPT-2-tokenize `txt` and batch its sliding windows: (B, T) inputs and targets (Book §2.6)."""
+    """Tokenize `txt` (GPT-2's tokenizer unless another is given) and batch its sliding windows:
+    (B, T) inputs and targets (Book §2.6)."""
     ids = text_to_token_ids(txt, tokenizer or gpt2_tokenizer())
     inputs, targets = sliding_windows(ids, max_length, stride)
     return DataLoader(
@@ -114,15 +115,23 @@ def create_dataloader_v1(
 
 
 def train_val_loaders(
-    text: str, context_length: int, batch_size: int = 2, train_ratio: float = 0.9, seed: int = 123
+    text: str,
+    context_length: int,
+    batch_size: int = 2,
+    train_ratio: float = 0.9,
+    seed: int = 123,
+    tokenizer=None,
 ) -> tuple[DataLoader, DataLoader]:
-    """Split text by characters, then window each part with stride = context (Book §5.1.3).
+    """Split text by characters, then window each part with stride = context (Book §5.1.3);
+    GPT-2's tokenizer unless another is given.
 
     The training loader shuffles and drops the last partial batch; the validation loader keeps
     its order and every window.
     """
     split = int(train_ratio * len(text))
-    args = dict(batch_size=batch_size, max_length=context_length, stride=context_length)
+    args = dict(
+        batch_size=batch_size, max_length=context_length, stride=context_length, tokenizer=tokenizer
+    )
 
     def loader(part: str, name: str, **options) -> DataLoader:
         try:

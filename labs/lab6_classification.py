@@ -41,7 +41,7 @@ from gptflax.finetune import (
 from gptflax.losses import classification_loss, classifier_forward, read_class_logits
 from gptflax.nnx_model import GPTModel
 from gptflax.plots import plot_values
-from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
+from gptflax.training import calc_loss_loader, fit, init_train_state, make_optimizer
 
 np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 

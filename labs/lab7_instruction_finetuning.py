@@ -41,7 +41,7 @@ from gptflax.instruct import (
 )
 from gptflax.losses import cross_entropy, loss_fn
 from gptflax.plots import plot_losses
-from gptflax.train import calc_loss_loader, fit, init_train_state, make_optimizer
+from gptflax.training import calc_loss_loader, fit, init_train_state, make_optimizer
 
 RUNS = run_dir("lab7")  # runs/lab7, or runs/quick/lab7 in quick mode
 data = load_instruction_data()

@@ -215,8 +215,8 @@ from functools import partial
 from gptflax import parallel
 from gptflax.config import GPT2_PRESETS, TINY
 from gptflax.losses import loss_fn
-from gptflax.train import init_train_state, make_optimizer
-from gptflax.train import train_step as gpt_train_step
+from gptflax.training import init_train_state, make_optimizer
+from gptflax.training import train_step as gpt_train_step
 
 cpus = jax.devices("cpu")
 STRATEGIES = {"dp": {"data": 8}, "fsdp": {"data": 8}, "tp": {"model": 8, "data": 1}}

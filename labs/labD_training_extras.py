@@ -23,7 +23,7 @@ from gptflax.generate import sample_text
 from gptflax.losses import loss_fn
 from gptflax.plots import plot_learning_rate, plot_losses
 from gptflax.tokenizer import gpt2_tokenizer
-from gptflax.train import (
+from gptflax.training import (
     calc_loss_loader,
     clip_by_global_norm_from,
     fit,

@@ -34,7 +34,7 @@ from gptflax.finetune import (
 )
 from gptflax.lora import init_lora, lora_loss, lora_optimizer, merge_lora
 from gptflax.losses import classification_loss
-from gptflax.train import fit, init_train_state, make_optimizer, train_step
+from gptflax.training import fit, init_train_state, make_optimizer, train_step
 
 np.set_printoptions(precision=4, suppress=True)  # 4 digits, as the book prints
 

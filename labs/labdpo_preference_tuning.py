@@ -32,7 +32,7 @@ from gptflax import checkpoint, dpo, sources
 from gptflax.config import TINY, LlamaConfig
 from gptflax.instruct import format_input, generate_responses, split_instruction_data
 from gptflax.plots import plot_losses, plot_values
-from gptflax.train import fit, init_train_state, make_optimizer
+from gptflax.training import fit, init_train_state, make_optimizer
 
 RUNS = run_dir("labdpo")  # runs/labdpo, or runs/quick/labdpo in quick mode
 BETA = 0.1

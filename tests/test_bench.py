@@ -15,7 +15,7 @@ import pytest
 from gptflax import models
 from gptflax.config import LLAMA_TINY
 from gptflax.losses import loss_fn
-from gptflax.train import init_train_state, make_optimizer, train_step
+from gptflax.training import init_train_state, make_optimizer, train_step
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
 pytestmark = pytest.mark.slow

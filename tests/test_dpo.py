@@ -12,7 +12,7 @@ from gptflax.config import LLAMA_TINY, TINY
 from gptflax.instruct import split_instruction_data
 from gptflax.models import family
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
-from gptflax.train import fit, init_train_state, make_optimizer
+from gptflax.training import fit, init_train_state, make_optimizer
 
 pytestmark = pytest.mark.labdpo
 

@@ -22,7 +22,7 @@ from gptflax.finetune import replace_out_head, trainable_mask
 from gptflax.generate import generate, generate_cached
 from gptflax.lora import init_lora, lora_loss, merge_lora
 from gptflax.losses import classification_logits, classification_loss
-from gptflax.train import fit, init_train_state, make_optimizer
+from gptflax.training import fit, init_train_state, make_optimizer
 
 pytestmark = pytest.mark.lab4
 

@@ -21,7 +21,7 @@ from gptflax.finetune import (
 )
 from gptflax.losses import classification_logits, classification_loss, classifier_forward
 from gptflax.nnx_model import GPTModel
-from gptflax.train import make_optimizer
+from gptflax.training import make_optimizer
 
 pytestmark = pytest.mark.lab6
 KEY = jax.random.key(0)

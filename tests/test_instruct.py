@@ -16,7 +16,7 @@ from gptflax import instruct, models
 from gptflax.losses import loss_fn
 from gptflax.sources import load_tokenizer
 from gptflax.tokenizer import EOT_ID, gpt2_tokenizer
-from gptflax.train import fit, init_train_state, make_optimizer
+from gptflax.training import fit, init_train_state, make_optimizer
 
 pytestmark = pytest.mark.lab7
 

@@ -13,7 +13,7 @@ from gptflax.config import GPT_CONFIG_124M
 from gptflax.finetune import replace_out_head
 from gptflax.lora import LoRAKernel, attach_lora, init_lora, lora_loss, lora_optimizer, merge_lora
 from gptflax.losses import classification_loss
-from gptflax.train import init_train_state, make_optimizer, train_step
+from gptflax.training import init_train_state, make_optimizer, train_step
 
 pytestmark = pytest.mark.labE
 

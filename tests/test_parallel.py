@@ -19,7 +19,7 @@ from gptflax.config import GPT2_PRESETS, LLAMA_TINY
 from gptflax.data import DataLoader
 from gptflax.lora import init_lora
 from gptflax.models import family
-from gptflax.train import fit, init_train_state, make_optimizer, resume
+from gptflax.training import fit, init_train_state, make_optimizer, resume
 
 pytestmark = [pytest.mark.labA, pytest.mark.lab5]  # lab A's A.9.3; lab 5 trains data parallel
 
@@ -221,7 +221,7 @@ def test_two_processes_train_as_one_and_resume_from_their_shards(tmp_path):
     out = _cli_train(
         tmp_path / "two", text, "--epochs", "2", "--resume", processes=2, environment=True
     )
-    assert "in 2 process(es)" in out[0] and "resuming after epoch 1" in out[1]
+    assert "in 2 process(es)" in out[0] and "resuming at step 8: epoch 2, batch 1" in out[1]
     one, two = (tmp_path / name / "checkpoints" for name in ("one", "two"))
     h1, h2 = (checkpoint.read_meta(d)[1]["history"] for d in (one, two))
     assert h2["steps"] == h1["steps"] and len(h1["steps"]) > 4

@@ -16,7 +16,7 @@ from gptflax import checkpoint, models
 from gptflax.config import TINY
 from gptflax.data import DataLoader, train_val_loaders
 from gptflax.losses import cross_entropy, loss_fn
-from gptflax.train import (
+from gptflax.training import (
     calc_loss_loader,
     clip_by_global_norm_from,
     fit,
