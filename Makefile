@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Labs in reading order: the JAX primer first, then chapters 2-7 (each followed by its bonus
-# labs: bpe after 2, llama after 5, dpo after 7), then appendices D and E.
-LAB_ORDER := A 2 bpe 3 4 5 llama 6 7 dpo D E
+# labs: bpe after 2, llama and gemma3 after 5, dpo after 7), then appendices D and E.
+LAB_ORDER := A 2 bpe 3 4 5 llama gemma3 6 7 dpo D E
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 # glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
 # allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
@@ -70,7 +70,7 @@ labs: ## run every lab in reading order
 	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
 
 # The lab has just run in full, so its tests skip test_labs.py (which re-runs it in quick mode).
-lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, llama, dpo) with the book's settings, then its tests
+lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, llama, gemma3, dpo) with the book's settings, then its tests
 	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)

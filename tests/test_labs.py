@@ -30,7 +30,7 @@ def run_lab(name: str, cwd: Path) -> str:
     "name",
     [
         pytest.param(n, marks=getattr(pytest.mark, f"lab{n}"))
-        for n in ["A", "2", "bpe", "3", "4", "5", "llama", "6", "7", "dpo", "D", "E"]
+        for n in ["A", "2", "bpe", "3", "4", "5", "llama", "gemma3", "6", "7", "dpo", "D", "E"]
     ],
 )
 def test_lab_runs_and_passes_its_checks(name, tmp_path):
