@@ -1,4 +1,4 @@
-"""`python -m gptflax train ...` and `python -m gptflax generate ...`."""
+"""`python -m gptflax COMMAND ...`: `python -m gptflax --help` lists the commands."""
 
 from gptflax.cli import main
 

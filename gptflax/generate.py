@@ -65,12 +65,39 @@ def top_k_logits(logits: jax.Array, top_k: int) -> jax.Array:
     return jnp.where(logits < kth_largest, -jnp.inf, logits)
 
 
+def top_p_logits(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep the fewest likeliest logits of each row whose probabilities add up to top_p or more
+    (nucleus sampling, Holtzman et al. 2020), set the rest to -inf: (..., V)."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    ranked = jnp.sort(logits, axis=-1)[..., ::-1]  # (..., V), likeliest first
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # at least the likeliest one
+    threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)  # (..., 1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """Make tokens already in the text (`seen`, booleans like logits) less likely: their positive
+    logits divided by `penalty`, their negative ones multiplied (CTRL, Keskar et al. 2019)."""
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
 def sample_next_token(
-    logits: jax.Array, key: jax.Array | None, temperature: float = 0.0, top_k: int | None = None
+    logits: jax.Array,
+    key: jax.Array | None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> jax.Array:
-    """(B, V) logits -> (B,) ids: top-k filter, then greedy (temperature 0) or sampling (§5.3.3)."""
+    """(B, V) logits -> (B,) ids: top-k and top-p filters, then greedy (temperature 0) or
+    sampling (§5.3.3)."""
     if top_k is not None:
         logits = top_k_logits(logits, top_k)
+    if top_p is not None:
+        logits = top_p_logits(logits, top_p)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
     if key is None:

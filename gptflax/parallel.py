@@ -214,16 +214,22 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def initialize(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: int = 300,
 ) -> None:
     """Join this process to a multi-process run (`jax.distributed.initialize`) before any JAX
-    computation. Unset arguments come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID, else from the cluster (SLURM, Open MPI, Cloud TPU), as JAX detects them.
-    CPU devices of different processes talk through gloo."""
+    computation, waiting `timeout` seconds for the others. Unset arguments come from
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, else from the cluster (SLURM,
+    Open MPI, Cloud TPU), as JAX detects them. CPU devices of different processes talk through
+    gloo."""
     env = os.environ.get
     if num_processes is None and env("JAX_NUM_PROCESSES"):
         num_processes = int(env("JAX_NUM_PROCESSES"))
     if process_id is None and env("JAX_PROCESS_ID"):
         process_id = int(env("JAX_PROCESS_ID"))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(
+        coordinator, num_processes, process_id, initialization_timeout=timeout
+    )

@@ -310,3 +310,53 @@ def test_ctrl_c_and_sigterm_save_the_step_and_say_how_to_continue(tmp_path, sig,
     saved = checkpoint.read_meta(ckpts)[1]["run"]
     assert json.dumps(saved) and saved["epochs"] == 100 and saved["batch_size"] == 2
     assert (tmp_path / "loss.png").is_file()  # the plot, also when stopped early
+
+
+def test_help_has_no_doubled_percent_signs_and_lists_every_option(cli):
+    out = cli("train", "--help")[1]
+    assert "%%" not in out and "--checkpoint-every" in out and "--init" in out
+
+
+def test_more_new_tokens_than_the_context_holds_say_the_window_slides(run_dir, cli):
+    status, out, err = cli("generate", "Every effort", "--checkpoint", str(run_dir), "-n", "40",
+                           "--no-eos")  # fmt: skip
+    assert status == 0 and out.startswith("Every effort") and len(out) > len("Every effort")
+    assert "exceed the context of 32 tokens: the window slides" in err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--num-processes 2", "--num-processes and --process-id need --coordinator HOST:PORT"),
+        ("--coordinator localhost:1", "--coordinator needs --num-processes N and --process-id I"),
+        ("--coordinator localhost:1 --num-processes 2 --process-id 2", "--process-id 2 is not"),
+    ],
+)
+def test_multi_process_options_that_cannot_work_are_usage_errors(cli, options, message):
+    status, _, err = cli("train", *TINY_RUN, *options.split())
+    assert status == 2 and message in err and short_error(err)
+
+
+@pytest.mark.parametrize(
+    "process, message",
+    [(1, "error: no coordinator answered at localhost:{port} within 3 s: start process 0"),
+     (0, "error: not every process joined the coordinator at localhost:{port} within 3 s")],
+)  # fmt: skip
+def test_a_process_whose_run_never_forms_gives_up_in_one_line(tmp_path, process, message):
+    port = _free_port()
+    run = gptflax("train", *TINY_RUN, "--coordinator", f"localhost:{port}", "--num-processes",
+                  "2", "--process-id", str(process), "--join-timeout", "3",
+                  "--run-dir", str(tmp_path))  # fmt: skip
+    _, err = run.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 2, err[-3000:]
+    assert lines[0] == f"waiting up to 3 s for the run's processes to join at localhost:{port}"
+    assert lines[1].startswith(message.format(port=port))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
