@@ -1,5 +1,6 @@
-"""The PyTorch baselines: the book's GPTModel and Llama3Model (bonus chapter) with our weights, a
-KV-cached decoder for the GPT, and the book's own KV-cached Llama.
+"""The PyTorch baselines: the book's GPTModel, Llama3Model and Qwen3Model (bonus chapters) with our
+weights, a KV-cached decoder for the GPT, the book's own KV-cached Llama and its batched KV-cached
+Qwen3 (kv_cache_batched).
 
 They need `make setup-torch` (torch and the book's llms-from-scratch package); without it `torch`
 is None and the benchmarks leave the PyTorch rows out."""
@@ -14,7 +15,7 @@ from functools import partial
 import jax
 
 from gptflax import models
-from gptflax.config import LlamaConfig
+from gptflax.config import LlamaConfig, QwenConfig
 from gptflax.weights.gpt2 import from_book_state_dict
 from gptflax.weights.hf import from_book_llama_state_dict
 
@@ -24,8 +25,11 @@ try:
     from llms_from_scratch import llama3 as book_llama
     from llms_from_scratch.kv_cache import generate as book_kv_generate
     from llms_from_scratch.kv_cache import llama3 as book_kv_llama
+    from llms_from_scratch.kv_cache_batched import generate as book_batched_generate
+    from llms_from_scratch.kv_cache_batched import qwen3 as book_qwen3
 except ImportError:  # the PyTorch comparison is optional
     torch = book = book_llama = book_kv_generate = book_kv_llama = None
+    book_batched_generate = book_qwen3 = None
 
 
 def book_llama_config(cfg: LlamaConfig) -> dict:
@@ -48,12 +52,30 @@ def book_llama_model(cfg: LlamaConfig, module=None):
     return m
 
 
+def book_qwen3_model(cfg: QwenConfig):
+    """The book's batched KV-cache Qwen3Model (float32; its norms' eps is fixed at 1e-6), its
+    output head tied to the token embedding when the config ties them."""
+    assert cfg.qk_norm and not cfg.qkv_bias and cfg.rms_eps == 1e-6, "not a Qwen3 the book runs"
+    m = book_qwen3.Qwen3Model({
+        "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
+        "emb_dim": cfg.emb_dim, "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
+        "hidden_dim": cfg.hidden_dim, "head_dim": cfg.head_dim, "qk_norm": True,
+        "n_kv_groups": cfg.n_kv_heads, "rope_base": cfg.rope_base, "dtype": torch.float32,
+    })  # fmt: skip
+    if cfg.tie_embeddings:
+        m.out_head.weight = m.tok_emb.weight
+    return m
+
+
 def starting_models(cfg, with_torch: bool = True):
-    """(the book's PyTorch GPTModel or Llama3Model, or None; our params with the same weights)."""
+    """(the book's PyTorch GPTModel, Llama3Model or Qwen3Model, or None; our params with the same
+    weights)."""
     if torch is None or not with_torch:
         return None, models.init_params(jax.random.key(0), cfg)
     torch.manual_seed(123)
-    if isinstance(cfg, LlamaConfig):
+    if isinstance(cfg, QwenConfig):
+        book_model, convert = book_qwen3_model(cfg), from_book_llama_state_dict
+    elif isinstance(cfg, LlamaConfig):
         book_model, convert = book_llama_model(cfg), from_book_llama_state_dict
     else:
         book_model, convert = book.GPTModel(dataclasses.asdict(cfg)), from_book_state_dict
@@ -132,10 +154,13 @@ def torch_kv_generate(m, idx, new_tokens: int):
 
 def torch_generators(m, prompt, new_tokens: int, cfg) -> dict:
     """The book's naive generate_text_simple loop and a KV-cached decoder (for a Llama3Model the
-    book's own, kv_cache.llama3 with its generate_text_simple), as callables."""
+    book's own, kv_cache.llama3 with its generate_text_simple; for a Qwen3Model the batched one,
+    kv_cache_batched), as callables."""
     m.eval()
     tp = torch.from_numpy(prompt).long()
-    if isinstance(cfg, LlamaConfig):
+    if isinstance(cfg, QwenConfig):
+        kv_decode = partial(book_batched_generate.generate_text_simple, m, tp, new_tokens)
+    elif isinstance(cfg, LlamaConfig):
         cached = book_llama_model(cfg, book_kv_llama)
         cached.load_state_dict(m.state_dict())
         cached.eval()

@@ -32,7 +32,7 @@ from timing import (
 )
 
 from gptflax import models
-from gptflax.config import GPTConfig
+from gptflax.config import QWEN3_0_6B, QWEN3_TINY, GPTConfig
 from gptflax.decoding import decoding_params
 from gptflax.generate import generate
 from gptflax.losses import cross_entropy, loss_fn, mixed_precision
@@ -216,10 +216,12 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
     peak_by = _with_torch_threads(matmul_gflops, n)
     peak = max(peak_by.values())
     # (config, name, batch, also in bf16, with the stage split)
+    # (config, name, new tokens): the Qwen3 beside the book's batched KV cache (kv_cache_batched)
     if quick:
         train_cases = [(TINY, "GPT tiny", 2, True, True), (SMOL_TINY, "Llama tiny", 2, False, True)]
-        nnx_cases, new_tokens = [(TINY, "tiny", 2)], 20
-        gen_cases = [(TINY, "GPT tiny"), (SMOL_TINY, "Llama tiny")]
+        nnx_cases = [(TINY, "tiny", 2)]
+        gen_cases = [(TINY, "GPT tiny", 20), (SMOL_TINY, "Llama tiny", 20),
+                     (QWEN3_TINY, "Qwen3 tiny", 20)]  # fmt: skip
     else:
         # SmolLM2 at batch 8 with the book's Llama3Model beside it takes over 24 GiB (killed)
         train_cases = [
@@ -227,7 +229,8 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
             (M124, "GPT-2 124M", 8, True, True), (SMOL, "SmolLM2-135M", 4, False, True),
         ]  # fmt: skip
         nnx_cases = [(SMALL, "small (4x256)", 8), (M124, "124M", 2)]
-        gen_cases, new_tokens = [(M124, "GPT-2 124M"), (SMOL, "SmolLM2-135M")], 200
+        gen_cases = [(M124, "GPT-2 124M", 200), (SMOL, "SmolLM2-135M", 200),
+                     (QWEN3_0_6B, "Qwen3-0.6B (random weights)", 32)]  # fmt: skip
     if not train:
         train_cases = nnx_cases = []
     report = {
@@ -262,7 +265,7 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
             report["nnx"].append({"config": name, "batch": batch, "results": res})
     report["memory_gbps"] = gbps = memory_gbps()
     report["generate"] = []
-    for i, (cfg, name) in enumerate(gen_cases):
+    for i, (cfg, name, new_tokens) in enumerate(gen_cases):
         for batch in (1, 8):
             uncached = i == 0 and batch == 1  # the uncached loops once, GPT at batch 1
             args = (cfg, new_tokens, max(2, repeats // 2), batch, uncached)

@@ -30,11 +30,35 @@ class ChatTemplate:
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"a message's role is system, user or assistant, not {m!r}")
+        if self.think_tags:
+            messages = _thoughts_kept_after_the_last_question(messages)
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         if not add_generation_prompt:
             return text
         text += "<|im_start|>assistant\n"
         return text + ("<think>\n\n</think>\n\n" if self.think_tags and not thinking else "")
+
+
+def _thoughts_kept_after_the_last_question(messages: list[dict]) -> list[dict]:
+    """Qwen3's replies as its template writes them: a reply before the last user message loses
+    its `<think>...</think>` block (earlier thoughts are not shown again); a reply after it keeps
+    the block, written as `<think>\\n...\\n</think>\\n\\n`, and the last one gets an empty block."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    last_question = users[-1] if users else len(messages)
+    written = []
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] == "assistant":
+            thought = ""
+            if "</think>" in content:
+                pieces = content.split("</think>")
+                thought = pieces[0].rstrip("\n").split("<think>")[-1].strip("\n")
+                content = pieces[-1].lstrip("\n")
+            if i > last_question and (thought or i == len(messages) - 1):
+                content = f"<think>\n{thought}\n</think>\n\n{content}"
+            m = {**m, "content": content}
+        written.append(m)
+    return written
 
 
 SMOLLM2 = ChatTemplate("You are a helpful AI assistant named SmolLM, trained by Hugging Face")

@@ -211,3 +211,49 @@ GEMMA3_TINY = Gemma3Config(
     vocab_size=256, context_length=64, emb_dim=32, n_heads=4, n_kv_heads=2, head_dim=16,
     hidden_dim=64, n_layers=6, sliding_window=4, query_pre_attn_scalar=16.0,
 )  # fmt: skip
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class QwenConfig(LlamaConfig):
+    """Qwen2 and Qwen3 (the book's bonus ch05/11), defaults of Qwen3-0.6B: the Llama with biases
+    on the query, key and value projections (`qkv_bias`: Qwen2) or RMSNorm on each head's queries
+    and keys (`qk_norm`: Qwen3), a head size of its own, RoPE base 1,000,000."""
+
+    vocab_size: int = 151_936
+    context_length: int = 40_960
+    emb_dim: int = 1024
+    n_heads: int = 16
+    n_kv_heads: int = 8
+    hidden_dim: int = 3072
+    n_layers: int = 28
+    rope_base: float = 1_000_000.0
+    rms_eps: float = 1e-6
+    head_dim: int | None = 128
+    qkv_bias: bool = False
+    qk_norm: bool = True
+
+
+QWEN3_0_6B = QwenConfig()
+_QWEN2_5_CODER = QwenConfig(
+    context_length=32_768, emb_dim=896, n_heads=14, n_kv_heads=2, head_dim=64, hidden_dim=4864,
+    n_layers=24, qkv_bias=True, qk_norm=False,
+)  # fmt: skip
+# Hugging Face's config.json of each model, in the book's names.
+QWEN_PRESETS = {
+    "Qwen2.5-Coder-0.5B": _QWEN2_5_CODER,
+    "Qwen2.5-Coder-1.5B": _QWEN2_5_CODER.replace(
+        emb_dim=1536, n_heads=12, head_dim=128, hidden_dim=8960, n_layers=28
+    ),  # fmt: skip
+    "Qwen3-0.6B": QWEN3_0_6B,
+    "Qwen3-1.7B": QWEN3_0_6B.replace(emb_dim=2048, hidden_dim=6144),
+    "Qwen3-4B": QWEN3_0_6B.replace(emb_dim=2560, n_heads=32, hidden_dim=9728, n_layers=36),
+    "Qwen3-8B": QWEN3_0_6B.replace(
+        emb_dim=4096, n_heads=32, hidden_dim=12288, n_layers=36, tie_embeddings=False
+    ),
+}
+# A Qwen3 small enough for tests: QK-norm, an explicit head size, two key/value heads.
+QWEN3_TINY = QwenConfig(
+    vocab_size=256, context_length=64, emb_dim=32, n_heads=4, n_kv_heads=2, head_dim=16,
+    hidden_dim=64, n_layers=2,
+)  # fmt: skip

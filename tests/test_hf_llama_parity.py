@@ -11,7 +11,7 @@ import pytest
 
 from gptflax import files, models, sources
 from gptflax.generate import generate
-from gptflax.weights.hf import load_hf_llama
+from gptflax.weights.hf import load_hf
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -77,7 +77,7 @@ def test_a_llama3_model_saved_by_transformers_loads_with_the_same_logits(tmp_pat
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     model.save_pretrained(tmp_path, safe_serialization=True)
-    cfg, params = load_hf_llama(tmp_path)
+    cfg, params = load_hf(tmp_path)
     assert cfg.rope_scaling.original_context_length == 16 and not cfg.tie_embeddings
     tokens = np.arange(40)[None] * 7 % 300
     with torch.no_grad():

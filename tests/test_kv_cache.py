@@ -7,7 +7,7 @@ import pytest
 
 from gptflax import checkpoint, models, nn
 from gptflax import generate as G
-from gptflax.config import GEMMA3_TINY, LLAMA_TINY, TINY
+from gptflax.config import GEMMA3_TINY, LLAMA_TINY, QWEN3_TINY, TINY
 from gptflax.decoding import DecodingParams, TransposedKernel, decoding_layout, decoding_params
 from gptflax.losses import loss_fn
 
@@ -19,7 +19,10 @@ def params(small_cfg):
     return models.init_params(jax.random.key(0), small_cfg)
 
 
-@pytest.mark.parametrize("cfg", [TINY.replace(vocab_size=97), LLAMA_TINY, GEMMA3_TINY])
+@pytest.mark.parametrize(
+    "cfg", [TINY.replace(vocab_size=97), LLAMA_TINY, GEMMA3_TINY, QWEN3_TINY,
+            QWEN3_TINY.replace(qkv_bias=True, qk_norm=False)],  # the last a Qwen2
+)  # fmt: skip
 def test_prefill_and_one_token_steps_give_the_forward_logits(cfg):
     """For every family; Gemma 3's sliding layers (window 4) keep only 4 slots, used as a ring."""
     params = models.init_params(jax.random.key(0), cfg)

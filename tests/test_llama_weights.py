@@ -14,11 +14,11 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
 from gptflax import models
-from gptflax.config import GEMMA3_TINY, LLAMA_TINY
+from gptflax.config import GEMMA3_TINY, LLAMA_TINY, QWEN3_TINY
 from gptflax.gguf import GGUFError
 from gptflax.weights import names
 from gptflax.weights.gguf import load_gguf
-from gptflax.weights.hf import load_hf_llama
+from gptflax.weights.hf import load_hf
 
 pytestmark = pytest.mark.labllama
 CFG = LLAMA_TINY
@@ -64,13 +64,14 @@ def write_gguf(path, params, cfg, qtype: Q, arch: str = "llama") -> None:
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_rope_freq_base(cfg.rope_base)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
-    block_names = names.LLAMA_BLOCK
-    if arch == "gemma3":
+    block_names = {"gemma3": names.GEMMA3_BLOCK, "qwen3": {**names.LLAMA_BLOCK, **names.QK_NORM}}
+    block_names = block_names.get(arch, names.LLAMA_BLOCK)
+    if arch != "llama":
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
+    if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-        block_names = names.GEMMA3_BLOCK
     else:
         writer.add_vocab_size(cfg.vocab_size)
     for name, w in named_tensors(params, names.GGUF, block_names).items():
@@ -184,7 +185,7 @@ def write_hf_folder(folder, params, cfg, dtype=np.float32, shards=1, rope_scalin
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_hugging_face_folders_load_sharded_and_bf16(tmp_path, dtype):
     write_hf_folder(tmp_path / "m", PARAMS, CFG, dtype, shards=3)
-    cfg, params = load_hf_llama(tmp_path / "m")
+    cfg, params = load_hf(tmp_path / "m")
     assert cfg == CFG
     expected = jax.tree.map(lambda a: np.asarray(a.astype(dtype), np.float32), PARAMS)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), expected)
@@ -196,7 +197,7 @@ def test_hugging_face_llama3_config_and_untied_head(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
     write_hf_folder(tmp_path / "m", params, cfg, rope_scaling=scaling)
-    loaded_cfg, loaded = load_hf_llama(tmp_path / "m")
+    loaded_cfg, loaded = load_hf(tmp_path / "m")
     assert loaded_cfg.rope_scaling.factor == 32.0 and not loaded_cfg.tie_embeddings
     np.testing.assert_array_equal(loaded["out_head"]["kernel"], params["out_head"]["kernel"])
 
@@ -207,9 +208,23 @@ def test_damaged_files_are_clear_errors(tmp_path):
         load_gguf(tmp_path / "bad.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a readable Hugging Face model folder"):
-        load_hf_llama(tmp_path / "empty")
+        load_hf(tmp_path / "empty")
     write_hf_folder(tmp_path / "m", PARAMS, CFG)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
     with pytest.raises(ValueError, match="shape"):
-        load_hf_llama(tmp_path / "m")
+        load_hf(tmp_path / "m")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_files_load_with_their_biases_or_qk_norms(tmp_path, arch):
+    cfg = QWEN3_TINY.replace(qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    params = jax.tree.map(np.asarray, models.init_params(jax.random.key(4), cfg))
+    params = jax.tree.map(lambda a: a + 0.01, params)  # biases and norms off their zero and one
+    write_gguf(tmp_path / "q.gguf", params, cfg, Q.F32, arch=arch)
+    loaded_cfg, loaded = load_gguf(tmp_path / "q.gguf")
+    assert loaded_cfg == cfg
+    tokens = np.arange(12)[None] * 3 % cfg.vocab_size
+    np.testing.assert_allclose(
+        models.forward(loaded, tokens, cfg), models.forward(params, tokens, cfg), atol=1e-5
+    )

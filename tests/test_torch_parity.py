@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptflax import models
-from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, GPTConfig
+from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, QWEN3_TINY, GPTConfig
 from gptflax.generate import generate
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
 from gptflax.weights.gpt2 import from_book_state_dict
@@ -91,3 +91,22 @@ def test_the_benchs_fused_attention_baseline_computes_the_books_model(monkeypatc
     with torch.no_grad():
         torch.testing.assert_close(fused(x), book.eval()(x), rtol=1e-5, atol=1e-5)
     assert fused.trf_blocks[0].att.W_query.weight is not book.trf_blocks[0].att.W_query.weight
+
+
+def test_the_books_batched_qwen3_model_computes_our_qwen3(monkeypatch):
+    """The bench's Qwen3 baseline: the book's batched KV-cache Qwen3Model (bonus ch05/11), given
+    our weights through its state_dict names, gives our logits and, decoding a batch together,
+    our greedy tokens."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    baselines = importlib.import_module("baselines")
+    cfg = QWEN3_TINY.replace(n_layers=3)
+    book_qwen3, params = baselines.starting_models(cfg)
+    assert book_qwen3.out_head.weight is book_qwen3.tok_emb.weight
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 10))
+    with torch.no_grad():
+        theirs = book_qwen3(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(models.forward(params, x, cfg), theirs, rtol=1e-4, atol=1e-5)
+    tokens = baselines.book_batched_generate.generate_text_simple(
+        book_qwen3, torch.from_numpy(x), 8
+    )
+    np.testing.assert_array_equal(generate(params, x, 8, cfg), tokens.numpy())

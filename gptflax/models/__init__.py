@@ -1,8 +1,8 @@
 """The model families and what runs any of them: `forward(params, tokens, cfg)` and the rest of
 `gptflax.models.transformer`, over the family that `cfg`'s type names (`registry`)."""
 
-from gptflax.config import Gemma3Config, GPTConfig, LlamaConfig
-from gptflax.models import gemma3, gpt, llama
+from gptflax.config import Gemma3Config, GPTConfig, LlamaConfig, QwenConfig
+from gptflax.models import gemma3, gpt, llama, qwen
 from gptflax.models.registry import (
     config_from_dict,
     config_to_dict,
@@ -23,6 +23,7 @@ from gptflax.models.transformer import (
 register("gpt", GPTConfig, gpt)
 register("llama", LlamaConfig, llama)
 register("gemma3", Gemma3Config, gemma3)
+register("qwen", QwenConfig, qwen)
 
 
 def init_params(key, cfg) -> dict:

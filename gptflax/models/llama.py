@@ -155,11 +155,17 @@ def embed(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, positions, key=N
         return nn.embedding(params["tok_emb"], tokens)
 
 
-def block(params: dict, x: jax.Array, cfg: LlamaConfig, *, layer, positions, cache=None, key=None):
-    """A pre-norm Llama block: (B, T, D) -> (B, T, D), and the layer's updated cache."""
+def block(
+    params: dict, x: jax.Array, cfg: LlamaConfig, *, layer, positions, cache=None, key=None,
+    qk_norm=None,
+):  # fmt: skip
+    """A pre-norm Llama block: (B, T, D) -> (B, T, D), and the layer's updated cache. (`qk_norm`
+    is Qwen3's, see `attention`.)"""
     with jax.named_scope("attention"):
         normed = rms_norm(params["norm1"], x, cfg.rms_eps)
-        att, cache = attention(params["att"], normed, cfg, positions=positions, cache=cache)
+        att, cache = attention(
+            params["att"], normed, cfg, positions=positions, cache=cache, qk_norm=qk_norm
+        )
         x = x + att
     with jax.named_scope("feed_forward"):
         return x + feed_forward(params["ff"], rms_norm(params["norm2"], x, cfg.rms_eps)), cache

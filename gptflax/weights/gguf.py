@@ -1,5 +1,6 @@
-"""Llama-like models from llama.cpp's GGUF files: the config from the file's metadata, the params
-from its tensors (dequantized to float32 by the `gguf` package, one tensor at a time).
+"""Llama-like models (Llama, Gemma 3, Qwen2 and Qwen3) from llama.cpp's GGUF files: the config
+from the file's metadata, the params from its tensors (dequantized to float32 by the `gguf`
+package, one tensor at a time).
 
 Two conversions llama.cpp makes when it writes a file are undone here: a llama-architecture file
 stores each head's query and key rows interleaved (for llama.cpp's rotation of neighbouring
@@ -11,26 +12,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from gptflax.config import Gemma3Config, Llama3RoPE, LlamaConfig
+from gptflax.config import Gemma3Config, Llama3RoPE, LlamaConfig, QwenConfig
 from gptflax.gguf import GGUFFile, read_gguf
 from gptflax.rope import rope_frequencies
-from gptflax.weights.names import GEMMA3_BLOCK, GGUF, LLAMA_BLOCK, params_from_tensors
+from gptflax.weights.names import GEMMA3_BLOCK, GGUF, LLAMA_BLOCK, QK_NORM, params_from_tensors
+
+
+def _shared(meta: dict, arch: str) -> dict:
+    """The config fields every llama-like architecture's metadata has, under its own prefix."""
+    heads = meta[f"{arch}.attention.head_count"]
+    return dict(
+        vocab_size=meta.get(f"{arch}.vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
+        context_length=meta[f"{arch}.context_length"],
+        emb_dim=meta[f"{arch}.embedding_length"],
+        n_heads=heads,
+        n_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        hidden_dim=meta[f"{arch}.feed_forward_length"],
+        n_layers=meta[f"{arch}.block_count"],
+        rms_eps=float(f"{meta[f'{arch}.attention.layer_norm_rms_epsilon']:.6g}"),  # float32
+        head_dim=meta.get(f"{arch}.attention.key_length"),
+    )
 
 
 def llama_config(meta: dict, tensors) -> LlamaConfig:
     """The LlamaConfig of a file's `llama.*` metadata (SmolLM2, Llama 2 and 3)."""
-    emb_dim, n_heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     return LlamaConfig(
-        vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
-        context_length=meta["llama.context_length"],
-        emb_dim=emb_dim,
-        n_heads=n_heads,
-        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
-        hidden_dim=meta["llama.feed_forward_length"],
-        n_layers=meta["llama.block_count"],
+        **_shared(meta, "llama"),
         rope_base=float(meta.get("llama.rope.freq_base", 10_000.0)),
         rope_scaling=Llama3RoPE() if "rope_freqs.weight" in tensors else None,
-        rms_eps=float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # float32 in GGUF
         tie_embeddings="output.weight" not in tensors,
     )
 
@@ -39,20 +48,24 @@ def gemma3_config(meta: dict, tensors) -> Gemma3Config:
     """The Gemma3Config of a file's `gemma3.*` metadata. Two numbers are not in the file: the
     local layers' rotary base (llama.cpp and transformers fix it at 10,000, as the config does)
     and query_pre_attn_scalar (the head size, as llama.cpp takes it for the small models)."""
-    head_dim = meta["gemma3.attention.key_length"]
+    shared = _shared(meta, "gemma3")
     return Gemma3Config(
-        vocab_size=len(meta["tokenizer.ggml.tokens"]),
-        context_length=meta["gemma3.context_length"],
-        emb_dim=meta["gemma3.embedding_length"],
-        n_heads=meta["gemma3.attention.head_count"],
-        n_kv_heads=meta["gemma3.attention.head_count_kv"],
-        head_dim=head_dim,
-        query_pre_attn_scalar=float(head_dim),
-        hidden_dim=meta["gemma3.feed_forward_length"],
-        n_layers=meta["gemma3.block_count"],
+        **shared,
+        query_pre_attn_scalar=float(shared["head_dim"]),
         rope_base=float(meta.get("gemma3.rope.freq_base", 1_000_000.0)),
-        rms_eps=float(f"{meta['gemma3.attention.layer_norm_rms_epsilon']:.6g}"),
         sliding_window=meta["gemma3.attention.sliding_window"],
+    )
+
+
+def qwen_config(meta: dict, tensors) -> QwenConfig:
+    """The QwenConfig of a file's `qwen2.*` (biases on q/k/v) or `qwen3.*` (QK-norm) metadata."""
+    arch = meta["general.architecture"]
+    return QwenConfig(
+        **_shared(meta, arch),
+        rope_base=float(meta.get(f"{arch}.rope.freq_base", 1_000_000.0)),
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
     )
 
 
@@ -71,9 +84,15 @@ def _norms_minus_one(cfg) -> callable:
     return lambda name, w: w - 1.0 if name.endswith("norm.weight") else w
 
 
+def _as_stored(cfg) -> callable:
+    return lambda name, w: w
+
+
 ARCHITECTURES = {
     "llama": (llama_config, LLAMA_BLOCK, _unpermute_qk),
     "gemma3": (gemma3_config, GEMMA3_BLOCK, _norms_minus_one),
+    "qwen2": (qwen_config, LLAMA_BLOCK, _as_stored),  # rotate-half rows: nothing to undo
+    "qwen3": (qwen_config, {**LLAMA_BLOCK, **QK_NORM}, _as_stored),
 }
 
 

@@ -64,11 +64,13 @@ def params_from_tensors(get, cfg, source: int, block_names: dict, dtype=np.float
     name, (out, in) for a linear layer (transposed here into the (in, out) kernel)."""
     like = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
     blocks = like.pop("trf_blocks")
+    dtype = jnp.dtype(dtype)  # each tensor is cast as it is read: a bf16 load never holds fp32
 
     def read(path, shape: tuple, table: dict, layer: int | None = None) -> np.ndarray:
         keys = tuple(k.key for k in path)
         name = tensor_name(table, keys, source, layer)
-        return get(name, shape[::-1]).T if keys[-1] == "kernel" else get(name, shape)
+        value = get(name, shape[::-1]).T if keys[-1] == "kernel" else get(name, shape)
+        return np.asarray(value, dtype)
 
     def stacked(path, leaf) -> np.ndarray:  # (n_layers, ...)
         return np.stack([read(path, leaf.shape[1:], block_names, i) for i in range(cfg.n_layers)])
@@ -77,4 +79,4 @@ def params_from_tensors(get, cfg, source: int, block_names: dict, dtype=np.float
         lambda path, leaf: read(path, leaf.shape, OUTSIDE_BLOCKS), like
     )
     params["trf_blocks"] = jax.tree_util.tree_map_with_path(stacked, blocks)
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    return jax.tree.map(jnp.asarray, params)
