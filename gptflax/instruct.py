@@ -196,35 +196,52 @@ OLLAMA_URL = "http://localhost:11434/api/chat"
 
 
 class JudgeUnavailable(RuntimeError):
-    """No Ollama server answered."""
+    """No judge server answered."""
 
 
 def query_model(
-    prompt: str, model: str = "llama3", url: str = OLLAMA_URL, timeout: float = 120.0
+    prompt: str,
+    model: str = "llama3",
+    url: str = OLLAMA_URL,
+    timeout: float = 120.0,
+    api_key: str | None = None,
 ) -> str:
-    """Ask a model served by Ollama (its /api/chat), deterministically: seed 123, temperature 0,
-    2,048 tokens of context, as in the book. Returns the reply text."""
-    request = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
-    }
-    post = urllib.request.Request(
-        url, data=json.dumps(request).encode(), headers={"Content-Type": "application/json"}
-    )
+    """Ask a judge model, deterministically (seed 123, temperature 0, as in the book); the reply
+    text. `url` is Ollama's /api/chat (with the book's 2,048 tokens of context), or any
+    OpenAI-compatible server: its /v1/chat/completions or its base ending in /v1 (`python -m
+    gptflax serve`, vLLM, llama.cpp's server, Ollama's own /v1), with `api_key` if it needs one."""
+    messages = [{"role": "user", "content": prompt}]
+    if url.rstrip("/").endswith("/api/chat"):
+        options = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+        reply = _post_json(url, {"model": model, "messages": messages, "options": options},
+                           timeout, model, api_key)  # fmt: skip
+        chunks = [json.loads(line) for line in reply.splitlines() if line.strip()]  # streamed
+        return "".join(chunk["message"]["content"] for chunk in chunks if "message" in chunk)
+    if not url.rstrip("/").endswith("/chat/completions"):
+        url = url.rstrip("/") + "/chat/completions"
+    request = {"model": model, "messages": messages, "seed": 123, "temperature": 0}
+    reply = json.loads(_post_json(url, request, timeout, model, api_key))
+    return reply["choices"][0]["message"]["content"]
+
+
+def _post_json(url: str, request: dict, timeout: float, model: str, api_key: str | None) -> str:
+    """POST a JSON request to a judge server: the reply's text."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    post = urllib.request.Request(url, data=json.dumps(request).encode(), headers=headers)
     try:
         with urllib.request.urlopen(post, timeout=timeout) as reply:
-            lines = reply.read().decode("utf-8").splitlines()
+            return reply.read().decode("utf-8")
     except urllib.error.HTTPError as e:
-        raise JudgeUnavailable(f"Ollama at {url} refused the request: {e}") from e
+        raise JudgeUnavailable(f"the judge at {url} refused the request: {e}") from e
     except (urllib.error.URLError, OSError) as e:
         raise JudgeUnavailable(
-            f"no Ollama server at {url} ({e}). Install Ollama (https://ollama.com), run "
-            f"`ollama serve` and `ollama pull {model}`, then score again; the offline scores "
-            "(held-out loss, token_f1) need no server."
+            f"no judge server at {url} ({e}). Install Ollama (https://ollama.com), run `ollama "
+            f"serve` and `ollama pull {model}`, or start an OpenAI-compatible server (`python -m "
+            "gptflax serve --model NAME`, url=http://127.0.0.1:8000/v1), then score again; the "
+            "offline scores (held-out loss, token_f1) need no server."
         ) from e
-    chunks = [json.loads(line) for line in lines if line.strip()]  # streamed JSON lines
-    return "".join(chunk["message"]["content"] for chunk in chunks if "message" in chunk)
 
 
 def judge_prompt(entry: dict, response: str) -> str:

@@ -68,7 +68,7 @@ class Decoder:
     def __init__(self, params: dict, cfg, capacity: int = 256):
         self.params, self.cfg = decoding_params(params), cfg  # laid out once for every step
         self.capacity = min(capacity, cfg.context_length)
-        self.cache = models.init_cache(cfg, 1, self.capacity, _dtype(params))
+        self.cache = models.init_cache(cfg, 1, self.capacity, params_dtype(params))
         self.ids: list[int] = []  # the tokens whose keys and values are in the cache
         self.seen = jnp.zeros(cfg.vocab_size, bool)  # the tokens sampled so far in a stream
 
@@ -128,7 +128,7 @@ class Decoder:
             while self.capacity < length:
                 self.capacity *= 2
             self.capacity = min(self.capacity, self.cfg.context_length)
-            self.cache = _grown(self.cache, self.cfg, self.capacity)
+            self.cache = grown_cache(self.cache, self.cfg, self.capacity)
 
 
 @partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
@@ -182,7 +182,7 @@ def stream_tokens(
         seen = seen.at[token].set(True)
 
 
-def _grown(cache: tuple, cfg, length: int) -> tuple:
+def grown_cache(cache: tuple, cfg, length: int) -> tuple:
     """The cache with `length` slots a layer (its window's, for a sliding one): the new slots
     empty. Positions so far are below the old size, so each stays in its slot."""
     grown = []
@@ -200,7 +200,8 @@ def _forget_after(cache: tuple, keep: int) -> tuple:
     )
 
 
-def _dtype(params) -> jnp.dtype:
+def params_dtype(params) -> jnp.dtype:
+    """The dtype a model computes in: its embedding's (a KV cache is kept in it)."""
     return params["tok_emb"]["embedding"].dtype
 
 
