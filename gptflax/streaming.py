@@ -123,12 +123,7 @@ class Decoder:
             token = int(next_id)
 
     def _make_room(self, length: int) -> None:
-        """Grow the cache (doubling) so that it holds `length` positions."""
-        if length > self.capacity:
-            while self.capacity < length:
-                self.capacity *= 2
-            self.capacity = min(self.capacity, self.cfg.context_length)
-            self.cache = grown_cache(self.cache, self.cfg, self.capacity)
+        self.capacity, self.cache = with_room(self.cache, self.cfg, self.capacity, length)
 
 
 @partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
@@ -180,6 +175,17 @@ def stream_tokens(
             return
         seq.append(token)
         seen = seen.at[token].set(True)
+
+
+def with_room(cache: tuple, cfg, capacity: int, length: int) -> tuple[int, tuple]:
+    """(capacity, cache) that hold `length` positions: the capacity doubled as often as needed
+    (at most the context) and the cache grown to it; as they were if they hold it already."""
+    if length <= capacity:
+        return capacity, cache
+    while capacity < length:
+        capacity *= 2
+    capacity = min(capacity, cfg.context_length)
+    return capacity, grown_cache(cache, cfg, capacity)
 
 
 def grown_cache(cache: tuple, cfg, length: int) -> tuple:
