@@ -73,7 +73,7 @@ class Run(NamedTuple):
 
     losses: list
     params: dict
-    compile_s: float  # the first call's time less a step's
+    first_s: float  # the first call: compiling, unless an earlier design compiled the same step
     step_s: float  # median over the later steps
     host_ms: float  # least time until a call returns, before its result is ready: Python's
 
@@ -90,7 +90,7 @@ def train(design, batches) -> Run:
         losses.append(float(metrics["loss"]))  # waits for the step
         step_s.append(time.perf_counter() - t0)
     step_median = float(np.median(step_s[1:]))
-    return Run(losses, params_of(state), step_s[0] - step_median, step_median,
+    return Run(losses, params_of(state), step_s[0], step_median,
                1e3 * min(host_s[1:]))  # fmt: skip
 
 
@@ -175,9 +175,9 @@ fn_run = runs["functional: jax.jit(train_step)"]
 loss_diff = max(max_diff(fn_run.losses, r.losses) for r in runs.values())
 params_diff = max(max_diff(fn_run.params, r.params) for r in runs.values())
 moved = max_diff(fn_run.params, params)
-print(f"{'':34s}{'loss: first -> last':>22s}{'compile':>10s}{'step':>10s}{'host':>10s}")
+print(f"{'':34s}{'loss: first -> last':>22s}{'1st call':>10s}{'step':>10s}{'host':>10s}")
 for name, r in runs.items():
-    print(f"{name:34s}{r.losses[0]:12.4f} -> {r.losses[-1]:.4f}{r.compile_s:9.2f}s"
+    print(f"{name:34s}{r.losses[0]:12.4f} -> {r.losses[-1]:.4f}{r.first_s:9.2f}s"
           f"{r.step_s:9.3f}s{r.host_ms:8.2f}ms")  # fmt: skip
 print(f"max |functional - NNX|: losses {loss_diff:.1e}, params {params_diff:.1e} after "
       f"{N_STEPS} steps (params moved up to {moved:.1e})")  # fmt: skip
@@ -315,6 +315,9 @@ print(f"the same parameters moved in both: {n_moved} arrays or layers of them; l
 print("\n# Appendix E: nnx.LoRALinear against gptflax.lora (rank = alpha: NNX's LoRA has no alpha)")
 RANK = ALPHA = 16
 lora_tx = make_optimizer(1e-3, weight_decay=0.1)
+# AdamW moves a parameter whose gradient is near zero by up to a whole step on a rounding
+# difference (B starts at 0, so A's first gradients are ~0): a tenth of one step at lr 1e-3
+LORA_TOL = 1e-4
 lora_objective = lora_loss(partial(loss_fn, cfg=cfg), ALPHA, RANK)
 
 
@@ -487,7 +490,7 @@ def loc(*code) -> int:
 
 
 def times(r: dict) -> str:
-    return " / ".join(f"step {x.step_s:.3f}s, compile {x.compile_s:.1f}s" for x in r.values())
+    return " / ".join(f"step {x.step_s:.3f}s, 1st call {x.first_s:.1f}s" for x in r.values())
 
 
 twin_attention = nnx_model.MultiHeadAttention
@@ -554,7 +557,7 @@ assert np.array_equal(decoded["functional"], decoded["NNX"])
 assert decoded["NNX"].shape == (2, MAX_NEW)
 assert moved_sets["functional"] == moved_sets["NNX"] == mask_set  # what trained is what the
 assert head_loss_diff < 1e-5  # mask lets train, in both designs
-assert same_lora_names and lora_loss_diff < 1e-5 and lora_params_diff < PARAMS_TOL
+assert same_lora_names and lora_loss_diff < 1e-5 and lora_params_diff < LORA_TOL
 for logits_diff, grads_diff in lora_diffs.values():  # at init and after training
     assert logits_diff < 1e-4 and grads_diff < 1e-4 * lora_grad_scale
 assert all(same_specs.values())
