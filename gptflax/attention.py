@@ -19,12 +19,16 @@ import jax.numpy as jnp
 from gptflax import nn
 
 
-def init_qkv(key: jax.Array, d_in: int, d_out: int, qkv_bias: bool = False) -> dict:
-    """Query, key and value linear layers (Book §3.4.2's v2, and every attention after it)."""
+def init_qkv(
+    key: jax.Array, d_in: int, d_out: int, qkv_bias: bool = False, kv_dim: int | None = None
+) -> dict:
+    """Query, key and value linear layers (Book §3.4.2's v2, and every attention after it); keys
+    and values of `kv_dim` (default d_out) for grouped-query attention."""
     keys = jax.random.split(key, 3)
-    names = ("W_query", "W_key", "W_value")
+    dims = (d_out, kv_dim or d_out, kv_dim or d_out)
     return {
-        n: nn.init_linear(k, d_in, d_out, bias=qkv_bias) for n, k in zip(names, keys, strict=True)
+        n: nn.init_linear(k, d_in, d, bias=qkv_bias)
+        for n, k, d in zip(("W_query", "W_key", "W_value"), keys, dims, strict=True)
     }
 
 
@@ -45,12 +49,13 @@ def causal_softmax(attn_scores: jax.Array) -> jax.Array:
 
 
 def init_multi_head_attention(
-    key: jax.Array, d_in: int, d_out: int, qkv_bias: bool = False
+    key: jax.Array, d_in: int, d_out: int, qkv_bias: bool = False, kv_dim: int | None = None
 ) -> dict:
-    """Fused query/key/value projections for all heads, and the output projection (Book §3.6.2)."""
+    """Fused query/key/value projections for all heads, and the output projection (Book §3.6.2);
+    keys and values of `kv_dim` for grouped-query attention."""
     k_qkv, k_out = jax.random.split(key)
     return {
-        **init_qkv(k_qkv, d_in, d_out, qkv_bias),
+        **init_qkv(k_qkv, d_in, d_out, qkv_bias, kv_dim),
         "out_proj": nn.init_linear(k_out, d_out, d_out),
     }
 
@@ -146,11 +151,14 @@ class KVCache(NamedTuple):
     positions: jax.Array
 
 
-def init_kv_cache(batch_size: int, n_kv_heads: int, length: int, head_dim: int, dtype) -> KVCache:
-    """An empty layer cache of `length` slots."""
-    shape = (batch_size, n_kv_heads, length, head_dim)
+def init_kv_cache(
+    batch_size: int, n_kv_heads: int, length: int, head_dim: int, dtype, value_dim=None
+) -> KVCache:
+    """An empty layer cache of `length` slots; values of `value_dim` (default head_dim) each."""
+    shape = (batch_size, n_kv_heads, length)
     empty = jnp.full((batch_size, length), -1, jnp.int32)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), empty)
+    values = jnp.zeros((*shape, head_dim if value_dim is None else value_dim), dtype)
+    return KVCache(jnp.zeros((*shape, head_dim), dtype), values, empty)
 
 
 def write_kv(cache: KVCache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KVCache:
@@ -218,15 +226,20 @@ def self_attention(
     drop_rate: float = 0.0,
     key: jax.Array | None = None,
     fused: bool = False,
+    n_kv_heads: int | None = None,
+    window=None,
 ) -> tuple[jax.Array, KVCache | None]:
     """`multi_head_attention` of tokens at `positions` (B or 1, T; default 0..T-1), reading the
     earlier positions' keys and values from a layer's `cache` when there is one: ((B, T, D), the
-    updated cache or None)."""
-    queries, keys, values = (split_heads(y, n_heads) for y in qkv(params, x))  # (B, H, T, Dh)
+    updated cache or None). `n_kv_heads` key/value heads (default n_heads) make it grouped-query
+    attention, a `window` sliding-window attention (the book's bonus ch04/04_gqa, 06_swa)."""
+    queries, keys, values = qkv(params, x)
+    queries = split_heads(queries, n_heads)  # (B, H, T, Dh)
+    keys, values = (split_heads(y, n_kv_heads or n_heads) for y in (keys, values))  # (B, G, T, Dh)
     q_pos = jnp.arange(x.shape[1])[None] if positions is None else positions  # (B or 1, T)
-    keys, values, k_pos, cache = with_cache(cache, keys, values, q_pos)
+    keys, values, k_pos, cache = with_cache(cache, keys, values, q_pos, window)
     context = attend(
-        queries, keys, values, q_pos, k_pos, drop_rate=drop_rate, key=key,
+        queries, keys, values, q_pos, k_pos, window=window, drop_rate=drop_rate, key=key,
         fused=fused and cache is None,
     )  # fmt: skip
     return nn.linear(params["out_proj"], context), cache  # (B, T, D)

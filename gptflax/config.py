@@ -52,8 +52,18 @@ class GPTConfig(Architecture):
     # flash attention on a GPU) instead of the book's explicit softmax(QK^T)V. It has no dropout
     # on the attention weights, so it needs drop_rate = 0.
     fused_attention: bool = False
+    # The book's attention alternatives (bonus ch04/04 to 07), each off by default:
+    n_kv_groups: int | None = None  # GQA: key/value heads, each serving n_heads / n_kv_groups
+    latent_dim: int | None = None  # MLA: keys and values come from one cached latent of this size
+    window: int | None = None  # SWA: a query sees itself and window - 1 earlier positions
+    full_attention_every: int = 0  # with a window: every n-th layer sees everything (0: none)
+    num_experts: int = 0  # MoE: SwiGLU experts for the feed-forward (0: the dense GELU one)
+    num_experts_per_tok: int = 2  # the top-k experts each token goes through
+    num_shared_experts: int = 0  # experts every token goes through, beside the routed ones
+    moe_hidden_dim: int | None = None  # each expert's hidden size (default 4 * emb_dim)
+    router_aux_coef: float = 0.01  # weight of the router's load-balancing loss in training
 
-    HOW_IT_RUNS = ("drop_rate", "fused_attention")
+    HOW_IT_RUNS = ("drop_rate", "fused_attention", "window", "router_aux_coef")
 
     def __post_init__(self):
         if self.emb_dim % self.n_heads:
@@ -65,6 +75,19 @@ class GPTConfig(Architecture):
                 "fused_attention has no attention dropout: use it with drop_rate=0.0 "
                 f"(got {self.drop_rate}), or keep fused_attention=False"
             )
+        self._check_variants()
+
+    def _check_variants(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_groups={self.n_kv_groups}"
+            )
+        if self.latent_dim and (self.qkv_bias or self.n_kv_groups):
+            raise ValueError("MLA (latent_dim) has no query/key/value biases and no KV groups")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must lie in 1..num_experts"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -72,7 +95,20 @@ class GPTConfig(Architecture):
 
     @property
     def n_kv_heads(self) -> int:
-        return self.n_heads  # every query head has its own keys and values
+        """Key/value heads: n_kv_groups (GQA), else one per query head."""
+        return self.n_kv_groups or self.n_heads
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        return self.moe_hidden_dim or 4 * self.emb_dim
+
+    def is_full(self, layer):
+        """Whether `layer` (an int, or a traced one in the layer scan) sees every position."""
+        every = self.full_attention_every
+        return self.window is None or (every > 0 and layer % every == every - 1)
+
+    def kv_window(self, layer: int) -> int | None:
+        return None if self.is_full(layer) else self.window
 
 
 GPT_CONFIG_124M = GPTConfig()  # Book §4.1

@@ -10,7 +10,8 @@ state is the strategy, chosen by configuration and never written into the model 
   needs them;
 - "tp": attention heads, the feed-forward's hidden dimension and the vocabulary split over the
   "model" axis, so each device computes its share of every layer (Megatron's tensor parallel);
-- "fsdp+tp": both, on a mesh with data and model axes.
+- "fsdp+tp": both, on a mesh with data and model axes;
+- "ep": a mixture of experts' experts split over the "model" axis (expert parallel).
 A family names the logical axes of its params by path (`models.gpt.LOGICAL_AXES`); `RULES` maps
 those names onto mesh axes for each strategy, as MaxText's logical axis rules do. A dimension that
 does not split evenly over its mesh axis (GPT-2's 50,257-token vocabulary over 2) stays whole.
@@ -37,15 +38,16 @@ RULES = {  # strategy -> {logical axis: mesh axis}; a name not listed is never s
     "dp": {},
     "fsdp": {"embed": "data"},
     "tp": {"heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"},
+    "ep": {"experts": "model"},
 }
 
 
 def parse_strategy(strategy: str) -> dict:
-    """The logical-to-mesh axis rules of "dp", "fsdp", "tp" or a "+"-joined combination."""
+    """The logical-to-mesh axis rules of "dp", "fsdp", "tp", "ep" or a "+"-joined combination."""
     names = strategy.split("+")
     if unknown := [n for n in names if n not in RULES]:
         raise ValueError(
-            f"unknown sharding strategy {'+'.join(unknown)!r}: use dp, fsdp, tp or fsdp+tp"
+            f"unknown sharding strategy {'+'.join(unknown)!r}: use dp, fsdp, tp, ep or fsdp+tp"
         )
     return {axis: mesh_axis for n in names for axis, mesh_axis in RULES[n].items()}
 

@@ -4,6 +4,12 @@ Params use the book's names: `tok_emb`, `pos_emb`, `trf_blocks` (`att`, `ff`, `n
 `final_norm`, `out_head`. The transformer blocks are stacked: every leaf under `trf_blocks` has a
 leading axis of length `n_layers`. `gptflax.models.transformer` runs the pieces in order (Book
 §4.6's forward), with and without a KV cache.
+
+The book's attention alternatives (bonus ch04/04 to 07) are config fields, each off by default:
+grouped-query attention (`n_kv_groups`), a sliding window (`window`, on all layers or all but every
+`full_attention_every`-th; its cache a ring of the window's slots), multi-head latent attention
+(`latent_dim`, `gptflax.models.mla`) and a mixture of experts (`num_experts`,
+`gptflax.models.moe`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import jax.numpy as jnp
 from gptflax import nn
 from gptflax.attention import init_multi_head_attention, self_attention
 from gptflax.config import GPTConfig
+from gptflax.models import mla, moe, transformer
 
 # The logical axes of the params, by path: what each dimension is, so that `gptflax.parallel` can
 # split it over a device mesh for a sharding strategy. A bias follows its kernel's output axis;
@@ -22,14 +29,16 @@ LOGICAL_AXES = {
     "tok_emb/embedding": ("vocab", "embed"),  # (V, D)
     "pos_emb/embedding": (None, "embed"),  # (context, D)
     "W_query/kernel": ("embed", "heads"),  # (D, H * Dh)
-    "W_key/kernel": ("embed", "heads"),
-    "W_value/kernel": ("embed", "heads"),
+    "W_key/kernel": ("embed", "kv_heads"),  # (D, G * Dh)
+    "W_value/kernel": ("embed", "kv_heads"),
     "out_proj/kernel": ("heads", "embed"),
     "fc1/kernel": ("embed", "mlp"),  # (D, 4D)
     "fc2/kernel": ("mlp", "embed"),
     "scale": ("embed",),  # layer norms
     "shift": ("embed",),
     "out_head/kernel": ("embed", "vocab"),  # (D, V), or (D, classes) after chapter 6
+    **mla.LOGICAL_AXES,
+    **moe.LOGICAL_AXES,
 }
 
 
@@ -47,12 +56,22 @@ def feed_forward(params: dict, x: jax.Array) -> jax.Array:
     return nn.linear(params["fc2"], nn.gelu(nn.linear(params["fc1"], x)))  # via (B, T, 4D)
 
 
+def init_attention(key: jax.Array, cfg: GPTConfig) -> dict:
+    """The attention's params: multi-head (Book §3.6.2), grouped-query or latent (MLA)."""
+    if cfg.latent_dim:
+        return mla.init_attention(key, cfg)
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    return init_multi_head_attention(key, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias, kv_dim)
+
+
 def init_block(key: jax.Array, cfg: GPTConfig) -> dict:
     """Params of one transformer block (Book §4.5)."""
     k_att, k_ff = jax.random.split(key)
     return {
-        "att": init_multi_head_attention(k_att, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias),
-        "ff": init_feed_forward(k_ff, cfg.emb_dim),
+        "att": init_attention(k_att, cfg),
+        "ff": moe.init_feed_forward(k_ff, cfg)
+        if cfg.num_experts
+        else init_feed_forward(k_ff, cfg.emb_dim),
         "norm1": nn.init_layer_norm(cfg.emb_dim),
         "norm2": nn.init_layer_norm(cfg.emb_dim),
     }
@@ -81,6 +100,40 @@ def embed(
         return nn.dropout(tok_embeds + pos_embeds, cfg.drop_rate, key)
 
 
+def init_layer_cache(cfg: GPTConfig, layer: int, batch_size: int, length: int, dtype):
+    """A layer's empty cache: MLA's latents, or keys and values (`transformer.init_layer_cache`)."""
+    init = mla.init_layer_cache if cfg.latent_dim else transformer.init_layer_cache
+    return init(cfg, layer, batch_size, length, dtype)
+
+
+def layer_window(cfg: GPTConfig, layer):
+    """The layer's sliding window, None where it sees everything; a traced layer (in the layer
+    scan) of a model that mixes the two gets a traced window, one longer than any distance."""
+    if not isinstance(layer, int) and cfg.window and cfg.full_attention_every:
+        return jnp.where(cfg.is_full(layer), jnp.iinfo(jnp.int32).max, cfg.window)
+    return cfg.kv_window(layer)
+
+
+def attention(
+    params: dict, x: jax.Array, cfg: GPTConfig, *, layer, positions, cache=None, key=None
+) -> tuple[jax.Array, object]:
+    """The block's attention, as the config chooses: (B, T, D) -> (B, T, D), and the updated
+    cache. MLA runs as the book writes it in training, with its up-projections absorbed when it
+    decodes from a cache."""
+    window = layer_window(cfg, layer)
+    if cfg.latent_dim and cache is None:
+        out = mla.plain(
+            params, x, cfg, positions=positions, window=window, drop_rate=cfg.drop_rate, key=key
+        )
+        return out, None
+    if cfg.latent_dim:
+        return mla.absorbed(params, x, cfg, positions=positions, cache=cache, window=window)
+    return self_attention(
+        params, x, cfg.n_heads, positions=positions, cache=cache, drop_rate=cfg.drop_rate,
+        key=key, fused=cfg.fused_attention, n_kv_heads=cfg.n_kv_heads, window=window,
+    )  # fmt: skip
+
+
 def block(
     params: dict,
     x: jax.Array,
@@ -97,14 +150,17 @@ def block(
     with jax.named_scope("attention"):
         shortcut = x
         x = nn.layer_norm(params["norm1"], x)
-        x, cache = self_attention(
-            params["att"], x, cfg.n_heads, positions=positions, cache=cache,
-            drop_rate=cfg.drop_rate, key=k_att, fused=cfg.fused_attention,
-        )  # fmt: skip
+        x, cache = attention(
+            params["att"], x, cfg, layer=layer, positions=positions, cache=cache, key=k_att
+        )
         x = nn.dropout(x, cfg.drop_rate, k_drop1) + shortcut
     with jax.named_scope("feed_forward"):
         shortcut = x
-        x = feed_forward(params["ff"], nn.layer_norm(params["norm2"], x))
+        x = nn.layer_norm(params["norm2"], x)
+        if cfg.num_experts:
+            x = moe.feed_forward(params["ff"], x, cfg)
+        else:
+            x = feed_forward(params["ff"], x)
         return nn.dropout(x, cfg.drop_rate, k_drop2) + shortcut, cache
 
 

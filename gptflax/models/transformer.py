@@ -94,20 +94,19 @@ def forward(params: dict, tokens: jax.Array, cfg, *, key: jax.Array | None = Non
     return head(params, hidden(params, tokens, cfg, key=key))
 
 
+def init_layer_cache(cfg, layer: int, batch_size: int, length: int, dtype) -> attention.KVCache:
+    """One layer's empty `KVCache`: `length` slots, or the layer's window when it sees fewer (a
+    ring)."""
+    slots = min(length, cfg.kv_window(layer) or length)
+    return attention.init_kv_cache(batch_size, cfg.n_kv_heads, slots, cfg.head_dim, dtype)
+
+
 def init_cache(cfg, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
-    """An empty KV cache for decoding up to `length` positions: one `KVCache` per layer, with
-    `length` slots, or the layer's window when it sees fewer (a ring). Separate arrays per layer,
-    so that a decoding step updates each in place."""
-    return tuple(
-        attention.init_kv_cache(
-            batch_size,
-            cfg.n_kv_heads,
-            min(length, cfg.kv_window(i) or length),
-            cfg.head_dim,
-            dtype,
-        )  # fmt: skip
-        for i in range(cfg.n_layers)
-    )
+    """An empty KV cache for decoding up to `length` positions, one per layer: the family's
+    `init_layer_cache` where it has one (a layer that keeps something else), else a `KVCache`.
+    Separate arrays per layer, so that a decoding step updates each in place."""
+    init = getattr(family(cfg), "init_layer_cache", init_layer_cache)
+    return tuple(init(cfg, i, batch_size, length, dtype) for i in range(cfg.n_layers))
 
 
 def hidden_cached(
