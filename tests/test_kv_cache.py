@@ -124,6 +124,24 @@ def test_a_transposed_kernel_multiplies_as_the_kernel_it_stands_for(rows):
     np.testing.assert_allclose(got, x @ w_t.T, rtol=1e-5, atol=1e-5)  # float64 reference
 
 
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_a_bf16_transposed_kernel_needs_no_widened_copy_of_the_weight(rows):
+    """At up to 8 rows on a CPU a bf16 weight is read as it is (a fused multiply-and-sum), not
+    copied to fp32 first as XLA's dot does; the product is the same to bf16's rounding."""
+    rng = np.random.default_rng(rows)
+    x, w_t = rng.standard_normal((rows, 256)), rng.standard_normal((512, 256))
+    kernel = TransposedKernel(jnp.asarray(w_t, jnp.bfloat16))
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    got = np.asarray(nn.linear({"kernel": kernel}, x16), np.float64)
+    exact = np.asarray(x16, np.float64) @ np.asarray(kernel.w_t, np.float64).T
+    assert np.abs(got - exact).max() < 2**-7 * np.abs(exact).max()  # bf16's 8 bits of precision
+    compiled = jax.jit(lambda k, x: x @ k).lower(kernel, x16).compile()
+    scratch = compiled.memory_analysis().temp_size_in_bytes
+    widened = w_t.size * 4  # an fp32 copy of the weight
+    if jax.default_backend() == "cpu":
+        assert (scratch < widened / 16) == (rows <= 8), scratch
+
+
 def test_the_decoding_layout_transposes_every_kernel_and_lists_the_blocks(params, small_cfg):
     laid_out = decoding_params(params)
     assert isinstance(laid_out, DecodingParams) and decoding_layout(laid_out) is laid_out
