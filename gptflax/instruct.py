@@ -1,6 +1,7 @@
 """Instruction fine-tuning (Book ch. 7): Alpaca-style prompts, the book's collation with -100
-targets, batched KV-cached responses, and scores for them (a local judge model through Ollama,
-and measures that need no server).
+targets, batched KV-cached responses, and scores for them (a judge model through Ollama or any
+OpenAI-compatible server, a local judge read from its yes/no log-probabilities, and measures that
+need no judge).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gptflax import files
+from gptflax import evaluate, files
 from gptflax.config import GPTConfig
 from gptflax.data import DataLoader, ragged, round_up
 from gptflax.decoding import decoding_params
@@ -268,3 +269,69 @@ def generate_model_scores(
         else:
             unreadable += 1
     return scores, unreadable
+
+
+# --- a local judge: yes or no, read from log-probabilities ----------------------------------------
+
+
+def judge_question(entry: dict, response: str) -> str:
+    """Ask whether the response answers the task as the reference answer does: yes or no."""
+    return (
+        f"Here is a task: `{format_input(entry)}`\n"
+        f"The reference answer is `{entry['output']}`.\n"
+        f"Is this answer correct and complete: `{response}`?\n"
+        "Reply with yes or no."
+    )
+
+
+def judge_yes_probabilities(
+    judge, entries: list[dict], json_key: str = "model_response", batch_size: int = 8
+) -> np.ndarray:
+    """A local judge (`sources.Model`, a chat model): for each entry, the probability that it
+    replies "Yes" rather than "No" to `judge_question` about entry[json_key], from its
+    log-probabilities of the two replies (`evaluate.score`), not from a number it writes. (N,)"""
+    tokenizer = judge.tokenizer
+    replies = [tokenizer.encode("Yes"), tokenizer.encode("No")]
+    questions = [[{"role": "user", "content": judge_question(e, e[json_key])}] for e in entries]
+    encoded = [evaluate.Encoded(tokenizer.encode_chat(q), replies) for q in questions]
+    scores = evaluate.score(judge.params, judge.cfg, encoded, batch_size=batch_size)
+    loglik = np.stack(scores.loglik)  # (N, 2)
+    return np.exp(loglik[:, 0] - np.logaddexp(loglik[:, 0], loglik[:, 1]))
+
+
+# A judge's check: answers labelled by hand as right, partly right and wrong.
+JUDGE_CHECKS = [
+    ("What is the capital of France?", "", "The capital of France is Paris.",
+     {"right": "Paris is the capital of France.", "partly": "Paris, in Germany.",
+      "wrong": "The capital of France is Berlin."}),
+    ("Convert 5 kilometers to meters.", "", "5 kilometers is 5000 meters.",
+     {"right": "5000 meters.", "partly": "5 kilometers is 5000 meters, or 50 kilometers.",
+      "wrong": "5 kilometers is 500 meters."}),
+    ("Provide the plural form of the word.", "mouse", "The plural form of 'mouse' is 'mice'.",
+     {"right": "mice", "partly": "mouses or mice", "wrong": "The plural of mouse is mouses."}),
+    ("Rewrite the sentence in passive voice.", "The cat chased the mouse.",
+     "The mouse was chased by the cat.",
+     {"right": "The mouse was chased by the cat.", "partly": "The mouse was chased.",
+      "wrong": "The cat was chasing the mouse."}),
+    ("What is 12 multiplied by 3?", "", "12 multiplied by 3 is 36.",
+     {"right": "36", "partly": "It is 36, since 12 + 3 = 36.",
+      "wrong": "12 multiplied by 3 is 15."}),
+]  # fmt: skip
+
+
+def judge_check_entries() -> list[dict]:
+    """JUDGE_CHECKS as entries with a "model_response" and its "label" (right, partly, wrong)."""
+    return [
+        {"instruction": instruction, "input": inp, "output": output, "model_response": answer,
+         "label": label}
+        for instruction, inp, output, answers in JUDGE_CHECKS
+        for label, answer in answers.items()
+    ]  # fmt: skip
+
+
+def judge_agreement(entries: list[dict], p_yes: np.ndarray) -> float:
+    """The share of the answers labelled right or wrong that the judge calls so (yes above 0.5
+    for right, below for wrong); partly right ones have no single correct verdict."""
+    calls = [(e["label"] == "right") == (p > 0.5) for e, p in zip(entries, p_yes, strict=True)
+             if e["label"] != "partly"]  # fmt: skip
+    return float(np.mean(calls))

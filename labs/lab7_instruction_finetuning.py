@@ -4,7 +4,8 @@
 # A pretrained GPT only continues text. Trained further on 935 instruction / response pairs in one
 # fixed prompt format, it learns to answer: it writes the response header, an answer, and an
 # end-of-text token. Then it answers the 110 held-out test instructions, and the answers are
-# scored: by loss and word overlap here, and by a local judge model through Ollama when one runs.
+# scored: by loss and word overlap, by a local judge model that gptflax runs itself (its
+# probability of replying "Yes"), and by a judge through Ollama when one runs.
 #
 # Starting weights: GPT-2 355M (the book's choice) or 124M when present, else SmolLM2-135M-Instruct
 # (a Llama that already chats in its own format; here it learns the book's), else lab 5's model,
@@ -35,6 +36,9 @@ from gptflax.instruct import (
     generate_model_scores,
     generate_responses,
     instruction_loader,
+    judge_agreement,
+    judge_check_entries,
+    judge_yes_probabilities,
     load_instruction_data,
     split_instruction_data,
     token_f1,
@@ -195,6 +199,25 @@ def mean_f1(completions):
 f1, f1_before = mean_f1(completions), mean_f1(completions_before)
 print(f"answers in the response format: {in_format_before:.1%} before, {in_format:.1%} after")
 print(f"word-overlap F1 with the references: {f1_before:.3f} before, {f1:.3f} after")
+# A local judge, offline: the largest instruct model here, through gptflax itself. Not asked for
+# a 0-100 number (the book's prompt); its log-probabilities of replying "Yes" and "No" are read,
+# after it is checked on answers labelled by hand as right, partly right and wrong.
+from gptflax.sources import load_model
+
+judge = load_model("tiny-llama" if QUICK else "qwen2.5-coder-1.5b-instruct")
+checks = judge_check_entries()
+p_checks = judge_yes_probabilities(judge, checks)
+for entry, p in zip(checks, p_checks, strict=True):
+    print(f"{entry['label']:>6}  P(yes) {p:.2f}  {entry['instruction']} {entry['input']}"
+          f" -> {entry['model_response']}")  # fmt: skip
+agreement = judge_agreement(checks, p_checks)
+labels = np.array([e["label"] for e in checks])
+mean_p = {label: p_checks[labels == label].mean() for label in ("right", "partly", "wrong")}
+print(f"{judge.name}: agrees on {agreement:.0%} of the right and wrong answers; mean P(yes) "
+      + ", ".join(f"{label} {p:.2f}" for label, p in mean_p.items()))  # fmt: skip
+p_test = judge_yes_probabilities(judge, with_responses)
+print(f"local judge on the 110 answers: mean P(yes) {p_test.mean():.3f}, "
+      f"{np.mean(p_test > 0.5):.1%} judged correct")  # fmt: skip
 # With a judge: `ollama serve` and `ollama pull llama3` on this machine, as in the book.
 try:
     scores, unreadable = generate_model_scores(with_responses, model="llama3")
@@ -221,6 +244,10 @@ assert len(saved) == 110 and all(
 )
 assert all(jax.tree.leaves(jax.tree.map(np.array_equal, reloaded, tuned)))
 assert after["val"] < before["val"]  # fine-tuning lowers the validation loss, from any start
+assert len(p_test) == len(with_responses) and ((p_checks > 0) & (p_checks < 1)).all()
+if not QUICK:  # measured: agreement 80% (5/5 right, 3/5 wrong); mean P(yes) right 0.77, wrong 0.42
+    assert agreement >= 0.7, agreement
+    assert mean_p["right"] > max(mean_p["partly"], mean_p["wrong"]), mean_p
 if start.gpt2_size == "355M":  # the book's reference: 3.7619 before, ~0.65 after
     assert abs(val_5 - 3.7619) < 0.01 and after["val"] < 0.8
     assert val0_before.response.startswith("The chef cooks the meal every day.")

@@ -42,11 +42,11 @@ def package_graph() -> dict[str, set[str]]:
 # no cycle) or below. A package's modules sit in the package's layer.
 LAYERS = [
     {"config"},
-    {"nn", "files", "gguf", "chat", "bpe", "plots", "memory"},
-    {"attention", "rope", "decoding", "tokenizer", "data", "nnx_model"},
+    {"nn", "files", "gguf", "chat", "bpe", "plots", "memory", "sizes", "answers"},
+    {"attention", "rope", "decoding", "tokenizer", "data", "nnx_model", "benchmarks"},
     {"models"},
     {"generate", "losses", "checkpoint", "parallel", "lora", "weights", "streaming"},
-    {"training", "finetune", "instruct", "dpo", "sources", "batching"},
+    {"training", "finetune", "instruct", "dpo", "sources", "batching", "evaluate"},
     {"serve"},
     {"cli", "__main__", ""},
 ]

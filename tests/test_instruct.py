@@ -183,3 +183,26 @@ def test_no_server_is_a_clear_error():
         port = s.getsockname()[1]  # free once closed: nothing listens there
     with pytest.raises(instruct.JudgeUnavailable, match="ollama serve.*offline scores"):
         instruct.query_model("hi", url=f"http://127.0.0.1:{port}/api/chat", timeout=5)
+
+
+def test_the_local_judge_reads_yes_or_no_from_log_probabilities():
+    """Through a chat model (a tiny random one: the plumbing, not the verdicts): one probability
+    of "Yes" over "No" per answer, equal to the softmax of the two replies' log-likelihoods."""
+    from gptflax import evaluate, sources
+
+    judge = sources.load_model("tiny-llama")
+    entries = instruct.judge_check_entries()
+    assert len(entries) == 15 and {e["label"] for e in entries} == {"right", "partly", "wrong"}
+    p_yes = instruct.judge_yes_probabilities(judge, entries[:3], batch_size=2)
+    assert p_yes.shape == (3,) and ((p_yes > 0) & (p_yes < 1)).all()
+    question = [{"role": "user", "content": instruct.judge_question(entries[0], "Paris")}]
+    yes, no = judge.tokenizer.encode("Yes"), judge.tokenizer.encode("No")
+    e = evaluate.Encoded(judge.tokenizer.encode_chat(question), [yes, no])
+    ll = evaluate.score_uncached(judge.params, judge.cfg, [e]).loglik[0]
+    first = {**entries[0], "model_response": "Paris"}
+    expected = np.exp(ll[0] - np.logaddexp(*ll))
+    assert instruct.judge_yes_probabilities(judge, [first])[0] == pytest.approx(expected, abs=1e-4)
+    labelled = [{"label": label} for label in ("right", "partly", "wrong", "wrong")]
+    assert instruct.judge_agreement(labelled, np.array([0.9, 0.2, 0.3, 0.6])) == pytest.approx(
+        2 / 3
+    )

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-LABS = Path(__file__).resolve().parents[1] / "labs"
+LAB_DIR = Path(__file__).resolve().parents[1] / "labs"
 
 
 def run_lab(name: str, cwd: Path) -> str:
     """Run a lab in quick mode inside `cwd`, so its runs/ outputs stay out of the checkout."""
-    (script,) = LABS.glob(f"lab{name}_*.py")
+    (script,) = LAB_DIR.glob(f"lab{name}_*.py")
     env = {**os.environ, "GPTFLAX_QUICK": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [sys.executable, str(script)],
@@ -26,12 +26,13 @@ def run_lab(name: str, cwd: Path) -> str:
     return result.stdout
 
 
+# The labs in reading order, as the Makefile's LAB_ORDER.
+LABS = ["A", "2", "bpe", "3", "4", "attention", "5", "llama", "gemma3", "qwen", "6", "7", "dpo",
+        "D", "E", "design"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=getattr(pytest.mark, f"lab{n}"))
-        for n in ["A", "2", "bpe", "3", "4", "5", "llama", "gemma3", "6", "7", "dpo", "D", "E"]
-    ],
+    "name", [pytest.param(n, marks=getattr(pytest.mark, f"lab{n}")) for n in LABS]
 )
 def test_lab_runs_and_passes_its_checks(name, tmp_path):
     last_line = run_lab(name, tmp_path).rstrip().splitlines()[-1]

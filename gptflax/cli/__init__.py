@@ -12,6 +12,7 @@ from gptflax.memory import keep_freed_memory
 keep_freed_memory()  # before JAX allocates: a 124M train step 2.36 -> 2.19 s (batch 2, this CPU)
 
 from gptflax.cli.download import download_main  # noqa: E402
+from gptflax.cli.eval import eval_main  # noqa: E402
 from gptflax.cli.generate import chat_main, generate_main  # noqa: E402
 from gptflax.cli.serve import serve_main  # noqa: E402
 from gptflax.cli.train import train_main  # noqa: E402
@@ -22,6 +23,7 @@ COMMANDS = {
     "chat": (chat_main, "chat with a chat model, turn after turn"),
     "download": (download_main, "download the files that models read, to use them offline"),
     "serve": (serve_main, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
+    "eval": (eval_main, "score a model on benchmarks (HellaSwag, ARC, PIQA, MMLU), offline"),
 }
 
 
@@ -39,4 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-__all__ = ["COMMANDS", "chat_main", "download_main", "generate_main", "main", "train_main"]
+__all__ = [
+    "COMMANDS", "chat_main", "download_main", "eval_main", "generate_main", "main", "train_main",
+]  # fmt: skip

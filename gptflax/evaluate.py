@@ -1,0 +1,313 @@
+"""Benchmarks: multiple-choice tasks scored by the log-likelihood of each choice, as
+lm-evaluation-harness scores them, and generative ones by their answers (`gptflax.benchmarks`
+gives the items).
+
+    results = evaluate(load_model("smollm2-135m-instruct"), "hellaswag", limit=500)
+    results.acc, results.acc_norm, results.items_per_s
+
+An item's choices share its context, so the context runs through the model once: its tokens but
+the last are prefilled into a KV cache, which is repeated for each choice; each choice then runs
+as [last context token, continuation...] at the positions after it, reading the context's keys
+and values from the cache. Only the choices' positions go through the output head. Items are
+sorted by length and padded to length buckets, so the jitted steps compile a few shapes.
+
+- acc: the choice with the largest summed log-probability of its continuation's tokens.
+- acc_norm: the same divided by the continuation's length in characters (the harness's acc_norm).
+`score_uncached` scores the same items by the plain forward of context + continuation, choice by
+choice: the check that the cached path is right.
+
+Generative tasks are decoded greedily, a batch of prompts at a time, by the batched KV-cached
+decoder (`generate.generate_cached`), and the answer cut at the task's stop texts is checked
+(`gptflax.answers`): GSM8K's final number exactly, MATH-500's last box by SymPy equivalence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptflax import benchmarks, models
+from gptflax.answers import extract_final_candidate, grade_answer, gsm8k_answer
+from gptflax.benchmarks import Choice, Problem
+from gptflax.decoding import decoding_params
+from gptflax.generate import generate_cached, trim_at_eos
+
+BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # padded lengths; beyond: multiples of 128
+
+
+class Encoded(NamedTuple):
+    """An item's token ids: its context's, and each choice's continuation's."""
+
+    context: list[int]
+    continuations: list[list[int]]
+
+
+class Scores(NamedTuple):
+    """Per item: the summed log-probability of each choice's continuation, and whether greedy
+    decoding would produce that continuation (lists, one value per choice)."""
+
+    loglik: list[np.ndarray]
+    greedy: list[np.ndarray]
+
+
+# Generative tasks: where an answer ends, and how many tokens it may have by default.
+STOP_TEXTS = {"gsm8k": ("Question:", "\n\n"), "math500": ()}
+MAX_NEW_TOKENS = {"gsm8k": 256, "math500": 512}
+
+
+class Results(NamedTuple):
+    """A task's scores: accuracies in [0, 1] (acc_norm None for a generative task), items
+    scored, wall time, and the tokens that ran through the model (multiple choice: contexts once,
+    continuations once per choice; generative: prompts and answers; padding not counted)."""
+
+    task: str
+    acc: float
+    acc_norm: float | None
+    items: int
+    seconds: float
+    tokens: int
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds
+
+
+def encode_item(tokenizer, item: Choice) -> Encoded:
+    """The harness's encoding of (context, continuation) pairs: trailing spaces of the context
+    move to the continuations; each continuation is what the tokens of context + continuation
+    add after the context's tokens. A beginning-of-text token leads when the model adds one."""
+    context = item.context.rstrip()
+    moved = item.context[len(context) :]
+    ids = tokenizer.encode(context, bos=True)
+    return Encoded(ids, [tokenizer.encode(context + moved + c, bos=True)[len(ids) :]
+                         for c in item.choices])  # fmt: skip
+
+
+def padded(length: int) -> int:
+    """The smallest of BUCKETS that holds `length` (beyond them, a multiple of 128): a padded
+    length wastes at most a third, and a task compiles a few shapes."""
+    return next((b for b in BUCKETS if b >= length), -(-length // 128) * 128)
+
+
+def lengths_fit(e: Encoded, context_length: int) -> Encoded:
+    """The item with its context's first tokens dropped so that context + the longest
+    continuation fit in the model's context (as the harness truncates)."""
+    room = context_length - max(len(c) for c in e.continuations)
+    if room < 1:
+        raise ValueError(f"a continuation of {context_length - room} tokens fills the context")
+    return Encoded(e.context[-room:], e.continuations)
+
+
+def batch_arrays(encoded: list[Encoded], rows: int, choices: int) -> tuple[np.ndarray, ...]:
+    """Items padded into arrays, `rows` of them (missing rows repeat the last item): prefixes
+    (B, Tc) = contexts but their last token, prefix lengths (B,), choice rows (B, K, S) = [last
+    context token, continuation...], their lengths (B, K) (0: no such choice)."""
+    encoded = encoded + [encoded[-1]] * (rows - len(encoded))
+    tc = padded(max(len(e.context) - 1 for e in encoded))
+    s = padded(max(len(c) + 1 for e in encoded for c in e.continuations))
+    prefixes = np.zeros((rows, tc), np.int32)
+    prefix_lengths = np.array([len(e.context) - 1 for e in encoded], np.int32)
+    tokens = np.zeros((rows, choices, s), np.int32)
+    lengths = np.zeros((rows, choices), np.int32)
+    for b, e in enumerate(encoded):
+        prefixes[b, : prefix_lengths[b]] = e.context[:-1]
+        for k, continuation in enumerate(e.continuations):
+            row = [e.context[-1], *continuation]
+            tokens[b, k, : len(row)], lengths[b, k] = row, len(row)
+    return prefixes, prefix_lengths, tokens, lengths
+
+
+def token_logprobs(params: dict, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Hidden states (N, S, D) and the tokens they predict (N, S) -> each target's
+    log-probability (N, S) and whether it is the likeliest token (N, S)."""
+    logits = models.head(params, h).astype(jnp.float32)  # (N, S, V)
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logprob = target - jax.nn.logsumexp(logits, axis=-1)
+    return logprob, target >= logits.max(axis=-1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "length"))
+def prefill_contexts(params, prefixes, prefix_lengths, cfg, length):
+    """Run the contexts' prefixes (B, Tc), `prefix_lengths` (B,) real tokens each, into a new KV
+    cache of `length` positions, which is returned."""
+    cache = models.init_cache(cfg, prefixes.shape[0], length, params["tok_emb"]["embedding"].dtype)
+    slots = jnp.arange(prefixes.shape[1])
+    positions = jnp.where(slots < prefix_lengths[:, None], slots, -1)  # (B, Tc): -1 is padding
+    return models.hidden_cached(params, prefixes, cache, positions, cfg)[1]
+
+
+@partial(jax.jit, static_argnames="cfg")
+def score_choices(params, cache, prefix_lengths, tokens, lengths, cfg):
+    """Each item's K choice rows (B, K, S), `lengths` (B, K) real tokens each, over copies of
+    its prefilled cache -> summed log-probabilities of the continuations (B, K) and whether
+    each continuation is all greedy tokens (B, K)."""
+    b, k, s = tokens.shape
+    cache = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), cache)  # (B * K, ...)
+    steps = jnp.arange(s)
+    positions = prefix_lengths[:, None, None] + steps  # (B, 1, S)
+    positions = jnp.where(steps < lengths[..., None], positions, -1).reshape(b * k, s)
+    h, _ = models.hidden_cached(params, tokens.reshape(b * k, s), cache, positions, cfg)
+    logprob, greedy = token_logprobs(params, h[:, :-1], tokens.reshape(b * k, s)[:, 1:])
+    counted = steps[1:] < lengths.reshape(b * k, 1)  # (B * K, S - 1): the continuation's tokens
+    loglik = jnp.where(counted, logprob, 0.0).sum(-1).reshape(b, k)
+    return loglik, jnp.where(counted, greedy, True).all(-1).reshape(b, k)
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _score_rows(params, tokens, context_lengths, lengths, cfg):
+    """The plain forward of rows (N, T) = context + continuation: summed log-probabilities of
+    the continuation tokens (N,) and all-greedy flags (N,)."""
+    logprob, greedy = token_logprobs(params, models.hidden(params, tokens, cfg)[:, :-1],
+                                     tokens[:, 1:])  # fmt: skip
+    steps = jnp.arange(tokens.shape[1] - 1)
+    counted = (steps >= context_lengths[:, None] - 1) & (steps < lengths[:, None] - 1)
+    return jnp.where(counted, logprob, 0.0).sum(-1), jnp.where(counted, greedy, True).all(-1)
+
+
+def score_uncached(params: dict, cfg, encoded: list[Encoded]) -> Scores:
+    """Each choice of each item through the plain `forward` of context + continuation, one row
+    per choice (the reference for `score`; no cache, the context recomputed per choice)."""
+    loglik, greedy = [], []
+    for e in encoded:
+        rows = [e.context + c for c in e.continuations]
+        tokens = np.zeros((len(rows), padded(max(map(len, rows)))), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = row
+        context_lengths = np.full(len(rows), len(e.context), np.int32)
+        ll, g = _score_rows(params, tokens, context_lengths, np.array([len(r) for r in rows]), cfg)
+        loglik.append(np.asarray(ll))
+        greedy.append(np.asarray(g))
+    return Scores(loglik, greedy)
+
+
+def score(
+    params: dict,
+    cfg,
+    encoded: list[Encoded],
+    *,
+    batch_size: int = 8,
+    progress: Callable | None = None,
+) -> Scores:
+    """Every item's choices scored, `batch_size` items at a time, longest continuations first:
+    contexts prefilled (`prefill_contexts`), then the choices scored (`score_choices`).
+    `progress(n)` is told after each batch how many items it held. One cache length serves the
+    whole call, so the prefill compiles once per context bucket and the choices once per
+    continuation bucket."""
+    choices = max(len(e.continuations) for e in encoded)
+    cache_len = padded(max(len(e.context) for e in encoded)) + padded(
+        max(len(c) + 1 for e in encoded for c in e.continuations)
+    )
+    order = sorted(range(len(encoded)), key=lambda i: _lengths(encoded[i]), reverse=True)
+    loglik, greedy = [None] * len(encoded), [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        prefixes, prefix_lengths, tokens, lengths = batch_arrays(
+            [encoded[i] for i in chunk], batch_size, choices
+        )
+        cache = prefill_contexts(params, prefixes, prefix_lengths, cfg, cache_len)
+        scored = score_choices(params, cache, prefix_lengths, tokens, lengths, cfg)
+        ll, g = (np.asarray(x) for x in scored)
+        for row, i in enumerate(chunk):
+            n = len(encoded[i].continuations)
+            loglik[i], greedy[i] = ll[row, :n], g[row, :n]
+        if progress is not None:
+            progress(len(chunk))
+    return Scores(loglik, greedy)
+
+
+def _lengths(e: Encoded) -> tuple[int, int]:
+    """What sorting makes similar within a batch: the longest continuation (each item runs K of
+    them), then the context."""
+    return max(len(c) for c in e.continuations), len(e.context)
+
+
+def accuracy(items: list[Choice], loglik: list[np.ndarray]) -> tuple[float, float]:
+    """acc and acc_norm (log-likelihood per character of the continuation) over the items."""
+    right = [int(np.argmax(ll)) == item.gold for item, ll in zip(items, loglik, strict=True)]
+    per_char = [
+        ll / np.array([len(c) for c in item.choices])
+        for item, ll in zip(items, loglik, strict=True)
+    ]
+    right_norm = [int(np.argmax(x)) == item.gold for item, x in zip(items, per_char, strict=True)]
+    return float(np.mean(right)), float(np.mean(right_norm))
+
+
+def spread(items: list, limit: int | None) -> list:
+    """`limit` of the items, evenly spaced from the first (all of them without a limit): a
+    sample that covers the whole set (every MMLU subject, both of HellaSwag's sources), unlike
+    the first `limit` items."""
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def evaluate(
+    model,
+    task: str,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: Callable | None = None,
+    max_new_tokens: int | None = None,
+) -> Results:
+    """Score a loaded model (`sources.Model`) on a task, or on `limit` of its items spread
+    evenly over it (a generative task's answers: up to `max_new_tokens`, else the task's
+    MAX_NEW_TOKENS)."""
+    items = spread(benchmarks.load_task(task), limit)
+    if isinstance(items[0], Problem):
+        n = max_new_tokens or MAX_NEW_TOKENS[task]
+        return _solve(model, task, items, batch_size, progress, n)
+    encoded = [lengths_fit(encode_item(model.tokenizer, it), model.cfg.context_length)
+               for it in items]  # fmt: skip
+    start = time.perf_counter()
+    scores = score(model.params, model.cfg, encoded, batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(e.context) + sum(map(len, e.continuations)) for e in encoded)
+    return Results(task, *accuracy(items, scores.loglik), len(items), seconds, tokens)
+
+
+def generate_answers(
+    model, prompts: list[str], max_new_tokens: int, *, batch_size: int = 8, progress=None
+) -> tuple[list[str], int]:
+    """Greedy answers to prompts, `batch_size` decoded together through the KV cache, each up
+    to its end token: (the answers' texts, the tokens the model ran)."""
+    params, tokenizer = decoding_params(model.params), model.tokenizer  # laid out once
+    answers, tokens = [], 0
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer.encode(p, bos=True) for p in prompts[start : start + batch_size]]
+        out = generate_cached(params, ids, max_new_tokens, model.cfg, eos_id=tokenizer.eos_id)
+        rows = [trim_at_eos(row, tokenizer.eos_id) for row in out]
+        answers += [tokenizer.decode(row) for row in rows]
+        tokens += sum(map(len, ids)) + sum(map(len, rows))
+        if progress is not None:
+            progress(len(ids))
+    return answers, tokens
+
+
+def cut_at(text: str, stops: tuple[str, ...]) -> str:
+    """The text up to the first of the stop texts."""
+    return min((text[: text.index(s)] for s in stops if s in text), key=len, default=text)
+
+
+def is_correct(task: str, answer: str, expected: str) -> bool:
+    """GSM8K: the final number equals the reference; MATH-500: the last box is equivalent."""
+    if task == "gsm8k":
+        got = gsm8k_answer(answer)
+        return got != "" and float(got) == float(expected.replace(",", ""))
+    return grade_answer(extract_final_candidate(answer), expected)
+
+
+def _solve(model, task, items: list[Problem], batch_size, progress, max_new_tokens) -> Results:
+    start = time.perf_counter()
+    answers, tokens = generate_answers(model, [it.prompt for it in items], max_new_tokens,
+                                       batch_size=batch_size, progress=progress)  # fmt: skip
+    seconds = time.perf_counter() - start
+    right = [is_correct(task, cut_at(a, STOP_TEXTS[task]), it.answer)
+             for a, it in zip(answers, items, strict=True)]  # fmt: skip
+    return Results(task, float(np.mean(right)), None, len(items), seconds, tokens)
