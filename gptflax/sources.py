@@ -180,6 +180,11 @@ def load_model(name: str, dtype=np.float32) -> Model:
     return _load(name, np.dtype(dtype).name)
 
 
+def unload_models() -> None:
+    """Let go of every model `load_model` has kept (each stays loaded until then)."""
+    _load.cache_clear()
+
+
 @cache
 def _load(name: str, dtype: str) -> Model:
     source = SOURCES[name]

@@ -67,8 +67,8 @@ class Decoder:
 
     def __init__(self, params: dict, cfg, capacity: int = 256):
         self.params, self.cfg = decoding_params(params), cfg  # laid out once for every step
-        self.capacity = min(capacity, cfg.context_length)
-        self.cache = models.init_cache(cfg, 1, self.capacity, params_dtype(params))
+        self.capacity, self.dtype = min(capacity, cfg.context_length), params_dtype(params)
+        self.cache = models.init_cache(cfg, 1, self.capacity, self.dtype)
         self.ids: list[int] = []  # the tokens whose keys and values are in the cache
         self.seen = jnp.zeros(cfg.vocab_size, bool)  # the tokens sampled so far in a stream
 
@@ -76,6 +76,7 @@ class Decoder:
         """Keep only the first `keep` tokens: the cache forgets the positions after them. A
         sliding-window ring that has wrapped no longer holds the positions before its window, so
         then the kept tokens are run through the model again."""
+        self._recover()
         if keep >= len(self.ids):
             return
         wrapped = any(c.keys.shape[2] < len(self.ids) and self.cfg.kv_window(i)
@@ -89,6 +90,7 @@ class Decoder:
 
     def feed(self, ids: list[int]) -> jax.Array:
         """Run `ids` through the model after the cached tokens: the logits after the last, (V,)."""
+        self._recover()
         start, n = len(self.ids), len(ids)
         if start + n > self.cfg.context_length:
             raise ValueError(
@@ -124,6 +126,16 @@ class Decoder:
 
     def _make_room(self, length: int) -> None:
         self.capacity, self.cache = with_room(self.cache, self.cfg, self.capacity, length)
+
+    def _recover(self) -> None:
+        """A step stopped by Ctrl-C after it took the cache (donated) but before it gave the new
+        one back leaves buffers that are gone: the cache is built again from the tokens kept."""
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+            return
+        kept, self.ids = self.ids, []
+        self.cache = models.init_cache(self.cfg, 1, self.capacity, self.dtype)
+        if kept:
+            self.feed(kept)
 
 
 @partial(jax.jit, static_argnames="cfg", donate_argnames="cache")

@@ -1,5 +1,6 @@
 """Test setup: offline data resolution, 8 simulated CPU devices, exact matmuls, a tiny config."""
 
+import gc
 import os
 
 os.environ["GPTFLAX_OFFLINE"] = "1"  # no test touches the network
@@ -11,7 +12,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX call: sharding tests
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from gptflax import files  # noqa: E402
+from gptflax import files, sources  # noqa: E402
 from gptflax.config import TINY  # noqa: E402
 
 
@@ -21,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def models_unloaded_after_each_module():
+    """A test worker runs many modules, each loading the real models it needs: they are let go
+    after it, so that a worker does not hold every module's models at once (one reached 15 GB
+    and was killed for memory)."""
+    yield
+    sources.unload_models()
+    gc.collect()
 
 
 @pytest.fixture

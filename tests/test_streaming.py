@@ -40,6 +40,21 @@ def test_rewinding_forgets_the_positions_after_the_kept_ones():
     np.testing.assert_allclose(rewound, fresh.feed([*range(10, 16), *range(40, 52)]), atol=2e-5)
 
 
+def test_a_step_stopped_after_it_took_the_cache_leaves_a_decoder_that_goes_on():
+    """Ctrl-C can land after a step has taken the cache (donated) and before it gives the new one
+    back: the decoder then builds its cache again from the tokens it kept."""
+    cfg = LLAMA_TINY
+    params = init_params(jax.random.key(5), cfg)
+    decoder, fresh = Decoder(params, cfg), Decoder(params, cfg)
+    decoder.feed(list(range(3, 15)))
+    for leaf in jax.tree.leaves(decoder.cache):
+        leaf.delete()  # what a donating call leaves when its result is lost
+    np.testing.assert_allclose(
+        decoder.feed([20, 21]), fresh.feed([*range(3, 15), 20, 21]), atol=2e-5
+    )
+    assert decoder.ids == [*range(3, 15), 20, 21]
+
+
 def test_past_the_context_the_stream_slides_the_window():
     cfg = TINY.replace(vocab_size=97)
     params = init_params(jax.random.key(4), cfg)
