@@ -4,6 +4,7 @@ token by token, the model remembers the chat, Ctrl-C stops an answer and keeps t
 import os
 import pty
 import select
+import signal
 import sys
 import time
 
@@ -20,6 +21,10 @@ class Terminal:
     def __init__(self, *args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the command, its terminal the pty
+            # as a shell starts a foreground job: Ctrl-C's SIGINT neither ignored nor blocked
+            # (the worker process may carry either over from an earlier test)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.execv(sys.executable, [sys.executable, "-m", "gptflax", *args])
         self.out, self.chunks = b"", []
 

@@ -4,6 +4,8 @@ token as it is decoded; Ctrl-C stops the text but keeps what was printed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
 
@@ -100,13 +102,36 @@ def _print_stream(pieces, first: str) -> int:
     """Print `first`, then each piece as it comes; Ctrl-C keeps what was printed (exit 130)."""
     print(first, end="", flush=True)
     try:
-        for piece in pieces:
-            print(piece, end="", flush=True)
+        with _stop_between_tokens() as stopped:
+            for piece in pieces:
+                print(piece, end="", flush=True)
+                if stopped():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
+        pieces.close()  # ends the stream's generator here: a chat keeps the reply so far
         print("\n[stopped]", file=sys.stderr)
         return 130
     print()
     return 0
+
+
+@contextlib.contextmanager
+def _stop_between_tokens():
+    """Ctrl-C while tokens stream: a flag read between tokens, not an exception raised inside
+    a decoding step (which JAX's native code may swallow, or which may leave a cache donated to
+    a step that never returned); a second Ctrl-C stops at once. Yields a `stopped()` test."""
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --- chat -----------------------------------------------------------------------------------------
