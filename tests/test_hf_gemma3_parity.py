@@ -15,7 +15,10 @@ from gptflax.generate import generate
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-pytestmark = [pytest.mark.torch, pytest.mark.labgemma3, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.torch, pytest.mark.labgemma3, pytest.mark.slow,
+    pytest.mark.xdist_group("big_models"),  # on one worker, as test_labs.py's big labs
+]  # fmt: skip
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Die Hauptstadt von Deutschland ist"]
 TEXTS = [
     "Héllo wörld! Ça va? 日本語のテキストです。Привет, как дела? Γειά σου κόσμε.",

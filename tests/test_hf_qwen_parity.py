@@ -21,7 +21,10 @@ from gptflax.weights.hf import load_hf
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-pytestmark = [pytest.mark.torch, pytest.mark.labqwen, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.torch, pytest.mark.labqwen, pytest.mark.slow,
+    pytest.mark.xdist_group("big_models"),  # on one worker, as test_labs.py's big labs
+]  # fmt: skip
 THINK, END_THINK = 151_667, 151_668  # Qwen3's <think> and </think>
 PROMPTS = [
     chat.QWEN2_5.render([{"role": "user", "content": "Write a Python function that adds 2."}]),

@@ -31,9 +31,19 @@ LABS = ["A", "2", "bpe", "3", "4", "attention", "5", "llama", "gemma3", "qwen", 
         "D", "E", "design"]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=getattr(pytest.mark, f"lab{n}")) for n in LABS]
-)
+# Labs that hold a real model of 0.5B parameters or more in fp32 (about 7 GB): one worker runs
+# them and the parity tests of such models one after another (`--dist loadgroup`).
+BIG_MODELS = {"gemma3", "qwen"}
+
+
+def lab_param(name: str):
+    marks = [getattr(pytest.mark, f"lab{name}")]
+    if name in BIG_MODELS:
+        marks.append(pytest.mark.xdist_group("big_models"))
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", [lab_param(n) for n in LABS])
 def test_lab_runs_and_passes_its_checks(name, tmp_path):
     last_line = run_lab(name, tmp_path).rstrip().splitlines()[-1]
     assert last_line.startswith(f"lab {name}: all checks passed"), last_line
