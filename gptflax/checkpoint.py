@@ -14,7 +14,6 @@ checksums were recorded load unverified.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from gptflax.decoding import check_trainable
+from gptflax.files import sha256_of
 from gptflax.models import config_from_dict, config_to_dict, init_params
 
 
@@ -131,19 +131,11 @@ def save_checkpoint(
 
 def _write_checksums(folder: Path) -> None:
     """Record the sha256 and size of every file of a checkpoint folder in its checksums.json."""
-    record = {str(f.relative_to(folder)): [f.stat().st_size, _sha256(f)]
+    record = {str(f.relative_to(folder)): [f.stat().st_size, sha256_of(f)]
               for f in sorted(folder.rglob("*")) if f.is_file()}  # fmt: skip
     tmp = folder / f".{CHECKSUMS}.part"
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, folder / CHECKSUMS)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(directory: str | Path, step: int, item: str | None = None) -> None:
@@ -161,7 +153,7 @@ def verify(directory: str | Path, step: int, item: str | None = None) -> None:
         if item is not None and not name.startswith(f"{item}/"):
             continue
         f = folder / name
-        if not f.is_file() or f.stat().st_size != size or _sha256(f) != digest:
+        if not f.is_file() or f.stat().st_size != size or sha256_of(f) != digest:
             raise _damaged(directory, step, f"{name} does not match its checksum")
 
 
