@@ -37,6 +37,7 @@ from gptflax.answers import extract_final_candidate, grade_answer, gsm8k_answer
 from gptflax.benchmarks import Choice, Problem
 from gptflax.decoding import decoding_params
 from gptflax.generate import generate_cached, trim_at_eos
+from gptflax.streaming import params_dtype
 
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # padded lengths; beyond: multiples of 128
 
@@ -136,7 +137,7 @@ def token_logprobs(params: dict, h: jax.Array, targets: jax.Array) -> tuple[jax.
 def prefill_contexts(params, prefixes, prefix_lengths, cfg, length):
     """Run the contexts' prefixes (B, Tc), `prefix_lengths` (B,) real tokens each, into a new KV
     cache of `length` positions, which is returned."""
-    cache = models.init_cache(cfg, prefixes.shape[0], length, params["tok_emb"]["embedding"].dtype)
+    cache = models.init_cache(cfg, prefixes.shape[0], length, params_dtype(params))
     slots = jnp.arange(prefixes.shape[1])
     positions = jnp.where(slots < prefix_lengths[:, None], slots, -1)  # (B, Tc): -1 is padding
     return models.hidden_cached(params, prefixes, cache, positions, cfg)[1]
