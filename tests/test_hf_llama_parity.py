@@ -16,7 +16,7 @@ from gptflax.weights.hf import load_hf
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make setup-torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-pytestmark = [pytest.mark.torch, pytest.mark.labllama, pytest.mark.slow]
+pytestmark = [pytest.mark.torch, pytest.mark.labllama, pytest.mark.slow, pytest.mark.big_models]
 PROMPT = "The capital of France is"
 
 

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 pytestmark = [
     pytest.mark.torch, pytest.mark.labqwen, pytest.mark.slow,
-    pytest.mark.xdist_group("big_models"),  # on one worker, as test_labs.py's big labs
+    pytest.mark.big_models,  # `make test` runs these one at a time, after the rest
 ]  # fmt: skip
 THINK, END_THINK = 151_667, 151_668  # Qwen3's <think> and </think>
 PROMPTS = [
