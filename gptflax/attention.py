@@ -81,6 +81,19 @@ def visible_keys(q_pos: jax.Array, k_pos: jax.Array, window=None) -> jax.Array:
     return visible if window is None else visible & (q - k < window)
 
 
+def fused_implementation(dtype) -> str | None:
+    """Which kernel `jax.nn.dot_product_attention` must use, named so that nothing falls back
+    silently: cuDNN's flash attention on an NVIDIA GPU (it takes bf16 or fp16 only), else XLA's."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"fused attention on a GPU runs cuDNN's flash attention, which takes bf16 or fp16, "
+            f"not {jnp.dtype(dtype).name}: train in bf16 (--bf16), or leave fused attention off"
+        )
+    return "cudnn"
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -108,7 +121,7 @@ def attend(
         local = None if window is None else (window - 1, 0)
         out = jax.nn.dot_product_attention(
             *(y.transpose(0, 2, 1, 3) for y in (q, k, v)), scale=scale, is_causal=True,
-            local_window_size=local,
+            local_window_size=local, implementation=fused_implementation(q.dtype),
         )  # fmt: skip
         return out.reshape(b, s, h * dh)  # (B, S, H, Dh) -> (B, S, H * Dh)
     visible = visible_keys(q_pos, k_pos, window)[:, None]  # (B, 1, S, T)

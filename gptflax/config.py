@@ -13,11 +13,22 @@ from dataclasses import dataclass
 
 import jax
 
+# What a training step's backward pass recomputes instead of keeping from the forward pass
+# (rematerialisation, `jax.checkpoint` around each block): "none" keeps everything, "dots" keeps
+# the matmuls' outputs and recomputes the rest, "full" keeps only each block's input.
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def _check_remat(remat: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat: one of {', '.join(REMAT_POLICIES)}, not {remat!r}")
+
 
 class Architecture:
     """What every config shares; `HOW_IT_RUNS` names the fields that do not shape the weights."""
 
     HOW_IT_RUNS: tuple[str, ...] = ()
+    remat: str = "none"  # a family whose config has no such field never rematerialises
 
     def replace(self, **changes):
         """A copy with some fields changed, e.g. `cfg.replace(context_length=256)`."""
@@ -52,6 +63,7 @@ class GPTConfig(Architecture):
     # flash attention on a GPU) instead of the book's explicit softmax(QK^T)V. It has no dropout
     # on the attention weights, so it needs drop_rate = 0.
     fused_attention: bool = False
+    remat: str = "none"  # what the backward pass recomputes: one of REMAT_POLICIES
     # The book's attention alternatives (bonus ch04/04 to 07), each off by default:
     n_kv_groups: int | None = None  # GQA: key/value heads, each serving n_heads / n_kv_groups
     latent_dim: int | None = None  # MLA: keys and values come from one cached latent of this size
@@ -63,9 +75,10 @@ class GPTConfig(Architecture):
     moe_hidden_dim: int | None = None  # each expert's hidden size (default 4 * emb_dim)
     router_aux_coef: float = 0.01  # weight of the router's load-balancing loss in training
 
-    HOW_IT_RUNS = ("drop_rate", "fused_attention", "window", "router_aux_coef")
+    HOW_IT_RUNS = ("drop_rate", "fused_attention", "remat", "window", "router_aux_coef")
 
     def __post_init__(self):
+        _check_remat(self.remat)
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.drop_rate < 1.0:
@@ -156,10 +169,14 @@ class LlamaConfig(Architecture):
     rms_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: int | None = None
+    fused_attention: bool = False  # as GPT's: jax.nn.dot_product_attention (cuDNN on a GPU)
+    remat: str = "none"  # as GPT's: one of REMAT_POLICIES
 
-    HOW_IT_RUNS = ("context_length",)  # positions are rotations, not a table: no weight has it
+    # Positions are rotations, not a table: no weight has the context length.
+    HOW_IT_RUNS = ("context_length", "fused_attention", "remat")
 
     def __post_init__(self):
+        _check_remat(self.remat)
         if isinstance(self.rope_scaling, dict):  # read back from a checkpoint's JSON
             object.__setattr__(self, "rope_scaling", Llama3RoPE(**self.rope_scaling))
         if self.head_dim is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +40,104 @@ def loss_fn(
     cfg,
     *,
     key: jax.Array | None = None,
+    loss_chunk: int | None = None,
+    pad_vocab: int = 1,
 ) -> jax.Array:
-    """Loss of one batch: (B, T) inputs and targets -> scalar (the book's calc_loss_batch, §5.1)."""
-    logits = models.forward(params, inputs, cfg, key=key)
-    with jax.named_scope("loss"):
-        return cross_entropy(logits, targets)
+    """Loss of one batch: (B, T) inputs and targets -> scalar (the book's calc_loss_batch, §5.1).
+
+    Two ways to compute the same number faster (the speed lab): `pad_vocab` rounds the head's
+    vocabulary up to a multiple (GPT-2's 50,257 -> 50,304 at 128) for the matmul, the padding's
+    logits masked out; `loss_chunk` runs the head and the loss `loss_chunk` positions at a time
+    (`head_cross_entropy`), never holding the (B, T, V) float32 logits."""
+    if loss_chunk is None and pad_vocab == 1:
+        logits = models.forward(params, inputs, cfg, key=key)
+        with jax.named_scope("loss"):
+            return cross_entropy(logits, targets)
+    h = models.hidden(params, inputs, cfg, key=key)  # (B, T, D)
+    with jax.named_scope("head"):
+        return head_cross_entropy(h, models.head_kernel(params), targets, loss_chunk, pad_vocab)
+
+
+def head_cross_entropy(
+    h: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    chunk: int | None = None,
+    pad_vocab: int = 1,
+) -> jax.Array:
+    """`cross_entropy(h @ kernel, targets)` for hidden states h (..., D), a head kernel (D, V) and
+    targets (...), with the vocabulary padded to a multiple of `pad_vocab` (the padding's logits
+    masked to -inf, so it is never predicted and gets no gradient) and, with `chunk`, fused with
+    the head: `chunk` positions at a time, each chunk's gradients computed in the forward pass,
+    so that at most (chunk, V) logits exist and nothing is recomputed in the backward."""
+    vocab = kernel.shape[1]
+    padded = -(-vocab // pad_vocab) * pad_vocab
+    kernel = jnp.pad(kernel, ((0, 0), (0, padded - vocab)))  # (D, V') with zero columns
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
+    if chunk is None:
+        return cross_entropy(_masked_logits(h @ kernel, vocab), targets)
+    rows = -(-h.shape[0] // chunk) * chunk  # whole chunks: the extra rows' targets are ignored
+    h = jnp.pad(h, ((0, rows - h.shape[0]), (0, 0)))
+    targets = jnp.pad(targets, (0, rows - targets.shape[0]), constant_values=IGNORE_INDEX)
+    return _fused_cross_entropy(h, kernel, targets, chunk, vocab)
+
+
+def _masked_logits(logits: jax.Array, vocab: int) -> jax.Array:
+    """Float32 logits (N, V') with the columns from `vocab` on (the padding) at -inf."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] == vocab:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+
+
+def _chunked_loss_and_grads(h, kernel, targets, chunk: int, vocab: int, with_grads: bool):
+    """The mean cross-entropy of `h @ kernel` over valid targets, computed `chunk` rows at a
+    time, and, with_grads, its gradients with respect to h (N, D) and the kernel (D, V')."""
+    valid = targets != IGNORE_INDEX
+    count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    h_chunks = h.reshape(-1, chunk, h.shape[-1])  # (N / C, C, D)
+    t_chunks = targets.reshape(-1, chunk)  # (N / C, C)
+
+    def one_chunk(d_kernel, xs):
+        h_c, t_c = xs  # (C, D), (C,)
+        logits = _masked_logits(h_c @ kernel, vocab)  # (C, V'): the only logits held
+        ok = t_c != IGNORE_INDEX
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (C,)
+        picked = jnp.take_along_axis(logits, jnp.where(ok, t_c, 0)[:, None], axis=-1)[:, 0]
+        loss_sum = jnp.sum(jnp.where(ok, lse - picked, 0.0))
+        if not with_grads:
+            return d_kernel, (loss_sum, None)
+        # d(mean loss)/d logits = (softmax - one_hot(target)) / count, on valid rows only
+        probs = jnp.exp(logits - lse[:, None])
+        d_logits = probs - jax.nn.one_hot(jnp.where(ok, t_c, -1), logits.shape[-1])
+        d_logits = (jnp.where(ok[:, None], d_logits, 0.0) / count).astype(kernel.dtype)
+        d_h = jnp.dot(d_logits, kernel.T, preferred_element_type=jnp.float32)  # (C, D)
+        d_kernel = d_kernel + jnp.dot(h_c.T, d_logits, preferred_element_type=jnp.float32)
+        return d_kernel, (loss_sum, d_h.astype(h.dtype))
+
+    d_kernel0 = jnp.zeros(kernel.shape, jnp.float32) if with_grads else None
+    d_kernel, (sums, d_h) = jax.lax.scan(one_chunk, d_kernel0, (h_chunks, t_chunks))
+    loss = sums.sum() / count
+    if not with_grads:
+        return loss, None
+    return loss, (d_h.reshape(h.shape), d_kernel.astype(kernel.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_cross_entropy(h, kernel, targets, chunk: int, vocab: int) -> jax.Array:
+    return _chunked_loss_and_grads(h, kernel, targets, chunk, vocab, with_grads=False)[0]
+
+
+def _fused_forward(h, kernel, targets, chunk, vocab):
+    return _chunked_loss_and_grads(h, kernel, targets, chunk, vocab, with_grads=True)
+
+
+def _fused_backward(chunk, vocab, grads, g):
+    d_h, d_kernel = grads
+    return (g * d_h).astype(d_h.dtype), (g * d_kernel).astype(d_kernel.dtype), None
+
+
+_fused_cross_entropy.defvjp(_fused_forward, _fused_backward)
 
 
 def classifier_forward(

@@ -46,7 +46,7 @@ LAYERS = [
     {"attention", "rope", "decoding", "tokenizer", "data", "nnx_model", "benchmarks"},
     {"models"},
     {"generate", "losses", "checkpoint", "parallel", "lora", "weights", "streaming"},
-    {"training", "finetune", "instruct", "dpo", "sources", "batching", "evaluate"},
+    {"training", "finetune", "instruct", "dpo", "sources", "batching", "evaluate", "speed"},
     {"serve"},
     {"cli", "__main__", ""},
 ]

@@ -51,6 +51,16 @@ TRAIN_HELP = {
     "bf16": "bf16 compute, float32 master weights",
     "fused_attention": "jax.nn.dot_product_attention (cuDNN flash attention on GPUs); needs "
     "--drop-rate 0",
+    "remat": "what the backward pass recomputes instead of keeping: none, dots (keeps the "
+    "matmuls' outputs) or full (keeps each block's input): less memory, a larger batch fits",
+    "pad_vocab": "round the head's vocabulary up to a multiple of this for its matmul (128 makes "
+    "GPT-2's 50,257 into 50,304); the padding is never predicted",
+    "loss_chunk": "run the output head and the loss this many positions at a time, never "
+    "holding the full float32 logits (e.g. 1024)",
+    "accum_steps": "split each batch into this many micro-batches (gradient accumulation): the "
+    "same step in less memory",
+    "optimizer": "adamw (the book's) or muon (optax's Muon for the blocks' matrices, AdamW for "
+    "the rest)",
     "strategy": "how the params and optimizer state are placed on the devices: a copy on each "
     "(dp), split over the data axis (fsdp), heads and hidden units split over the model axis "
     "(tp), or both (fsdp+tp); every batch is split over the data axis",

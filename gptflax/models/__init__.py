@@ -14,6 +14,7 @@ from gptflax.models.transformer import (
     check_context,
     forward,
     head,
+    head_kernel,
     hidden,
     hidden_cached,
     init_cache,
@@ -33,5 +34,6 @@ def init_params(key, cfg) -> dict:
 
 __all__ = [
     "check_context", "config_from_dict", "config_to_dict", "family", "family_name", "forward",
-    "head", "hidden", "hidden_cached", "init_cache", "init_params", "register", "run_blocks",
+    "head", "head_kernel", "hidden", "hidden_cached", "init_cache", "init_params", "register",
+    "run_blocks",
 ]  # fmt: skip

@@ -116,7 +116,10 @@ def attention(
     cos, sin = rope_angles(positions, inv_freq)  # (B or 1, T, Dh)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v, k_pos, cache = with_cache(cache, k, v, positions, window)
-    context = attend(q, k, v, positions, k_pos, window=window, scale=scale)  # (B, T, H * Dh)
+    context = attend(
+        q, k, v, positions, k_pos, window=window, scale=scale,
+        fused=cfg.fused_attention and cache is None,
+    )  # (B, T, H * Dh)  # fmt: skip
     return nn.linear(params["out_proj"], context), cache
 
 

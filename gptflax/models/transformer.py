@@ -17,6 +17,12 @@ from gptflax import attention, nn
 from gptflax.decoding import DecodingParams, check_trainable, unstack_blocks
 from gptflax.models.registry import family
 
+# What each `cfg.remat` policy keeps from a block's forward pass for its backward pass.
+REMAT_KEEPS = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+}
+
 
 def check_context(num_tokens: int, cfg) -> None:
     """A clear error for more tokens than the model's context holds."""
@@ -41,7 +47,8 @@ def run_blocks(
 
     A `lax.scan` over the stacked layers; off the CPU it is unrolled: there, slicing each layer's
     weights out of the stack and stacking what the backward pass keeps were device copies that
-    cost more than the attention (README); on a CPU unrolling only lengthens the compile."""
+    cost more than the attention (README); on a CPU unrolling only lengthens the compile. With
+    `cfg.remat`, each block is rematerialised (`jax.checkpoint`) by that policy."""
     block = family(cfg).block
     n_layers = jax.tree.leaves(blocks)[0].shape[0]
     layer_keys = jax.random.split(key, n_layers) if key is not None else None
@@ -52,6 +59,8 @@ def run_blocks(
         with jax.named_scope("block"):
             return block(layer_params, x, cfg, layer=i, positions=positions, key=layer_key)[0], None
 
+    if cfg.remat != "none":  # the backward pass recomputes what the policy does not keep
+        step = jax.checkpoint(step, policy=REMAT_KEEPS[cfg.remat])
     unroll = jax.default_backend() != "cpu"
     return jax.lax.scan(step, x, (blocks, layer_keys, layers), unroll=unroll)[0]
 
@@ -64,6 +73,20 @@ def head(params: dict | DecodingParams, h: jax.Array) -> jax.Array:
         if "out_head" in params:
             return nn.linear(params["out_head"], h)
         return nn.linear({"kernel": params["tok_emb"]["embedding"].T}, h)
+
+
+def head_kernel(params: dict) -> jax.Array:
+    """The output head as one (D, V) matrix: `out_head`'s kernel, or the token embedding's
+    transpose (a tied head), for losses that run the head themselves."""
+    if "out_head" not in params:
+        return params["tok_emb"]["embedding"].T
+    out_head = params["out_head"]
+    if set(out_head) != {"kernel"} or not isinstance(out_head["kernel"], jax.Array):
+        raise ValueError(
+            "this loss runs the head as one matrix: an output head with a bias or adapters "
+            "(LoRA) needs the plain loss (no loss_chunk, pad_vocab=1)"
+        )
+    return out_head["kernel"]
 
 
 def hidden(

@@ -112,10 +112,13 @@ def fit(
     return state, history
 
 
-def jit_train_step(state, cfg, tx, loss: Callable, has_aux: bool, mesh=None, strategy="dp"):
+def jit_train_step(
+    state, cfg, tx, loss: Callable, has_aux: bool, mesh=None, strategy="dp", accum_steps=1
+):
     """(a copy of the state, the jitted train step, how to place a batch): on one device, or
-    placed on `mesh` as `strategy` says. The step donates its state's buffers to the next."""
-    step_fn = partial(train_step, loss=loss, tx=tx, has_aux=has_aux)
+    placed on `mesh` as `strategy` says, the batch in `accum_steps` micro-batches. The step
+    donates its state's buffers to the next."""
+    step_fn = partial(train_step, loss=loss, tx=tx, has_aux=has_aux, accum_steps=accum_steps)
     if mesh is None:
         state = jax.tree.map(jnp.copy, state)  # ours to donate; the caller's arrays stay valid
         return state, jax.jit(step_fn, donate_argnums=0), None

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+OPTIMIZERS = ("adamw", "muon")
+
 
 def make_optimizer(
     learning_rate: float | optax.Schedule = 4e-4,
@@ -15,14 +17,39 @@ def make_optimizer(
     *,
     max_grad_norm: float | None = None,
     clip_from_step: int = 0,
+    optimizer: str = "adamw",
 ) -> optax.GradientTransformation:
     """AdamW with torch's defaults (b1 0.9, b2 0.999, eps 1e-8), decay on every parameter as the
     book does; optionally gradient clipping to `max_grad_norm` from step `clip_from_step` (App. D).
-    """
-    adamw = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    `optimizer="muon"` is optax's Muon for the blocks' weight matrices (`muon_matrices`) and
+    AdamW as above, with Nesterov momentum as optax's Muon has it, for the rest (the book's
+    bonus ch05/18)."""
+    if optimizer == "adamw":
+        tx = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    elif optimizer == "muon":
+        tx = optax.contrib.muon(
+            learning_rate, weight_decay=weight_decay, adam_b1=0.9, adam_b2=0.999,
+            adam_weight_decay=weight_decay, muon_weight_dimension_numbers=muon_matrices,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"optimizer: one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
     if max_grad_norm is None:
-        return adamw
-    return optax.chain(clip_by_global_norm_from(clip_from_step, max_grad_norm), adamw)
+        return tx
+    return optax.chain(clip_by_global_norm_from(clip_from_step, max_grad_norm), tx)
+
+
+def muon_matrices(params: dict) -> dict:
+    """Which params Muon orthogonalises: the transformer blocks' kernels, (layers, d_in, d_out)
+    stacked, each layer's matrix on its own; None (AdamW) for embeddings, norms, biases and the
+    output head, as Muon's authors advise."""
+
+    def dims(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        if "trf_blocks" in names and names[-1] == "kernel" and leaf.ndim == 3:
+            return optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        return None
+
+    return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def warmup_cosine_schedule(

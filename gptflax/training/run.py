@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from gptflax import checkpoint, files, models, parallel, sources
+from gptflax.config import REMAT_POLICIES
 from gptflax.data import train_val_loaders
 from gptflax.generate import sample_text
 from gptflax.losses import loss_fn, mixed_precision
@@ -40,7 +41,7 @@ from gptflax.training.fit import (
     jit_train_step,
 )
 from gptflax.training.loop import Every, Hook, Position, Step, epoch_batches, train_loop
-from gptflax.training.optim import make_optimizer, warmup_cosine_schedule
+from gptflax.training.optim import OPTIMIZERS, make_optimizer, warmup_cosine_schedule
 from gptflax.training.step import TrainState, init_train_state
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp+tp")
@@ -71,8 +72,15 @@ class Run:
     start_context: str = "Every effort moves you"
     checkpoint_every: int | None = None  # steps; None: at each epoch's end
     keep: int = 3
+    # How the step computes, each a rung of the speed lab (bonus ch05/10): the model trained stays
+    # the same (within rounding), only time and memory change.
     bf16: bool = False
     fused_attention: bool = False
+    remat: str = "none"  # what the backward pass recomputes (config.REMAT_POLICIES)
+    pad_vocab: int = 1  # the head's vocabulary rounded up to a multiple of this in the loss
+    loss_chunk: int | None = None  # positions per chunk of the fused head and loss
+    accum_steps: int = 1  # micro-batches per step (gradient accumulation)
+    optimizer: str = "adamw"  # or "muon" (optim.OPTIMIZERS)
     strategy: str = "dp"
     mesh: str | None = None  # e.g. "data=4,model=2"
     seed: int = 123
@@ -83,6 +91,19 @@ class Run:
     def __post_init__(self):
         for name in ("context_length", "epochs", "batch_size", "eval_freq", "eval_iter", "keep"):
             _check(name, getattr(self, name), lambda v: v >= 1, "at least 1", whole=True)
+        for name in ("pad_vocab", "accum_steps"):
+            _check(name, getattr(self, name), lambda v: v >= 1, "at least 1", whole=True)
+        if self.loss_chunk is not None:
+            _check("loss_chunk", self.loss_chunk, lambda v: v >= 1, "at least 1", whole=True)
+        if self.batch_size % self.accum_steps:
+            raise ValueError(
+                f"accum_steps: {self.accum_steps} micro-batches do not split a batch of "
+                f"{self.batch_size} rows evenly: pick a divisor of batch_size"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: one of {', '.join(REMAT_POLICIES)}, not {self.remat!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.checkpoint_every is not None:
             _check("checkpoint_every", self.checkpoint_every, lambda v: v >= 1, "at least 1", True)
         _check("seed", self.seed, lambda v: True, "a whole number", whole=True)
@@ -251,8 +272,9 @@ def assemble(run: Run) -> Parts:
     warmup_steps = int(run.warmup * total)
     lr = warmup_cosine_schedule(run.lr, total, warmup_steps) if warmup_steps else run.lr
     tx = make_optimizer(
-        lr, run.weight_decay, max_grad_norm=run.max_grad_norm, clip_from_step=warmup_steps
-    )
+        lr, run.weight_decay, max_grad_norm=run.max_grad_norm, clip_from_step=warmup_steps,
+        optimizer=run.optimizer,
+    )  # fmt: skip
     init_key, dropout_key, _ = jax.random.split(jax.random.key(run.seed), 3)  # and sampling's
     return Parts(train_loader, val_loader, fingerprint_of(path), cfg, tokenizer_name, tx,
                  run_mesh(run), init_key, dropout_key)  # fmt: skip
@@ -272,11 +294,16 @@ def architecture(run: Run) -> tuple[object, str]:
     else:
         cfg, tokenizer = sources.ARCHITECTURES[run.model]
         cfg = cfg.replace(context_length=run.context_length)
-    how = {"drop_rate": run.drop_rate, "fused_attention": run.fused_attention}
     try:
-        return cfg.replace(**{k: v for k, v in how.items() if hasattr(cfg, k)}), tokenizer
+        return step_config(run, cfg), tokenizer
     except ValueError as e:
         raise RunError(f"bad model settings: {e}") from None
+
+
+def step_config(run: Run, cfg):
+    """The model config as the run computes it: its dropout, fused attention and remat."""
+    how = {"drop_rate": run.drop_rate, "fused_attention": run.fused_attention, "remat": run.remat}
+    return cfg.replace(**{k: v for k, v in how.items() if hasattr(cfg, k)})
 
 
 def initial_params(run: Run, cfg) -> dict:
@@ -299,13 +326,19 @@ def run_mesh(run: Run):
         raise RunError(f"mesh: {e}") from None
 
 
+def run_loss(run: Run, cfg):
+    """The run's training loss, `loss_fn` computed as its settings say (bf16, padded vocabulary,
+    chunked head)."""
+    loss = partial(loss_fn, cfg=cfg, loss_chunk=run.loss_chunk, pad_vocab=run.pad_vocab)
+    return mixed_precision(loss) if run.bf16 else loss
+
+
 def _train(run: Run, parts: Parts, state, history, position, run_dir: Path) -> Result:
     """The loop of a run from `position`, with its evaluations, samples and checkpoints."""
     cfg, loader = parts.cfg, parts.train_loader
-    loss = partial(loss_fn, cfg=cfg)
-    loss = mixed_precision(loss) if run.bf16 else loss
+    loss = run_loss(run, cfg)
     state, step_fn, prepare = jit_train_step(state, cfg, parts.tx, loss, False, parts.mesh,
-                                             run.strategy)  # fmt: skip
+                                             run.strategy, run.accum_steps)  # fmt: skip
     tokenizer = sources.load_tokenizer(parts.tokenizer_name)
     rows = parallel.local_rows(parts.mesh, loader.batch_size)
     print(f"{parts.fingerprint['file']}: {len(loader)} batches per epoch; {cfg}")
