@@ -69,9 +69,10 @@ bench: setup-torch ## time training, generation and serving, beside the book's P
 	$(PY) bench/bench.py --out runs/bench
 	$(PY) bench/serve.py --out runs/bench
 
-# On a machine with an NVIDIA GPU: JAX's CUDA 12 plugin of the pinned version, then the train step
-# at context 1024 in fp32, bf16 and bf16 with fused attention, with its MFU (runs/bench/bench_gpu.md).
-bench-gpu: setup ## the GPU benchmark (installs jax[cuda12]): 124M step at context 1024, MFU
+# On a machine with an NVIDIA GPU: JAX's CUDA 12 plugin of the pinned version, then lab speed's
+# ladder for the 124M step at context 1024, the book's model under torch.compile beside it and
+# SmolLM2's step, each with its MFU (runs/bench/bench_gpu.md).
+bench-gpu: setup ## the GPU benchmark (installs jax[cuda12]): the 124M speed ladder at context 1024, MFU
 	$(PY) -m pip install -q --disable-pip-version-check "jax[cuda12]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	$(PY) bench/bench.py --gpu --out runs/bench
 

@@ -5,9 +5,9 @@ several runs after a warm-up (the compile time is reported on its own). JAX and 
 interleaved on the same batch, so a load that comes and goes hits both alike. The PyTorch rows
 need `make setup-torch` (torch and the book's llms-from-scratch package); without it they are left
 out. `--quick` runs small sizes only, to check the script itself. `--gpu` (`make bench-gpu`) is the
-accelerator benchmark instead: the 124M GPT's and SmolLM2-135M's train steps at context 1024 in
-fp32 and bf16 (the GPT also with fused attention), their model-FLOPs utilisation and stage splits
-(runs/bench/bench_gpu.json and bench_gpu.md).
+accelerator benchmark instead: the speed ladder of the 124M GPT's train step at context 1024
+(`gptflax.speed`), the book's model under torch.compile beside it, SmolLM2-135M's step, their
+model-FLOPs utilisation and the best rung's stage split (runs/bench/bench_gpu.json and .md).
 
 The pieces: timing.py (interleaved timing, FLOPs), baselines.py (the PyTorch side), stages.py
 (the profile's split by model stage), cpu.py, gpu.py, report.py (the markdown tables).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 from cpu import cpu_report
-from gpu import gpu_report
+from gpu import PARTS, gpu_report
 from report import gpu_markdown, markdown, save
 from timing import SMOL_TINY, TINY
 
@@ -40,10 +40,17 @@ def gpu_main(args) -> int:
         )
     cfg = TINY if args.quick else GPT_CONFIG_124M  # context 1024, as GPT-2 was trained
     llama_cfg = SMOL_TINY if args.quick else SMOLLM2_135M.replace(context_length=1024)
-    batch, n = (2, 512) if args.quick else (args.batch, 8192)
-    report = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-              "gpu": gpu_report(cfg, llama_cfg, batch, args.repeats, n)}  # fmt: skip
-    save(report, gpu_markdown(report), Path(args.out), "bench_gpu")
+    rows, micro, n = (4, (2, 4), 512) if args.quick else (args.batch, (16, 32, 64), 8192)
+    head = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__}
+
+    def save_gpu(gpu: dict) -> None:
+        report = {**head, "gpu": gpu}
+        save(report, gpu_markdown(report), Path(args.out), "bench_gpu")
+
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        raise SystemExit(f"--parts: {', '.join(sorted(unknown))}? Pick from {', '.join(PARTS)}")
+    gpu_report(cfg, llama_cfg, rows, micro, args.repeats + 1, n, save_gpu, parts)
     return 0
 
 
@@ -53,10 +60,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small sizes only (checks the script)")
     p.add_argument("--gpu", action="store_true",
-                   help="the accelerator benchmark: 124M at context 1024, fp32 / bf16 / fused, "
+                   help="the accelerator benchmark: the speed ladder of the 124M at context 1024, "
                    "MFU (writes bench_gpu.json and bench_gpu.md)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=16,
-                   help="batch of the --gpu train steps (32 needs 73 GiB in fp32)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=64,
+                   help="rows of a --gpu train step, in micro-batches of 16, 32, 64")  # fmt: skip
+    p.add_argument(
+        "--parts",
+        default="ladder,torch,llama",
+        help="what --gpu measures: ladder, torch, llama, best (the best settings alone)",
+    )
     p.add_argument("--generate-only", action="store_true", help="the decoding benchmark only")
     args = p.parse_args(argv)
     if args.gpu:

@@ -25,9 +25,7 @@ from timing import (
     TINY,
     interleaved,
     matmul_gflops,
-    matmul_weights,
     memory_gbps,
-    train_flops,
     wait,
 )
 
@@ -37,6 +35,7 @@ from gptflax.decoding import decoding_params
 from gptflax.generate import generate
 from gptflax.losses import cross_entropy, loss_fn, mixed_precision
 from gptflax.nnx_model import from_params
+from gptflax.speed import matmul_weights, train_flops
 from gptflax.training import init_train_state, make_optimizer, train_step
 
 # glibc settings the Makefile exports (see there): without them every XLA step page-faults its

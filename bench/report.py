@@ -16,22 +16,41 @@ def gpu_markdown(report: dict) -> str:
         f"{g['bf16_matmul_gflops'] / 1e3:.0f} TFLOP/s; nominal dense bf16 peak: "
         + (f"{nominal:.0f} TFLOP/s" if nominal else "unknown for this device"),
         "",
-        f"## Train step, {g['config']} (AdamW, no dropout)",
+        f"## The speed ladder: {g['config']} (AdamW, no dropout, {g['steps']} steps a rung)",
         "",
-        "| model | variant | batch | compile s | min s | median s | tokens/s | model TFLOP/s | MFU "
-        "| share of measured matmul peak |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *ladder_rows(g["ladder"] + ([g["torch"]] if g["torch"] else [])),
+        "",
+        "## SmolLM2-135M",
+        "",
+        *(ladder_rows(g["llama"]) if g["llama"] else ["(not measured)"]),
     ]
-    for row in g["train"]:
-        r = row["results"]
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    if g["split"]:
+        lines += stage_rows([{"config": g["best"], "batch": g["rows"], "stages": g["split"]}])
+    return "\n".join(lines) + "\n"
+
+
+def ladder_rows(rows: list[dict]) -> list[str]:
+    """A table of `gptflax.speed.climb`'s rows: each rung's speed, memory and loss check."""
+    lines = [
+        "| rung (each adds to those above) | step s | tokens/s | MFU | memory GiB | compile s "
+        "| loss diff (allowed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['rung']} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+        check = ""
+        if "same_model" in r:
+            check = f"{r['max_loss_diff']:.2g} ({r['tolerance']:g})"
+            check += "" if r["same_model"] else " **differs**"
+        memory = f"{r['memory_gib']:.1f}" if "memory_gib" in r else ""
         lines.append(
-            f"| {row['model']} | {row['variant']} | {row['batch']} | {r['compile_s']:.1f} "
-            f"| {r['min_s']:.4f} | {r['median_s']:.4f} "
-            f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_step'] / r['min_s']:.1f} | {mfu} "
-            f"| {r['share_of_matmul_peak']:.0%} |"
+            f"| {r['rung']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | {memory} "
+            f"| {r['compile_s']:.1f} | {check} |"
         )
-    return "\n".join(lines + stage_rows(g["stages"])) + "\n"
+    return lines
 
 
 def _header(report: dict) -> list[str]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from baselines import torch
 
-from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, SMOLLM2_135M, GPTConfig, LlamaConfig
+from gptflax.config import GPT_CONFIG_124M, LLAMA_TINY, SMOLLM2_135M, GPTConfig
 
 SMALL = GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.1)
 TINY = SMALL.replace(context_length=64, emb_dim=64, n_layers=2)  # --quick: checks the scripts
@@ -68,20 +68,3 @@ def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     target = np.empty_like(source)
     copy = interleaved({"copy": lambda: np.copyto(target, source)}, repeats)["copy"]
     return 2 * source.nbytes / copy["min_s"] / 1e9
-
-
-def matmul_weights(cfg) -> int:
-    """Weights each token is multiplied by: every block's kernels and the output head."""
-    d = cfg.emb_dim
-    if isinstance(cfg, LlamaConfig):  # q and out D x D, k and v D x (G * Dh), SwiGLU 3 D x hidden
-        per_layer = 2 * d * d + 2 * d * cfg.n_kv_heads * cfg.head_dim + 3 * d * cfg.hidden_dim
-    else:  # qkv and out 4 D^2, MLP 8 D^2
-        per_layer = 12 * d * d
-    return cfg.n_layers * per_layer + d * cfg.vocab_size
-
-
-def train_flops(cfg, batch: int, seq: int) -> float:
-    """Model FLOPs of one training step (forward + backward = 3x forward): 2 per multiply-add
-    of every weight matrix per token, plus the attention scores and weighted sums."""
-    attention = cfg.n_layers * 2 * 2 * seq * cfg.emb_dim  # QK^T and AV per token, full (unmasked)
-    return 3 * 2 * batch * seq * (matmul_weights(cfg) + attention / 2)

@@ -22,7 +22,7 @@ import numpy as np
 
 from gptflax.config import LlamaConfig
 from gptflax.training.optim import make_optimizer
-from gptflax.training.run import Run, run_loss, step_config
+from gptflax.training.run import BOOK_STEP, Run, run_loss, step_config
 from gptflax.training.step import init_train_state, train_step
 
 # Dense bf16 peak of the SXM parts, TFLOP/s, from NVIDIA's datasheets: what MFU is measured against.
@@ -73,7 +73,7 @@ def ladder(micro_batches: tuple[int, ...], chunk: int, batch_size: int, bf16: bo
     chunked head and loss (`chunk` positions at a time), then each larger micro-batch, the last
     of several with rematerialisation (what lets it fit)."""
     tol = BF16_TOLERANCE if bf16 else FP32_TOLERANCE
-    first = {"accum_steps": batch_size // micro_batches[0]}
+    first = {**BOOK_STEP, "accum_steps": batch_size // micro_batches[0]}
     rungs = [Rung(f"baseline (fp32, the book's step), micro-batch {micro_batches[0]}", first, 0.0,
                   "the reference")]  # fmt: skip
     if bf16:

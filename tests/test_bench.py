@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gptflax import models
+from gptflax import models, speed
 from gptflax.config import LLAMA_TINY
 from gptflax.losses import loss_fn
 from gptflax.training import init_train_state, make_optimizer, train_step
@@ -96,7 +96,7 @@ def test_the_model_flops_formula_agrees_with_xla(monkeypatch, emb_dim):
         vocab_size=gpt_cfg.vocab_size, context_length=gpt_cfg.context_length,
     )  # fmt: skip
     for cfg in (gpt_cfg, llama_cfg):
-        ours = timing.train_flops(cfg, 2, cfg.context_length)
+        ours = speed.train_flops(cfg, 2, cfg.context_length)
         assert ours == pytest.approx(xla_train_flops(cfg, batch=2), rel=0.03)
 
 
@@ -123,32 +123,35 @@ def test_the_stage_split_puts_each_op_in_its_named_scope(monkeypatch):
     assert sum(v["share"] for v in split.values()) == pytest.approx(1.0)
 
 
-def test_gpu_report_measures_mfu_against_the_nominal_peak(monkeypatch):
+def test_gpu_report_climbs_the_ladder_and_measures_mfu_against_the_nominal_peak(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH.parent))  # the benchmark's files import each other
     gpu, report_md, timing = (importlib.import_module(m) for m in ("gpu", "report", "timing"))
-    assert gpu.nominal_bf16_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
-    assert gpu.nominal_bf16_tflops("cpu") is None
-    monkeypatch.setattr(gpu, "nominal_bf16_tflops", lambda kind: 0.5)  # TFLOP/s, for the test
+    assert speed.nominal_bf16_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert speed.nominal_bf16_tflops("cpu") is None
+    monkeypatch.setattr(speed, "nominal_bf16_tflops", lambda kind: 0.5)  # TFLOP/s, for the test
     tiny = timing.SMALL.replace(context_length=32, emb_dim=32, n_layers=1)
     llama = LLAMA_TINY.replace(context_length=32, n_layers=1, vocab_size=tiny.vocab_size)
-    report = gpu.gpu_report(tiny, llama, batch=2, repeats=2, n=256)
-    rows = {(row["model"], row["variant"]): row for row in report["train"]}
-    assert list(rows) == [("GPT", "fp32"), ("GPT", "bf16"), ("GPT", "bf16 + fused attention"),
-                          ("Llama", "fp32"), ("Llama", "bf16")]  # fmt: skip
-    for (model, _), row in rows.items():
-        r, cfg = row["results"], tiny.replace(drop_rate=0.0) if model == "GPT" else llama
-        assert row["batch"] == (2 if model == "GPT" else 1)  # the Llama at half the batch
-        flops = r["model_tflops_per_step"]
-        if jax.default_backend() == "cpu":  # counted by XLA, not by the bench's formula
-            flops = xla_train_flops(cfg, batch=row["batch"]) / 1e12
-            assert r["model_tflops_per_step"] == pytest.approx(flops, rel=0.05)
-        assert r["mfu"] == pytest.approx(flops / r["min_s"] / 0.5, rel=0.05)
-        assert r["share_of_matmul_peak"] == pytest.approx(
-            flops * 1e3 / r["min_s"] / report["bf16_matmul_gflops"], rel=0.05
-        )
-    assert [row["config"] for row in report["stages"]] == ["GPT bf16", "Llama bf16"]
+    saved = []
+    report = gpu.gpu_report(tiny, llama, rows=4, micro=(2, 4), steps=3, n=256,
+                            partial_save=saved.append, parts=("ladder", "llama"))  # fmt: skip
+    assert len(saved) == 2 and report["torch"] is None  # after each part asked for
+    names = [row["rung"] for row in report["ladder"]]
+    assert names[0].startswith("baseline") and names[1].startswith("bf16")
+    assert any("fused attention" in n for n in names) and names[-1] == "micro-batch 4"
+    for row in report["ladder"] + report["llama"]:
+        assert row["same_model"], (row["rung"], row["max_loss_diff"])
+        assert "compiled" not in row and "rerun" not in row  # JSON holds the rest
+        if jax.default_backend() == "cpu":  # counted by XLA, not by the formula
+            cfg = tiny.replace(drop_rate=0.0) if row in report["ladder"] else llama
+            flops = xla_train_flops(cfg, batch=4) / 1e12
+            assert row["tflops"] * row["step_s"] == pytest.approx(flops, rel=0.05)
+        assert row["mfu"] == pytest.approx(row["tflops"] / 0.5)
+    assert report["best"] in names and sum(v["share"] for v in report["split"].values()) == (
+        pytest.approx(1.0)
+    )  # fmt: skip
     markdown = report_md.gpu_markdown({"date": "today", "jax": "x", "gpu": report})
-    assert markdown.count("\n| ") == 1 + 5 + 1 + 2  # header and 5 rows; the split's header, 2 rows
+    table_rows = markdown.count("\n| ")
+    assert table_rows == (1 + len(names)) + (1 + 2) + (1 + 1)  # ladder, SmolLM2, split
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="this machine has an accelerator")

@@ -27,19 +27,19 @@ def run_lab(name: str, cwd: Path) -> str:
 
 
 # The labs in reading order, as the Makefile's LAB_ORDER.
-LABS = ["A", "2", "bpe", "3", "4", "attention", "5", "llama", "gemma3", "qwen", "6", "7", "dpo",
-        "D", "E", "design"]  # fmt: skip
+LABS = ["A", "2", "bpe", "3", "4", "attention", "5", "speed", "llama", "gemma3", "qwen", "6", "7",
+        "dpo", "D", "E", "design"]  # fmt: skip
 
 
-# Labs that hold a real model of 0.5B parameters or more in fp32 (about 7 GB): one worker runs
-# them and the parity tests of such models one after another (`--dist loadgroup`).
+# Labs that hold a real model of 0.5B parameters or more in fp32 (about 7 GB): `make test` runs
+# them, and the parity tests against transformers, one at a time after the rest.
 BIG_MODELS = {"gemma3", "qwen"}
 
 
 def lab_param(name: str):
     marks = [getattr(pytest.mark, f"lab{name}")]
     if name in BIG_MODELS:
-        marks.append(pytest.mark.xdist_group("big_models"))
+        marks.append(pytest.mark.big_models)
     return pytest.param(name, marks=marks)
 
 

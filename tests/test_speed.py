@@ -179,8 +179,18 @@ def test_run_settings_of_the_ladder_are_checked():
         Run(optimizer="lion")
     with pytest.raises(ValueError, match="remat: one of"):
         Run(remat="some")
-    with pytest.raises(ValueError, match="loss_chunk: must be at least 1"):
-        Run(loss_chunk=0)
+    with pytest.raises(ValueError, match="loss_chunk: must be 0 or more"):
+        Run(loss_chunk=-1)
+
+
+def test_speed_settings_left_open_are_the_books_on_a_cpu_and_the_fastest_elsewhere():
+    assert Run().on_backend("cpu").bf16 is False and Run().on_backend("cpu").loss_chunk == 0
+    gpu = Run(drop_rate=0.0).on_backend("gpu")
+    assert (gpu.bf16, gpu.fused_attention, gpu.pad_vocab, gpu.loss_chunk) == (True, True, 128, 4096)
+    assert Run().on_backend("gpu").fused_attention is False  # the book's dropout: no fused kernel
+    assert Run(bf16=False, loss_chunk=0).on_backend("gpu").bf16 is False  # given: kept
+    assert Run().on_backend("gpu").to_dict() != Run().to_dict()  # the record keeps None
+    assert Run().to_dict()["bf16"] is None
 
 
 def test_the_ladder_trains_the_same_model_and_its_check_catches_one_that_does_not():
