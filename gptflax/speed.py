@@ -34,6 +34,23 @@ def nominal_bf16_tflops(device_kind: str) -> float | None:
     return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in device_kind), None)
 
 
+def peak_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """What MFU is measured against: the datasheet's dense bf16 peak of a known accelerator,
+    else (a CPU) the float32 matmul throughput measured here at n^3, in TFLOP/s."""
+    nominal = nominal_bf16_tflops(jax.devices()[0].device_kind)
+    if nominal is not None:
+        return nominal
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e12
+
+
 def matmul_weights(cfg) -> int:
     """Weights each token is multiplied by: every block's kernels and the output head."""
     d = cfg.emb_dim
@@ -121,17 +138,45 @@ def memory_bytes(compiled) -> int | None:
     return stats.argument_size_in_bytes + stats.temp_size_in_bytes + outputs
 
 
+def jit_step(run: Run, cfg):
+    """The run's jitted train step (donating its state) and its optimizer."""
+    cfg = step_config(run, cfg)
+    tx = make_optimizer(run.lr, run.weight_decay, optimizer=run.optimizer)
+    loss = run_loss(run, cfg)
+    step = partial(train_step, loss=loss, tx=tx, accum_steps=run.accum_steps)
+    return jax.jit(step, donate_argnums=0), tx
+
+
+def step_memory(run: Run, cfg, params: dict, rows: int) -> int:
+    """What `run`'s train step holds at its peak for a batch of `rows` windows of the config's
+    context (`memory_bytes`), from compiling it; nothing runs."""
+    step, tx = jit_step(run, cfg)
+    state = jax.eval_shape(lambda: init_train_state(params, tx))
+    batch = (jax.ShapeDtypeStruct((rows, cfg.context_length), jnp.int32),) * 2
+    return memory_bytes(step.lower(state, batch, jax.random.key(0)).compile())
+
+
+def largest_micro_batch(run: Run, cfg, params: dict, limit_bytes: int) -> int | None:
+    """The largest micro-batch, batch_size / 2^k, whose step fits in `limit_bytes`: the step's
+    batch through gradient accumulation (`accum_steps`), its memory counted by compiling it
+    (`step_memory`). None if not even one row fits."""
+    micro = run.batch_size
+    while micro >= 1:
+        trial = run.replace(accum_steps=run.batch_size // micro)
+        if step_memory(trial, cfg, params, run.batch_size) <= limit_bytes:
+            return micro
+        if micro % 2:
+            return None
+        micro //= 2
+    return None
+
+
 def measure(run: Run, cfg, params: dict, batches: list, peak_tflops: float | None) -> dict:
     """Train `params` one step on each of `batches` ((rows, T) inputs and targets) as `run`
     says: the losses, the compile time, the step's memory, and its fastest and median time after
     the first (tokens/s, and MFU against `peak_tflops` where given). Also returns the `compiled`
     step and `rerun`, one more step of it (for a profile)."""
-    cfg = step_config(run, cfg)
-    tx = make_optimizer(run.lr, run.weight_decay, optimizer=run.optimizer)
-    step = jax.jit(
-        partial(train_step, loss=run_loss(run, cfg), tx=tx, accum_steps=run.accum_steps),
-        donate_argnums=0,
-    )
+    step, tx = jit_step(run, cfg)
     state = [init_train_state(jax.tree.map(jnp.copy, params), tx)]
     key = jax.random.key(run.seed)
     t0 = time.perf_counter()

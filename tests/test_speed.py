@@ -207,3 +207,17 @@ def test_the_ladder_trains_the_same_model_and_its_check_catches_one_that_does_no
     assert not speed.climb(base, wrong, cfg, params, batches)[1]["same_model"]
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(4 * cfg.context_length / r["step_s"])
+
+
+def test_the_largest_micro_batch_is_the_largest_that_fits_and_remat_lets_it_grow():
+    cfg = TINY.replace(context_length=128, vocab_size=512, n_layers=4)  # blocks take the memory
+    params = models.init_params(jax.random.key(0), cfg)
+    run = Run(model="tiny", context_length=128, batch_size=16, drop_rate=0.0, loss_chunk=0)
+    memory = {m: speed.step_memory(run.replace(accum_steps=16 // m), cfg, params, 16)
+              for m in (16, 8, 4)}  # fmt: skip
+    assert memory[16] > memory[8] > memory[4]  # the micro-batch's activations
+    assert speed.largest_micro_batch(run, cfg, params, memory[8]) == 8
+    assert speed.largest_micro_batch(run, cfg, params, memory[8] - 1) == 4
+    assert speed.largest_micro_batch(run, cfg, params, 1) is None
+    rematted = run.replace(remat="full")
+    assert speed.largest_micro_batch(rematted, cfg, params, memory[8]) == 16
