@@ -69,11 +69,13 @@ def main(argv=None) -> int:
         default="ladder,torch,llama",
         help="what --gpu measures: ladder, torch, llama, best (the best settings alone)",
     )
+    p.add_argument("--only", default="", metavar="NAME",
+                   help="only the models whose name holds NAME, e.g. Qwen3")  # fmt: skip
     p.add_argument("--generate-only", action="store_true", help="the decoding benchmark only")
     args = p.parse_args(argv)
     if args.gpu:
         return gpu_main(args)
-    report = cpu_report(args.repeats, args.quick, train=not args.generate_only)
+    report = cpu_report(args.repeats, args.quick, train=not args.generate_only, only=args.only)
     save(report, markdown(report), Path(args.out), "bench")
     return 0
 

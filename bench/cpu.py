@@ -207,9 +207,10 @@ def split_row(cfg, name: str, batch: int, peak: float) -> dict:
     return {"config": name, "context": cfg.context_length, "batch": batch, "stages": stages}
 
 
-def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
-    """Every CPU measurement, as the report bench.json holds; decoding only without `train`.
-    Each case runs in a process of its own (`in_own_process`)."""
+def cpu_report(repeats: int, quick: bool, train: bool = True, only: str = "") -> dict:
+    """Every CPU measurement, as the report bench.json holds; decoding only without `train`, and
+    only the models whose name holds `only`. Each case runs in a process of its own
+    (`in_own_process`)."""
     load_before = os.getloadavg()[0]
     n = 512 if quick else 4096
     peak_by = _with_torch_threads(matmul_gflops, n)
@@ -232,6 +233,9 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
                      (QWEN3_0_6B, "Qwen3-0.6B (random weights)", 32)]  # fmt: skip
     if not train:
         train_cases = nnx_cases = []
+    train_cases, nnx_cases, gen_cases = (
+        [c for c in cases if only in c[1]] for cases in (train_cases, nnx_cases, gen_cases)
+    )
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})",
@@ -264,9 +268,9 @@ def cpu_report(repeats: int, quick: bool, train: bool = True) -> dict:
             report["nnx"].append({"config": name, "batch": batch, "results": res})
     report["memory_gbps"] = gbps = memory_gbps()
     report["generate"] = []
-    for i, (cfg, name, new_tokens) in enumerate(gen_cases):
+    for cfg, name, new_tokens in gen_cases:
         for batch in (1, 8):
-            uncached = i == 0 and batch == 1  # the uncached loops once, GPT at batch 1
+            uncached = isinstance(cfg, GPTConfig) and batch == 1  # the uncached loop: GPT, once
             args = (cfg, new_tokens, max(2, repeats // 2), batch, uncached)
             if res := run(f"generation: {name}, batch {batch}", bench_generate, *args):
                 report["generate"].append({

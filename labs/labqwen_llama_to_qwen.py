@@ -405,6 +405,49 @@ done_with(QWEN3, qwen3_speed)
 del session, decoder
 
 # %%
+print("\n# Qwen3 on random weights, against Hugging Face transformers")
+# No Qwen3 weights are on this machine, but transformers' own Qwen3 is: built in QWEN3_TINY's
+# shape with random weights, its config read by `config_from_hf` and its tensors by their Hugging
+# Face names (what `load_hf` reads from a Qwen/Qwen3-0.6B folder), gptflax gives its logits and
+# its greedy tokens. Needs `make setup-torch`; skipped without it.
+try:
+    import torch
+    import transformers
+except ImportError:
+    transformers = None
+    print("transformers is not installed (make setup-torch): no comparison")
+hf_diff = hf_same_tokens = None
+if transformers is not None:
+    from gptflax.generate import generate
+    from gptflax.weights import tensor_getter
+    from gptflax.weights.hf import BLOCK_NAMES, config_from_hf
+    from gptflax.weights.names import HF, params_from_tensors
+
+    torch.manual_seed(0)
+    hf_qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=QWEN3_TINY.vocab_size, hidden_size=QWEN3_TINY.emb_dim,
+        intermediate_size=QWEN3_TINY.hidden_dim, num_hidden_layers=QWEN3_TINY.n_layers,
+        num_attention_heads=QWEN3_TINY.n_heads, num_key_value_heads=QWEN3_TINY.n_kv_heads,
+        head_dim=QWEN3_TINY.head_dim, max_position_embeddings=QWEN3_TINY.context_length,
+        rope_theta=QWEN3_TINY.rope_base, rms_norm_eps=QWEN3_TINY.rms_eps,
+        tie_word_embeddings=QWEN3_TINY.tie_embeddings, initializer_range=0.2,
+    )).eval()  # fmt: skip
+    hf_cfg = config_from_hf(hf_qwen3.config.to_dict())
+    tensors = {k: v.numpy() for k, v in hf_qwen3.state_dict().items()}
+    get = tensor_getter(tensors, "transformers' Qwen3", "a Qwen3")
+    hf_params = params_from_tensors(get, hf_cfg, HF, BLOCK_NAMES["qwen3"])
+    prompt = np.arange(24)[None] * 11 % QWEN3_TINY.vocab_size  # (1, 24) token ids
+    with torch.no_grad():
+        hf_logits = hf_qwen3(torch.tensor(prompt)).logits.numpy()
+        hf_tokens = hf_qwen3.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False)
+    our_logits = np.asarray(models.forward(hf_params, jnp.asarray(prompt), hf_cfg))
+    hf_diff = float(np.abs(our_logits - hf_logits).max() / np.abs(hf_logits).max())
+    our_tokens = generate(hf_params, jnp.asarray(prompt), 16, hf_cfg)
+    hf_same_tokens = np.array_equal(np.asarray(our_tokens), hf_tokens.numpy())
+    print(f"config read back: {hf_cfg == QWEN3_TINY}; logits within {hf_diff:.1e} of the "
+          f"largest; 16 greedy tokens equal: {hf_same_tokens}")  # fmt: skip
+
+# %%
 print("\n# Memory and speed per model")
 # Peak RSS counts from what the process held when the model began to load (earlier models stay
 # loaded); it holds the params, the decoder's copy of them laid out for decoding, and scratch.
@@ -432,6 +475,8 @@ assert THINK == 151667 and END_THINK == 151668
 assert off[-4:] == [THINK, 271, END_THINK, 271] and THINK not in on  # 271: "\n\n"
 assert thoughts_dropped
 assert uncached.tolist() == cached.tolist()
+if transformers is not None:  # Qwen3 as transformers computes it
+    assert hf_cfg == QWEN3_TINY and hf_diff < 1e-4 and hf_same_tokens, (hf_diff, hf_same_tokens)
 assert cache_diff < 1e-4 * float(jnp.abs(uncached_logits).max())
 if not QUICK:
     assert big_passes, big_reply
