@@ -129,7 +129,7 @@ def test_gpu_report_climbs_the_ladder_and_measures_mfu_against_the_nominal_peak(
     assert speed.nominal_bf16_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
     assert speed.nominal_bf16_tflops("cpu") is None
     monkeypatch.setattr(speed, "nominal_bf16_tflops", lambda kind: 0.5)  # TFLOP/s, for the test
-    tiny = timing.SMALL.replace(context_length=32, emb_dim=32, n_layers=1, vocab_size=1000)
+    tiny = timing.SMALL.replace(context_length=32, emb_dim=32, n_layers=1, vocab_size=4000)
     llama = LLAMA_TINY.replace(context_length=32, n_layers=1, vocab_size=tiny.vocab_size)
     saved = []
     report = gpu.gpu_report(tiny, llama, rows=4, micro=(2, 4), steps=3, n=256,
