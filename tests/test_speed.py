@@ -14,7 +14,7 @@ from gptflax.config import LLAMA_TINY, TINY
 from gptflax.losses import IGNORE_INDEX, cross_entropy, head_cross_entropy, loss_fn
 from gptflax.training import init_train_state, make_optimizer, train_step
 from gptflax.training.optim import muon_matrices
-from gptflax.training.run import Run
+from gptflax.training.run import Run, step_config
 
 CONFIGS = {"gpt": TINY, "llama": LLAMA_TINY}  # an untied head (GPT) and a tied one (Llama)
 
@@ -189,8 +189,18 @@ def test_speed_settings_left_open_are_the_books_on_a_cpu_and_the_fastest_elsewhe
     assert (gpu.bf16, gpu.fused_attention, gpu.pad_vocab, gpu.loss_chunk) == (True, True, 128, 4096)
     assert Run().on_backend("gpu").fused_attention is False  # the book's dropout: no fused kernel
     assert Run(bf16=False, loss_chunk=0).on_backend("gpu").bf16 is False  # given: kept
+    assert Run(drop_rate=0.0, bf16=False).on_backend("gpu").fused_attention is False  # cuDNN: bf16
     assert Run().on_backend("gpu").to_dict() != Run().to_dict()  # the record keeps None
     assert Run().to_dict()["bf16"] is None
+
+
+def test_fused_attention_in_float32_on_a_gpu_is_refused_before_training(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = TINY.replace(drop_rate=0.0)
+    assert step_config(Run(drop_rate=0.0, bf16=False), cfg).fused_attention is False
+    with pytest.raises(ValueError, match="computes in bf16: add --bf16"):
+        step_config(Run(drop_rate=0.0, bf16=False, fused_attention=True), cfg)
+    assert step_config(Run(drop_rate=0.0), cfg).fused_attention is True  # the GPU's default
 
 
 def test_the_ladder_trains_the_same_model_and_its_check_catches_one_that_does_not():

@@ -140,9 +140,9 @@ class Run:
     def on_backend(self, backend: str) -> Run:
         """The run with each speed setting left at None decided for `backend` ("cpu", "gpu",
         "tpu"): the book's plain step on a CPU, FAST_STEP elsewhere (fused attention only
-        without dropout, which it does not have)."""
+        without dropout, which it does not have, and not where bf16 is turned off)."""
         chosen = BOOK_STEP if backend == "cpu" else FAST_STEP
-        if self.drop_rate:
+        if self.drop_rate or self.bf16 is False:  # cuDNN's kernel: no dropout, bf16 only
             chosen = {**chosen, "fused_attention": False}
         return self.replace(**{k: v for k, v in chosen.items() if getattr(self, k) is None})
 
@@ -320,6 +320,8 @@ def step_config(run: Run, cfg):
     """The model config as the run computes it on this backend: its dropout, fused attention
     and remat."""
     run = run.on_backend(jax.default_backend())
+    if run.fused_attention and not run.bf16 and jax.default_backend() == "gpu":
+        raise ValueError("fused attention on a GPU is cuDNN's, which computes in bf16: add --bf16")
     how = {"drop_rate": run.drop_rate, "fused_attention": run.fused_attention, "remat": run.remat}
     return cfg.replace(**{k: v for k, v in how.items() if hasattr(cfg, k)})
 
