@@ -5,12 +5,10 @@ where the best rung's time goes (its profile, split by model stage)."""
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 from stages import stage_split
-from timing import matmul_gflops
+from timing import interleaved, matmul_gflops
 
 from gptflax import models, speed
 from gptflax.config import GPTConfig, LlamaConfig
@@ -53,24 +51,16 @@ def torch_compiled_step(cfg: GPTConfig, batch: tuple):
 
 
 def time_torch(cfg: GPTConfig, batch: tuple, steps: int, peak: float | None) -> dict | None:
+    """`torch_compiled_step`'s row of the ladder's table: its compile, its fastest and median
+    step (timing.interleaved), tokens/s and MFU; None without torch and a GPU."""
     step = torch_compiled_step(cfg, batch)
     if step is None:
         return None
-    t0 = time.perf_counter()
-    step()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    timed = interleaved({"torch": step}, steps)["torch"]
     rows, seq = batch[0].shape
-    flops = speed.train_flops(cfg, rows, seq)
-    best = min(times)
     return {"rung": f"book GPTModel, torch.compile + SDPA, bf16 autocast, batch {rows}",
-            "compile_s": compile_s, "step_s": best, "median_s": float(np.median(times)),
-            "tokens_per_s": rows * seq / best, "tflops": flops / best / 1e12,
-            "mfu": flops / best / 1e12 / peak if peak else None}  # fmt: skip
+            "compile_s": timed["compile_s"], "median_s": timed["median_s"],
+            **speed.throughput(cfg, rows, seq, timed["min_s"], peak)}  # fmt: skip
 
 
 PARTS = ("ladder", "torch", "llama", "best")

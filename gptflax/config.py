@@ -19,7 +19,8 @@ import jax
 REMAT_POLICIES = ("none", "dots", "full")
 
 
-def _check_remat(remat: str) -> None:
+def check_remat(remat: str) -> None:
+    """A ValueError naming the policies, for a remat that is none of them."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat: one of {', '.join(REMAT_POLICIES)}, not {remat!r}")
 
@@ -78,7 +79,7 @@ class GPTConfig(Architecture):
     HOW_IT_RUNS = ("drop_rate", "fused_attention", "remat", "window", "router_aux_coef")
 
     def __post_init__(self):
-        _check_remat(self.remat)
+        check_remat(self.remat)
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.drop_rate < 1.0:
@@ -176,7 +177,7 @@ class LlamaConfig(Architecture):
     HOW_IT_RUNS = ("context_length", "fused_attention", "remat")
 
     def __post_init__(self):
-        _check_remat(self.remat)
+        check_remat(self.remat)
         if isinstance(self.rope_scaling, dict):  # read back from a checkpoint's JSON
             object.__setattr__(self, "rope_scaling", Llama3RoPE(**self.rope_scaling))
         if self.head_dim is None:

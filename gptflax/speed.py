@@ -194,20 +194,23 @@ def measure(run: Run, cfg, params: dict, batches: list, peak_tflops: float | Non
         times.append(time.perf_counter() - t0)
     timed = times[1:] or times  # the first call also loads the executable
     rows, seq = batches[0][0].shape
-    flops = train_flops(cfg, rows, seq)
-    best = min(timed)
     return {
         "losses": losses,
         "compile_s": compile_s,
         "memory_gib": (memory_bytes(compiled) or 0) / 2**30,
-        "step_s": best,
         "median_s": float(np.median(timed)),
-        "tokens_per_s": rows * seq / best,
-        "tflops": flops / best / 1e12,
-        "mfu": flops / best / 1e12 / peak_tflops if peak_tflops else None,
+        **throughput(cfg, rows, seq, min(timed), peak_tflops),
         "compiled": compiled,
         "rerun": lambda: one_step(batches[0]),
     }
+
+
+def throughput(cfg, rows: int, seq: int, step_s: float, peak_tflops: float | None) -> dict:
+    """A train step of `rows` windows of `seq` tokens taking `step_s`: its step_s, tokens/s,
+    model TFLOP/s (`train_flops`) and MFU against `peak_tflops` (None where not given)."""
+    tflops = train_flops(cfg, rows, seq) / step_s / 1e12
+    return {"step_s": step_s, "tokens_per_s": rows * seq / step_s, "tflops": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None}  # fmt: skip
 
 
 def climb(

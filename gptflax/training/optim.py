@@ -11,6 +11,12 @@ import optax
 OPTIMIZERS = ("adamw", "muon")
 
 
+def check_optimizer(optimizer: str) -> None:
+    """A ValueError naming the optimizers, for one that is none of them."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+
+
 def make_optimizer(
     learning_rate: float | optax.Schedule = 4e-4,
     weight_decay: float = 0.1,
@@ -24,15 +30,14 @@ def make_optimizer(
     `optimizer="muon"` is optax's Muon for the blocks' weight matrices (`muon_matrices`) and
     AdamW as above, with Nesterov momentum as optax's Muon has it, for the rest (the book's
     bonus ch05/18)."""
+    check_optimizer(optimizer)
     if optimizer == "adamw":
         tx = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-    elif optimizer == "muon":
+    else:
         tx = optax.contrib.muon(
             learning_rate, weight_decay=weight_decay, adam_b1=0.9, adam_b2=0.999,
             adam_weight_decay=weight_decay, muon_weight_dimension_numbers=muon_matrices,
         )  # fmt: skip
-    else:
-        raise ValueError(f"optimizer: one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
     if max_grad_norm is None:
         return tx
     return optax.chain(clip_by_global_norm_from(clip_from_step, max_grad_norm), tx)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from gptflax import checkpoint, files, models, parallel, sources
-from gptflax.config import REMAT_POLICIES
+from gptflax.config import check_remat
 from gptflax.data import train_val_loaders
 from gptflax.generate import sample_text
 from gptflax.losses import loss_fn, mixed_precision
@@ -41,7 +41,7 @@ from gptflax.training.fit import (
     jit_train_step,
 )
 from gptflax.training.loop import Every, Hook, Position, Step, epoch_batches, train_loop
-from gptflax.training.optim import OPTIMIZERS, make_optimizer, warmup_cosine_schedule
+from gptflax.training.optim import check_optimizer, make_optimizer, warmup_cosine_schedule
 from gptflax.training.step import TrainState, init_train_state
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp+tp")
@@ -107,10 +107,8 @@ class Run:
                 f"accum_steps: {self.accum_steps} micro-batches do not split a batch of "
                 f"{self.batch_size} rows evenly: pick a divisor of batch_size"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat: one of {', '.join(REMAT_POLICIES)}, not {self.remat!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        check_remat(self.remat)
+        check_optimizer(self.optimizer)
         if self.checkpoint_every is not None:
             _check("checkpoint_every", self.checkpoint_every, lambda v: v >= 1, "at least 1", True)
         _check("seed", self.seed, lambda v: True, "a whole number", whole=True)
