@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptflax.speed import ladder_table
+
 
 def gpu_markdown(report: dict) -> str:
     g = report["gpu"]
@@ -18,39 +20,15 @@ def gpu_markdown(report: dict) -> str:
         "",
         f"## The speed ladder: {g['config']} (AdamW, no dropout, {g['steps']} steps a rung)",
         "",
-        *ladder_rows(g["ladder"] + ([g["torch"]] if g["torch"] else [])),
+        *ladder_table(g["ladder"] + ([g["torch"]] if g["torch"] else [])),
         "",
         "## SmolLM2-135M",
         "",
-        *(ladder_rows(g["llama"]) if g["llama"] else ["(not measured)"]),
+        *(ladder_table(g["llama"]) if g["llama"] else ["(not measured)"]),
     ]
     if g["split"]:
         lines += stage_rows([{"config": g["best"], "batch": g["rows"], "stages": g["split"]}])
     return "\n".join(lines) + "\n"
-
-
-def ladder_rows(rows: list[dict]) -> list[str]:
-    """A table of `gptflax.speed.climb`'s rows: each rung's speed, memory and loss check."""
-    lines = [
-        "| rung (each adds to those above) | step s | tokens/s | MFU | memory GiB | compile s "
-        "| loss diff (allowed) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['rung']} | failed: {r['error'][:120]} | | | | | |")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
-        check = ""
-        if "same_model" in r:
-            check = f"{r['max_loss_diff']:.2g} ({r['tolerance']:g})"
-            check += "" if r["same_model"] else " **differs**"
-        memory = f"{r['memory_gib']:.1f}" if "memory_gib" in r else ""
-        lines.append(
-            f"| {r['rung']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | {memory} "
-            f"| {r['compile_s']:.1f} | {check} |"
-        )
-    return lines
 
 
 def _header(report: dict) -> list[str]:

@@ -244,6 +244,33 @@ def climb(
     return rows
 
 
+def ladder_table(rows: list[dict]) -> list[str]:
+    """`climb`'s rows (and rows like them: a failed rung's error, a row measured elsewhere with
+    no memory or loss check) as a markdown table, speeds also as multiples of the first row's."""
+    first = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
+    lines = [
+        "| rung (each adds to those above) | step s | tokens/s | x first | MFU | memory GiB "
+        "| compile s | loss diff (allowed) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['rung']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+        memory = f"{r['memory_gib']:.2f}" if "memory_gib" in r else ""
+        check = ""
+        if "same_model" in r:
+            check = f"{r['max_loss_diff']:.1e} ({r['tolerance']:g})" if r["tolerance"] else "ref."
+            check += "" if r["same_model"] else " **differs**"
+        lines.append(
+            f"| {r['rung']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['tokens_per_s'] / first:.2f} | {mfu} | {memory} | {r['compile_s']:.1f} "
+            f"| {check} |"
+        )
+    return lines
+
+
 def window_batches(tokens: np.ndarray, steps: int, rows: int, seq: int, seed: int = 0) -> list:
     """`steps` batches of `rows` windows of seq + 1 tokens from random offsets of `tokens` (the
     same for every rung): [(inputs, targets), ...], each (rows, seq) int32."""

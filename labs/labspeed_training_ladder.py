@@ -83,14 +83,7 @@ chunk = min(4096, micro[0] * cfg.context_length)
 rungs = speed.ladder(micro, chunk, rows, bf16=ON_GPU)
 ladder = speed.climb(base, rungs, cfg, params, batches, peak)
 print()
-print("| rung | step s | tokens/s | x baseline | MFU | memory MiB | compile s | loss diff |")
-print("|---|---|---|---|---|---|---|---|")
-for rung in ladder:
-    print(f"| {rung['rung']} | {rung['step_s']:.3f} | {rung['tokens_per_s']:,.0f} "
-          f"| {rung['tokens_per_s'] / ladder[0]['tokens_per_s']:.2f} | {rung['mfu']:.0%} "
-          f"| {rung['memory_gib'] * 1024:,.0f} | {rung['compile_s']:.1f} "
-          f"| {rung['max_loss_diff']:.1e} (< {rung['tolerance']:g}) |"
-          if rung["tolerance"] else "| reference |")  # fmt: skip
+print("\n".join(speed.ladder_table(ladder)))
 helped = [
     r["rung"] for prev, r in zip(ladder, ladder[1:], strict=False)
     if r["tokens_per_s"] > 1.05 * prev["tokens_per_s"]
