@@ -14,11 +14,13 @@ keep_freed_memory()  # before JAX allocates: a 124M train step 2.36 -> 2.19 s (b
 from gptflax.cli.download import download_main  # noqa: E402
 from gptflax.cli.eval import eval_main  # noqa: E402
 from gptflax.cli.generate import chat_main, generate_main  # noqa: E402
+from gptflax.cli.prepare import prepare_main  # noqa: E402
 from gptflax.cli.serve import serve_main  # noqa: E402
 from gptflax.cli.train import train_main  # noqa: E402
 
 COMMANDS = {
-    "train": (train_main, "pretrain a model on a text file (chapter 5), or resume a run"),
+    "prepare": (prepare_main, "tokenize text files once into token files, for train --data"),
+    "train": (train_main, "pretrain a model on a text file or token files (chapter 5), or resume"),
     "generate": (generate_main, "continue a prompt, or answer one chat message"),
     "chat": (chat_main, "chat with a chat model, turn after turn"),
     "download": (download_main, "download the files that models read, to use them offline"),
@@ -42,5 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "COMMANDS", "chat_main", "download_main", "eval_main", "generate_main", "main", "train_main",
+    "COMMANDS", "chat_main", "download_main", "eval_main", "generate_main", "main",
+    "prepare_main", "train_main",
 ]  # fmt: skip

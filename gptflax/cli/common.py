@@ -13,6 +13,7 @@ from pathlib import Path
 from gptflax import checkpoint, files, parallel, sources
 from gptflax.gguf import GGUFError
 from gptflax.streaming import Sampling
+from gptflax.tokenfiles import TokenFilesError
 from gptflax.training.run import RunError
 
 
@@ -20,7 +21,8 @@ class CommandError(Exception):
     """A bad input found after the options were parsed: reported in one line, exit status 1."""
 
 
-REPORTED = (CommandError, RunError, checkpoint.CheckpointError, files.DataFileError, GGUFError)
+REPORTED = (CommandError, RunError, checkpoint.CheckpointError, files.DataFileError, GGUFError,
+            TokenFilesError)  # fmt: skip
 
 
 def run_command(args, command) -> int:

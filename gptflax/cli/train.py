@@ -26,8 +26,12 @@ DEFAULTS = Run()
 
 # Every Run field is an option; argparse only converts the text, Run checks the value.
 TRAIN_HELP = {
-    "data": "a UTF-8 text file to train on (default: the book's the-verdict.txt)",
+    "data": "a UTF-8 text file to train on (default: the book's the-verdict.txt), or a folder "
+    "of token files (python -m gptflax prepare)",
     "train_ratio": "share of the text's characters to train on; the rest validates",
+    "concatenate": "token files: let windows span documents, joined by the end-of-text token "
+    "(--no-concatenate keeps each window inside one document)",
+    "data_workers": "token files: processes that read batches ahead (grain's workers)",
     "model": "the architecture to train from scratch: GPT-2's 124M (the book's), 355M, 774M or "
     "1558M, tiny (2 layers of width 32, trains in seconds on a CPU: for trying things out), "
     "tiny-llama, tiny-gemma3, smollm2-135m or gemma3-270m",
@@ -75,17 +79,18 @@ TRAIN_HELP = {
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gptflax train",
-        usage="%(prog)s [TEXT] [options]  (--help lists them)",
-        description="Pretrain a model on a text file, as chapter 5 does (the defaults are the "
-        "book's settings). Checkpoints and the loss plot go to --run-dir; --resume continues "
-        "its latest checkpoint with the run's saved settings, changed only where you give an "
-        "option.",
+        usage="%(prog)s [DATA] [options]  (--help lists them)",
+        description="Pretrain a model on a text file as chapter 5 does (the defaults are the "
+        "book's settings), or on token files made by `python -m gptflax prepare`. Checkpoints "
+        "and the loss plot go to --run-dir; --resume continues its latest checkpoint "
+        "with the run's saved settings, changed only where you give an option.",
     )
     for f in dataclasses.fields(Run):
         default, kind = getattr(DEFAULTS, f.name), f.type.split(" |")[0]
         shown = "" if default is None else f" (default: {default})"
         if f.name == "data":
-            p.add_argument("data", nargs="?", metavar="TEXT", help=TRAIN_HELP[f.name])
+            p.add_argument("data", nargs="?", metavar="DATA", help=TRAIN_HELP[f.name])
+            p.add_argument("--data", dest="data_option", metavar="DATA", help="the same as DATA")
         elif kind == "bool":
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None,
                            help=TRAIN_HELP[f.name] + shown)  # fmt: skip
@@ -110,6 +115,10 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = train_parser()
     args = parser.parse_args(argv)
     check_process_options(parser, args)
+    if args.data_option is not None:
+        if args.data is not None:
+            parser.error("give the data once: as DATA or as --data, not both")
+        args.data = args.data_option
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run)
              if getattr(args, f.name) is not None}  # fmt: skip
     if "data" in given:

@@ -86,7 +86,11 @@ def epoch_batches(
     loader, num_epochs: int, start: Position = START, rows: slice | None = None
 ) -> Iterator[tuple[Position, tuple]]:
     """A DataLoader's batches from `start` to the end of epoch num_epochs - 1, with positions:
-    the same batches, in the same order, as an uninterrupted run sees from there."""
+    the same batches, in the same order, as an uninterrupted run sees from there (a loader that
+    streams them itself, as `pipeline.TokenStream` does, gives them)."""
+    if hasattr(loader, "epoch_batches"):
+        yield from loader.epoch_batches(num_epochs, start, rows)
+        return
     for epoch in range(start.epoch, num_epochs):
         skip = start.index if epoch == start.epoch else 0
         for i, batch in enumerate(loader.batches(epoch, rows=rows)):
@@ -100,10 +104,12 @@ def train_loop(
     """Run `step_fn` over `batches` with the hooks between steps (see the module's docstring);
     `prepare(batch)` places each batch first (e.g. splits it over devices). Returns the final
     state and what stopped the run (None when the data ran out)."""
-    last = None
+    last, batches = None, iter(batches)
     with stop_requests() as stop:
-        for position, batch in batches:
-            if stop.reason:
+        while not stop.reason:  # checked before the next batch is read: none is taken unused
+            try:
+                position, batch = next(batches)
+            except StopIteration:
                 break
             t0 = time.perf_counter()
             state, metrics = step_fn(state, prepare(batch) if prepare else batch, key)
@@ -111,6 +117,7 @@ def train_loop(
             last = Step(state, metrics, batch, position, time.perf_counter() - t0)
             for hook in hooks:
                 hook.after_step(last)
+        getattr(batches, "close", lambda: None)()  # a generator's reader ends now, not at exit
         for hook in hooks:
             hook.at_end(last, stop.reason)
     return state, stop.reason

@@ -28,10 +28,12 @@ import numpy as np
 
 from gptflax import checkpoint, files, models, parallel, sources
 from gptflax.config import check_remat
-from gptflax.data import train_val_loaders
+from gptflax.data import DataLoader, train_val_loaders
 from gptflax.generate import sample_text
 from gptflax.losses import loss_fn, mixed_precision
+from gptflax.pipeline import TokenStream, check_windows
 from gptflax.plots import plot_losses
+from gptflax.tokenfiles import TokenFiles, TokenFilesError
 from gptflax.training.fit import (
     EpochEnd,
     Evaluate,
@@ -60,8 +62,10 @@ class Run:
     or one of `sources.ARCHITECTURES`), `init` a model of `sources.MODELS` whose weights to start
     from instead (continued pretraining). Windows of `context_length` tokens train."""
 
-    data: str | None = None  # a UTF-8 text file; None: the book's the-verdict.txt
-    train_ratio: float = 0.9  # the first share of the characters trains, the rest validates
+    data: str | None = None  # a UTF-8 text file or a folder of token files; None: the-verdict
+    train_ratio: float = 0.9  # of a text file: the first share of the characters trains
+    concatenate: bool = True  # of token files: windows may span documents (False: one each)
+    data_workers: int = 0  # of token files: processes that read batches ahead (grain's)
     model: str = "124M"
     init: str | None = None
     context_length: int = 256
@@ -98,6 +102,7 @@ class Run:
         for name in ("context_length", "epochs", "batch_size", "eval_freq", "eval_iter", "keep"):
             _check(name, getattr(self, name), lambda v: v >= 1, "at least 1", whole=True)
         _check("accum_steps", self.accum_steps, lambda v: v >= 1, "at least 1", whole=True)
+        _check("data_workers", self.data_workers, lambda v: v >= 0, "0 or more", whole=True)
         if self.pad_vocab is not None:
             _check("pad_vocab", self.pad_vocab, lambda v: v >= 1, "at least 1", whole=True)
         if self.loss_chunk is not None:
@@ -266,17 +271,12 @@ class Parts(NamedTuple):
 def assemble(run: Run) -> Parts:
     """The pieces of a run, each checked: a bad input is a RunError of one line."""
     cfg, tokenizer_name = architecture(run)
-    tokenizer = sources.load_tokenizer(tokenizer_name)
     path = Path(run.data) if run.data else files.resolve("the-verdict.txt")
-    text = _read_text(path)
-    try:
-        train_loader, val_loader = train_val_loaders(
-            text, run.context_length, run.batch_size, run.train_ratio, run.seed, tokenizer
-        )
-    except ValueError as e:
-        raise RunError(
-            f"{path}: {e}; use a longer text, a shorter context or another split"
-        ) from None
+    if path.is_dir():
+        train_loader, val_loader, fingerprint = token_streams(run, path, tokenizer_name)
+    else:
+        train_loader, val_loader = text_loaders(run, path, tokenizer_name)
+        fingerprint = fingerprint_of(path)
     if len(train_loader) == 0:
         raise RunError(
             f"{path}: the training part has {train_loader.num_examples} windows of "
@@ -290,8 +290,42 @@ def assemble(run: Run) -> Parts:
         optimizer=run.optimizer,
     )  # fmt: skip
     init_key, dropout_key, _ = jax.random.split(jax.random.key(run.seed), 3)  # and sampling's
-    return Parts(train_loader, val_loader, fingerprint_of(path), cfg, tokenizer_name, tx,
-                 run_mesh(run), init_key, dropout_key)  # fmt: skip
+    return Parts(train_loader, val_loader, fingerprint, cfg, tokenizer_name, tx, run_mesh(run),
+                 init_key, dropout_key)  # fmt: skip
+
+
+def text_loaders(run: Run, path: Path, tokenizer_name: str) -> tuple[DataLoader, DataLoader]:
+    """The book's loaders over a text file: its first `train_ratio` of characters trains."""
+    text = _read_text(path)
+    try:
+        return train_val_loaders(text, run.context_length, run.batch_size, run.train_ratio,
+                                 run.seed, sources.load_tokenizer(tokenizer_name))  # fmt: skip
+    except ValueError as e:
+        raise RunError(
+            f"{path}: {e}; use a longer text, a shorter context or another split"
+        ) from None
+
+
+def token_streams(run: Run, folder: Path, tokenizer_name: str) -> tuple:
+    """(train, validation, fingerprint) of a folder of token files, each file checked against
+    its manifest and the tokenizer against the model's."""
+    try:
+        token_files = TokenFiles.open(folder)
+        if token_files.tokenizer != tokenizer_name:
+            raise TokenFilesError(
+                f"{folder} holds {token_files.tokenizer} tokens, the model reads "
+                f"{tokenizer_name}'s: prepare the text again with --tokenizer {tokenizer_name}"
+            )
+        streams = [
+            TokenStream(token_files, split, run.context_length, run.batch_size, shuffle=shuffle,
+                        seed=run.seed, concatenate=run.concatenate, workers=run.data_workers)
+            for split, shuffle in (("train", True), ("val", False))
+        ]  # fmt: skip
+        check_windows(streams[0], "training", every_document=True)
+        check_windows(streams[1], "held-out")
+    except TokenFilesError as e:
+        raise RunError(str(e)) from None
+    return *streams, token_files.fingerprint()
 
 
 def architecture(run: Run) -> tuple[object, str]:
