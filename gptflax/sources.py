@@ -76,11 +76,13 @@ def load_tokenizer(name: str):
 
 
 # Architectures to train from scratch, by name, with the tokenizer each reads: GPT-2's sizes as
-# the book names them (Book §5.5), "tiny" (2 layers of width 32: seconds on a CPU), tiny ones of
-# the other families, and the real models' architectures.
+# the book names them (Book §5.5), "tiny" (2 layers of width 32: seconds on a CPU), "mini" (4 of
+# width 256: lab pretrain's model, minutes on a CPU), tiny ones of the other families, and the
+# real models' architectures.
 ARCHITECTURES = {
     **{size: (cfg, "gpt2") for size, cfg in GPT2_PRESETS.items()},
     "tiny": (TINY, "gpt2"),
+    "mini": (TINY.replace(emb_dim=256, n_layers=4, context_length=256), "gpt2"),
     "tiny-llama": (LLAMA_TINY.replace(vocab_size=49152, context_length=512), "smollm2"),
     "tiny-gemma3": (GEMMA3_TINY.replace(vocab_size=50257), "gpt2"),
     "tiny-qwen3": (QWEN3_TINY.replace(vocab_size=151_936, context_length=512), "qwen3"),

@@ -19,11 +19,13 @@ Re-running `prepare` on unchanged sources with the same settings does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -172,8 +174,24 @@ def _encode_all(pieces: list[Piece], tokenizer: str, workers: int):
         yield from zip(pieces, map(_encode, pieces), strict=True)
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
-    with context.Pool(workers, _start_worker, (tokenizer,)) as pool:
+    with _workers_skip_main(), context.Pool(workers, _start_worker, (tokenizer,)) as pool:
         yield from zip(pieces, pool.imap(_encode, pieces), strict=True)
+
+
+@contextlib.contextmanager
+def _workers_skip_main():
+    """Spawned workers start by running the main script again unless it has an
+    `if __name__ == "__main__":` guard (a lab read as a notebook has none); these workers need
+    nothing from it, so they are not told where it is while they start."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+    if path is not None:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if path is not None:
+            main.__file__ = path
 
 
 _TOKENIZER = None

@@ -27,8 +27,8 @@ def run_lab(name: str, cwd: Path) -> str:
 
 
 # The labs in reading order, as the Makefile's LAB_ORDER.
-LABS = ["A", "2", "bpe", "3", "4", "attention", "5", "speed", "llama", "gemma3", "qwen", "6", "7",
-        "dpo", "D", "E", "design"]  # fmt: skip
+LABS = ["A", "2", "bpe", "3", "4", "attention", "5", "pretrain", "speed", "llama", "gemma3",
+        "qwen", "6", "7", "dpo", "D", "E", "design"]  # fmt: skip
 
 
 # Labs that hold a real model of 0.5B parameters or more in fp32 (about 7 GB): `make test` runs

@@ -19,7 +19,7 @@ from gptflax.tokenfiles import TokenFiles, prepare
 from gptflax.training.loop import Position
 from gptflax.training.run import Run, RunError, pretrain, resume_run
 
-pytestmark = pytest.mark.lab5
+pytestmark = pytest.mark.labpretrain
 
 
 def write_token_files(folder, train: np.ndarray, val: np.ndarray, train_docs=None) -> TokenFiles:
@@ -169,3 +169,11 @@ def test_a_run_refuses_token_files_it_cannot_use(prepared, tmp_path):
                  tmp_path / "b")  # fmt: skip
     with pytest.raises(RunError, match="holds no manifest.json"):
         pretrain(Run(data=str(prepared.parent), model="tiny"), tmp_path / "c")
+
+
+def test_max_steps_ends_a_run_mid_epoch_and_more_steps_continue_it(prepared, tmp_path):
+    result = pretrain(Run(data=str(prepared), **TINY, max_steps=5), tmp_path)
+    assert int(result.state.step) == 5 and result.stopped is None
+    with pytest.raises(RunError, match="has taken all 5 steps it was given"):
+        resume_run(tmp_path)
+    assert int(resume_run(tmp_path, max_steps=7).state.step) == 7

@@ -15,7 +15,7 @@ from gptflax import files, tokenfiles
 from gptflax.tokenfiles import TokenFiles, TokenFilesError, prepare
 from gptflax.tokenizer import gpt2_tokenizer
 
-pytestmark = pytest.mark.lab5
+pytestmark = pytest.mark.labpretrain
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ TRAIN_HELP = {
     "(--no-concatenate keeps each window inside one document)",
     "data_workers": "token files: processes that read batches ahead (grain's workers)",
     "model": "the architecture to train from scratch: GPT-2's 124M (the book's), 355M, 774M or "
-    "1558M, tiny (2 layers of width 32, trains in seconds on a CPU: for trying things out), "
+    "1558M, tiny (2 layers of width 32, trains in seconds on a CPU: for trying things out), mini "
+    "(4 layers of width 256, lab pretrain's), "
     "tiny-llama, tiny-gemma3, smollm2-135m or gemma3-270m",
     "init": "start from this model's weights instead (continued pretraining), e.g. "
     "smollm2-135m-instruct",
@@ -45,6 +46,8 @@ TRAIN_HELP = {
     "the learning rate constant",
     "max_grad_norm": "clip gradients to this global norm after warmup (appendix D: 1.0)",
     "epochs": "passes over the training text, in all",
+    "max_steps": "stop after this many optimizer steps, if sooner than the epochs end (the "
+    "learning-rate schedule spans them)",
     "batch_size": "windows per step",
     "eval_freq": "evaluate every N steps",
     "eval_iter": "batches per evaluation",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Run:
     data: str | None = None  # a UTF-8 text file or a folder of token files; None: the-verdict
     train_ratio: float = 0.9  # of a text file: the first share of the characters trains
     concatenate: bool = True  # of token files: windows may span documents (False: one each)
-    data_workers: int = 0  # of token files: processes that read batches ahead (grain's)
+    data_workers: int = 0  # of token files: processes that read ahead (a script needs a main guard)
     model: str = "124M"
     init: str | None = None
     context_length: int = 256
@@ -75,6 +76,7 @@ class Run:
     warmup: float = 0.0  # the share of steps of linear warmup before cosine decay (App. D)
     max_grad_norm: float | None = None  # clip gradients to this global norm after warmup
     epochs: int = 10
+    max_steps: int | None = None  # stop after this many steps, if sooner than the epochs end
     batch_size: int = 2
     eval_freq: int = 5
     eval_iter: int = 5
@@ -114,6 +116,8 @@ class Run:
             )
         check_remat(self.remat)
         check_optimizer(self.optimizer)
+        if self.max_steps is not None:
+            _check("max_steps", self.max_steps, lambda v: v >= 1, "at least 1", whole=True)
         if self.checkpoint_every is not None:
             _check("checkpoint_every", self.checkpoint_every, lambda v: v >= 1, "at least 1", True)
         _check("seed", self.seed, lambda v: True, "a whole number", whole=True)
@@ -233,12 +237,12 @@ def resume_run(run_dir: str | Path, *, accept_new_data: bool = False, **changes)
         position = Position(**meta["position"]) if "position" in meta else Position(
             history.epochs_done, 0
         )  # fmt: skip
-        total = run.epochs * len(parts.train_loader)
+        total = total_steps(run, len(parts.train_loader))
         if step >= total:
-            raise RunError(
-                f"the run has taken all {total} steps of its {run.epochs} epochs: ask for more "
-                "epochs to train on"
-            )
+            given = f"of its {run.epochs} epochs: ask for more epochs"
+            if total < run.epochs * len(parts.train_loader):
+                given = "it was given (max_steps): ask for more max_steps"
+            raise RunError(f"the run has taken all {total} steps {given} to train on")
         template = jax.eval_shape(
             lambda: init_train_state(models.init_params(jax.random.key(0), parts.cfg), parts.tx)
         )
@@ -282,7 +286,7 @@ def assemble(run: Run) -> Parts:
             f"{path}: the training part has {train_loader.num_examples} windows of "
             f"{run.context_length} tokens, fewer than one batch: lower the batch size"
         )
-    total = run.epochs * len(train_loader)
+    total = total_steps(run, len(train_loader))
     warmup_steps = int(run.warmup * total)
     lr = warmup_cosine_schedule(run.lr, total, warmup_steps) if warmup_steps else run.lr
     tx = make_optimizer(
@@ -326,6 +330,11 @@ def token_streams(run: Run, folder: Path, tokenizer_name: str) -> tuple:
     except TokenFilesError as e:
         raise RunError(str(e)) from None
     return *streams, token_files.fingerprint()
+
+
+def total_steps(run: Run, per_epoch: int) -> int:
+    """The steps a run takes: its epochs' batches, or max_steps if fewer."""
+    return min(run.epochs * per_epoch, run.max_steps or run.epochs * per_epoch)
 
 
 def architecture(run: Run) -> tuple[object, str]:
@@ -407,7 +416,7 @@ def _train(run: Run, parts: Parts, state, history, position, run_dir: Path) -> R
     meta = {"run": run.to_dict(), "tokenizer": parts.tokenizer_name, "data": parts.fingerprint}
     saver = SaveCheckpoints(run_dir / "checkpoints", run, cfg, history, meta, len(loader))
     hooks = [
-        Progress(run.epochs * len(loader), int(state.step)),
+        Progress(total_steps(run, len(loader)), int(state.step)),
         Record(history),
         Every(
             run.eval_freq,
@@ -418,7 +427,8 @@ def _train(run: Run, parts: Parts, state, history, position, run_dir: Path) -> R
         saver,
         PlotAtEnd(run_dir / "loss.png", history, len(loader)),
     ]
-    batches = epoch_batches(loader, run.epochs, position, rows)
+    batches = itertools.islice(epoch_batches(loader, run.epochs, position, rows),
+                               total_steps(run, len(loader)) - int(state.step))  # fmt: skip
     state, stopped = train_loop(state, batches, step_fn, parts.dropout_key, hooks, prepare=prepare)
     return Result(state, history, stopped, saver.newest)
 
