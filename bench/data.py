@@ -55,8 +55,9 @@ def data_report(quick: bool) -> dict:
 
 
 def _stream_vs_step(folder: Path, quick: bool) -> dict:
-    """Median seconds to take one (8, 256) batch from the grain stream, and of one train step
-    of the model on it (the 124M; tiny in quick mode)."""
+    """Median seconds to take one (8, 256) batch from the grain stream (read ahead in a thread,
+    as training takes them), to read one without reading ahead, and of one train step of the
+    model on it (the 124M; tiny in quick mode)."""
     cfg = (TINY if quick else GPT_CONFIG_124M).replace(context_length=256, drop_rate=0.0)
     rows, steps = 8, (3 if quick else 5)
     stream = TokenStream(TokenFiles.open(folder), "train", 256, rows, shuffle=True, seed=1)
@@ -66,6 +67,11 @@ def _stream_vs_step(folder: Path, quick: bool) -> dict:
         t0 = time.perf_counter()
         next(batches)
         load.append(time.perf_counter() - t0)
+    dataset, read = stream.dataset(1), []
+    for k in np.random.default_rng(0).integers(0, len(dataset), 50):
+        t0 = time.perf_counter()
+        dataset[int(k)]
+        read.append(time.perf_counter() - t0)
     params = models.init_params(jax.random.key(0), cfg)
     tx = make_optimizer(4e-4, 0.1)
     state, step, _ = jit_train_step(init_train_state(params, tx), cfg, tx,
@@ -79,7 +85,8 @@ def _stream_vs_step(folder: Path, quick: bool) -> dict:
     step_s = float(np.median(timings[1:]))  # the first compiles
     load_s = float(np.median(load))
     return {"model": "tiny" if quick else "124M", "batch": [rows, 256], "load_s": load_s,
-            "step_s": step_s, "load_share": load_s / step_s}  # fmt: skip
+            "read_s": float(np.median(read)), "step_s": step_s,
+            "load_share": load_s / step_s}  # fmt: skip
 
 
 def data_markdown(r: dict) -> str:
@@ -92,6 +99,7 @@ def data_markdown(r: dict) -> str:
         f"| prepare again, unchanged | {r['prepare_again_s']:.2f} s |",
         f"| one ({r['batch'][0]}, {r['batch'][1]}) batch from the grain stream | "
         f"{r['load_s'] * 1e3:.3f} ms |",
+        f"| the same read without reading ahead | {r['read_s'] * 1e3:.3f} ms |",
         f"| one {r['model']} train step on it | {r['step_s']:.2f} s |",
         f"| loading's share of a step | **{r['load_share']:.4%}** |", "",
     ])  # fmt: skip

@@ -13,10 +13,10 @@ or each stays inside one document.
 The pipeline is grain's: a random-access source of window ids, shuffled by grain's index shuffle
 (epoch e's order depends only on the seed and e; no permutation is ever held), cut to whole
 batches per epoch, batched, and only then read, each process reading only its rows of every
-global batch. Memory does not grow with the corpus. A run's checkpoints record the
-position of its next batch (epoch, index); the pipeline being random-access, a resumed run starts
-its iterator at exactly that batch, with any number of worker processes (grain's own iterator
-state changes its form with them).
+global batch. Memory does not grow with the corpus. A run's checkpoints record the position of
+its next batch (epoch, index); the pipeline being random-access, a resumed run starts its
+iterator at exactly that batch, with any number of worker processes (grain's own iterator state
+changes its form with them).
 """
 
 from __future__ import annotations

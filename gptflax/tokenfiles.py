@@ -11,9 +11,10 @@ vocabulary fits (GPT-2's 50,257 does), else uint32. `manifest.json` records the 
 split, each document (source file, size, sha256, token counts) and each token file (tokens,
 sha256); it is written last, so a folder without one holds no finished token files.
 
-Documents are cut into pieces of a few MB at line breaks where GPT-2's pre-tokenizer splits the
-text anyway (after a line break between two printable characters, or between a paragraph's two
-breaks), so the pieces, tokenized in parallel processes, give exactly the tokens of the whole.
+Documents are cut into pieces of a few MB where GPT-2's pre-tokenizer splits the text anyway
+(after a line break between two printable characters, between a paragraph's two breaks, or
+after a sentence's end before the next one's space), so the pieces, tokenized in parallel
+processes, give exactly the tokens of the whole.
 Re-running `prepare` on unchanged sources with the same settings does nothing.
 """
 
@@ -38,8 +39,9 @@ FORMAT = 1
 SPLITS = ("train", "val")
 PIECE_BYTES = 1 << 22  # text per task: 4 MiB
 # A safe cut: right after a line break that follows a printable ASCII character and comes
-# before another, or before a second line break and one (between a paragraph's two breaks).
-_CUT = re.compile(rb"[!-~]\n(?=\n?[!-~])")
+# before another, or before a second line break and one (between a paragraph's two breaks); or
+# right after a sentence's end, before the single space and capital letter of the next.
+_CUT = re.compile(rb"[!-~]\n(?=\n?[!-~])|[.!?](?= [A-Z])")
 _SEARCH = 1 << 16
 
 
@@ -153,12 +155,12 @@ def _pieces(path: Path, val_share: float) -> Iterator[Piece]:
 
 def _cut_after(f, position: int, end: int) -> int:
     """The first safe cut at or after `position` and before `end` (see `_CUT`), else `end`.
-    A cut c has a character at c - 2, its line break at c - 1; blocks overlap by four bytes."""
+    A cut's pattern starts at most two bytes before it; blocks overlap by four bytes."""
     while position < end:
         base = max(position - 2, 0)
         f.seek(base)
         block = f.read(_SEARCH + 4)
-        match = _CUT.search(block)
+        match = next((m for m in _CUT.finditer(block) if base + m.end() >= position), None)
         if match is not None:
             return min(base + match.end(), end)
         if len(block) < _SEARCH + 4:

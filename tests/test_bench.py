@@ -161,3 +161,15 @@ def test_gpu_mode_without_an_accelerator_says_what_to_do():
     )
     assert result.returncode != 0
     assert "found no accelerator" in result.stderr and "jax[cuda12]" in result.stderr
+
+
+def test_the_data_bench_reports_prepare_speed_and_the_load_share_of_a_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    data = importlib.import_module("data")
+    r = data.data_report(quick=True)
+    assert r["prepare_mb_per_s"] == pytest.approx(r["text_mb"] / r["prepare_s"])
+    assert r["tokens"] > r["text_mb"] * 1e5  # a token is a few bytes of English
+    assert r["prepare_again_s"] < r["prepare_s"] and 0 < r["load_s"] < r["step_s"]
+    assert 0 < r["read_s"] < r["step_s"]
+    assert r["load_share"] == pytest.approx(r["load_s"] / r["step_s"])
+    assert f"{r['prepare_mb_per_s']:.1f} MB/s" in data.data_markdown(r)

@@ -177,3 +177,17 @@ def test_max_steps_ends_a_run_mid_epoch_and_more_steps_continue_it(prepared, tmp
     with pytest.raises(RunError, match="has taken all 5 steps it was given"):
         resume_run(tmp_path)
     assert int(resume_run(tmp_path, max_steps=7).state.step) == 7
+
+
+def test_train_data_on_the_command_line_reports_bad_token_files_in_one_line(prepared, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared, broken)
+    (broken / "val.bin").write_bytes((broken / "val.bin").read_bytes()[:-2])
+    for folder, message in [(prepared.parent, "holds no manifest.json"),
+                            (broken, "it was changed or cut short")]:  # fmt: skip
+        run = subprocess.run([sys.executable, "-m", "gptflax", "train", "--data", str(folder),
+                              "--model", "tiny", "--run-dir", str(tmp_path / "run")],
+                             capture_output=True, text=True)  # fmt: skip
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 1 and lines[-1].startswith("error: ") and message in lines[-1]
+        assert "Traceback" not in run.stderr
