@@ -92,11 +92,12 @@ print(f"unigram entropy of the training tokens {unigram_train:.3f} nats; held-ou
 # On 2 CPU cores a 124M step of 8 x 256 tokens takes seconds, and 15 minutes would see a few
 # hundred thousand tokens. Most of a small GPT's compute is its output head: 256 x 50,257 is
 # 13M weights, used at every position. "mini" (4 blocks of width 256, 4 heads, context 256:
-# 29M parameters, 3.2M of them in the blocks) trains at about 1,800 tokens/s here, so 15
-# minutes see about 1.5 million tokens, a tenth of the corpus: less than one epoch, which is
-# how corpora are trained on. No dropout (it slows learning when no window is seen twice),
-# AdamW with warmup and cosine decay (appendix D). On a GPU the lab trains the book's 124M at
-# context 1024 instead, in bf16 with the fastest measured step (lab speed), for about 3 epochs.
+# 29M parameters, 3.2M of them in the blocks) trains at about 1,500 tokens/s here, so 500 steps
+# of 8 x 256 tokens (13 minutes) see a million tokens, a thirteenth of the corpus: less than one
+# epoch, which is how corpora are trained on. No dropout (it slows learning when no window is seen
+# twice), AdamW with warmup and cosine decay (appendix D). On a GPU the lab trains the book's
+# 124M at context 1024 instead, in bf16 with the fastest measured step (lab speed), for about 3
+# epochs.
 
 # %%
 print("\n# 4. Training")
@@ -111,7 +112,7 @@ elif QUICK:
               checkpoint_every=10, keep=10, start_context="Call me")  # fmt: skip
 else:
     run = Run(data=str(tokens_dir), model="mini", context_length=256, batch_size=8,
-              drop_rate=0.0, lr=1e-3, warmup=0.05, max_grad_norm=1.0, max_steps=700,
+              drop_rate=0.0, lr=1e-3, warmup=0.05, max_grad_norm=1.0, max_steps=500,
               eval_freq=50, eval_iter=10, checkpoint_every=50, keep=3,
               start_context="Every effort moves you")  # fmt: skip
 tokenizer = gpt2_tokenizer()
