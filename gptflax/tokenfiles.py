@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptflax.files import save_json, sha256_of
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -116,8 +118,6 @@ def prepare(
     manifest = {**settings, "vocab_size": tok.n_vocab, "eos_id": tok.eos_id,
                 "dtype": np.dtype(dtype).name, "files": token_files,
                 "documents": documents}  # fmt: skip
-    from gptflax.files import save_json
-
     save_json(manifest, out / MANIFEST)
     print(f"{out}: {_summary(manifest)}")
     return manifest
@@ -246,16 +246,8 @@ class _TokenWriter:
 
 def _document(path: Path, counts: dict) -> Document:
     stat = path.stat()
-    return Document(str(path), stat.st_size, stat.st_mtime_ns, _sha256(path),
+    return Document(str(path), stat.st_size, stat.st_mtime_ns, sha256_of(path),
                     counts[(str(path), "train")], counts[(str(path), "val")])  # fmt: skip
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _up_to_date(manifest: dict, settings: dict, paths: list[Path], out: Path) -> bool:
@@ -270,7 +262,7 @@ def _up_to_date(manifest: dict, settings: dict, paths: list[Path], out: Path) ->
         stat = path.stat()
         if stat.st_size != doc["bytes"]:
             return False
-        if stat.st_mtime_ns != doc["mtime_ns"] and _sha256(path) != doc["sha256"]:
+        if stat.st_mtime_ns != doc["mtime_ns"] and sha256_of(path) != doc["sha256"]:
             return False
     width = np.dtype(manifest["dtype"]).itemsize
     paths = {out / f["file"]: width * f["tokens"] for f in manifest["files"].values()}
@@ -332,7 +324,7 @@ class TokenFiles:
                     f"{path} holds {path.stat().st_size:,} bytes, the manifest says "
                     f"{width * entry['tokens']:,}: it was changed or cut short; {redo}"
                 )
-            if verify and _sha256(path) != entry["sha256"]:
+            if verify and sha256_of(path) != entry["sha256"]:
                 raise TokenFilesError(f"{path} does not match its sha256 in {MANIFEST}: {redo}")
         return cls(folder, manifest)
 

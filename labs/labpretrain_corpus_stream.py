@@ -13,7 +13,7 @@
 # 5. the run restarted from a checkpoint in the middle of an epoch, which ends exactly where the
 #    uninterrupted run did.
 #
-# About 15 minutes on 2 CPU cores; GPTFLAX_QUICK=1 takes two small sources and a tiny model.
+# About 13 minutes on 2 CPU cores; GPTFLAX_QUICK=1 takes two small sources and a tiny model.
 
 # %%
 print("\n# 1. The corpus: public-domain and freely licensed English from registry packages")
@@ -92,12 +92,12 @@ print(f"unigram entropy of the training tokens {unigram_train:.3f} nats; held-ou
 # On 2 CPU cores a 124M step of 8 x 256 tokens takes seconds, and 15 minutes would see a few
 # hundred thousand tokens. Most of a small GPT's compute is its output head: 256 x 50,257 is
 # 13M weights, used at every position. "mini" (4 blocks of width 256, 4 heads, context 256:
-# 29M parameters, 3.2M of them in the blocks) trains at about 1,500 tokens/s here, so 500 steps
-# of 8 x 256 tokens (13 minutes) see a million tokens, a thirteenth of the corpus: less than one
-# epoch, which is how corpora are trained on. No dropout (it slows learning when no window is seen
-# twice), AdamW with warmup and cosine decay (appendix D). On a GPU the lab trains the book's
-# 124M at context 1024 instead, in bf16 with the fastest measured step (lab speed), for about 3
-# epochs.
+# 29M parameters, 3.2M of them in the blocks) trains at about 1,800 tokens/s here, so 500
+# steps of 8 x 256 tokens (11 minutes with evaluations) see a million tokens, a thirteenth of
+# the corpus: less than one epoch, which is how corpora are trained on. No dropout (it slows
+# learning when no window is seen twice), AdamW with warmup and cosine decay (appendix D). On a
+# GPU the lab trains the book's 124M at context 1024 instead, in bf16 with the fastest measured
+# step (lab speed), for about 3 epochs.
 
 # %%
 print("\n# 4. Training")
