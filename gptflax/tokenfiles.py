@@ -102,10 +102,10 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # token files being rewritten are not finished
     pieces = [p for path in paths for p in _pieces(path, val_share)]
-    workers = workers or (os.cpu_count() if sum(p.end - p.start for p in pieces) > 1 << 24 else 1)
+    total = sum(p.end - p.start for p in pieces)
+    workers = workers or (os.cpu_count() if total > 1 << 24 else 1)
     writers = {split: _TokenWriter(out / f"{split}.bin") for split in SPLITS}
     counts = {(str(path), split): 0 for path in paths for split in SPLITS}
-    total = sum(p.end - p.start for p in pieces)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing ({workers} process(es))",
               mininterval=1.0) as bar:  # fmt: skip
         for piece, ids in _encode_all(pieces, tokenizer, workers):

@@ -334,7 +334,8 @@ def token_streams(run: Run, folder: Path, tokenizer_name: str) -> tuple:
 
 def total_steps(run: Run, per_epoch: int) -> int:
     """The steps a run takes: its epochs' batches, or max_steps if fewer."""
-    return min(run.epochs * per_epoch, run.max_steps or run.epochs * per_epoch)
+    epochs_end = run.epochs * per_epoch
+    return min(epochs_end, run.max_steps) if run.max_steps else epochs_end
 
 
 def architecture(run: Run) -> tuple[object, str]:
