@@ -47,6 +47,10 @@ class Architecture:
         needs no more slots than that."""
         return None
 
+    def is_deltanet(self, layer: int) -> bool:
+        """Whether `layer` is a Gated DeltaNet layer (a fixed-size state) rather than attention."""
+        return False
+
 
 @jax.tree_util.register_static  # hashable and static: passes through jax.jit as is
 @dataclass(frozen=True)
@@ -69,12 +73,16 @@ class GPTConfig(Architecture):
     n_kv_groups: int | None = None  # GQA: key/value heads, each serving n_heads / n_kv_groups
     latent_dim: int | None = None  # MLA: keys and values come from one cached latent of this size
     window: int | None = None  # SWA: a query sees itself and window - 1 earlier positions
-    full_attention_every: int = 0  # with a window: every n-th layer sees everything (0: none)
+    full_attention_every: int = 0  # with a window or DeltaNet: every n-th layer attends to all
     num_experts: int = 0  # MoE: SwiGLU experts for the feed-forward (0: the dense GELU one)
     num_experts_per_tok: int = 2  # the top-k experts each token goes through
     num_shared_experts: int = 0  # experts every token goes through, beside the routed ones
     moe_hidden_dim: int | None = None  # each expert's hidden size (default 4 * emb_dim)
     router_aux_coef: float = 0.01  # weight of the router's load-balancing loss in training
+    # Gated DeltaNet (bonus ch04/08): linear attention in all layers, or with full_attention_every,
+    # in all but every n-th (4: Qwen3-Next's 3:1); its short convolution's taps.
+    gated_deltanet: bool = False
+    deltanet_conv: int = 4
 
     HOW_IT_RUNS = ("drop_rate", "fused_attention", "remat", "window", "router_aux_coef")
 
@@ -102,6 +110,13 @@ class GPTConfig(Architecture):
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must lie in 1..num_experts"
             )
+        if self.gated_deltanet and (self.window or self.latent_dim):
+            raise ValueError(
+                "gated_deltanet mixes linear attention with full attention "
+                "(full_attention_every): it takes no window and no latent_dim"
+            )
+        if self.deltanet_conv < 1:
+            raise ValueError(f"deltanet_conv={self.deltanet_conv}: the convolution needs a tap")
 
     @property
     def head_dim(self) -> int:
@@ -118,8 +133,14 @@ class GPTConfig(Architecture):
 
     def is_full(self, layer):
         """Whether `layer` (an int, or a traced one in the layer scan) sees every position."""
+        return self.window is None or self._every_nth(layer)
+
+    def is_deltanet(self, layer: int) -> bool:
+        return self.gated_deltanet and not self._every_nth(layer)
+
+    def _every_nth(self, layer):
         every = self.full_attention_every
-        return self.window is None or (every > 0 and layer % every == every - 1)
+        return every > 0 and layer % every == every - 1
 
     def kv_window(self, layer: int) -> int | None:
         return None if self.is_full(layer) else self.window

@@ -65,6 +65,8 @@ class DecodingParams(NamedTuple):
 
 def unstack_blocks(params: dict) -> dict:
     """The params with `trf_blocks` as a list of per-layer params instead of stacked arrays."""
+    if isinstance(params["trf_blocks"], list):
+        return params
     n_layers = jax.tree.leaves(params["trf_blocks"])[0].shape[0]
     blocks = [
         jax.tree.map(lambda leaf, i=i: leaf[i], params["trf_blocks"]) for i in range(n_layers)

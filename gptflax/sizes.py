@@ -3,7 +3,8 @@ token) and a mixture of experts' total and active parameters, as the book's esti
 bonus folders ch04/04_gqa to ch04/08_deltanet compute them.
 
 The per-layer functions take the book's numbers; `kv_cache_bytes` adds them up over a config's
-layers, each by its kind: full attention, a sliding window (SWA) or a latent (MLA). The book
+layers, each by its kind: full attention, a sliding window (SWA), a latent (MLA) or a Gated
+DeltaNet's state. The book
 prints GB as bytes / 1000**3.
 """
 
@@ -47,8 +48,15 @@ def swa_layers(n_layers: int, swa: int, full: int) -> tuple[int, int]:
 
 
 def layer_cache_bytes(cfg, layer: int, context_length: int, *, batch_size=1, dtype_bytes=2) -> int:
-    """The bytes one layer of `cfg` keeps for decoding at `context_length`: an MLA latent, or
-    keys and values, for the positions the layer sees (its window, if it has one)."""
+    """The bytes one layer of `cfg` keeps for decoding at `context_length`: a Gated DeltaNet's
+    state and its convolution's last inputs (which the book's plot leaves out), an MLA latent,
+    or keys and values, for the positions the layer sees (its window, if it has one)."""
+    if cfg.is_deltanet(layer):
+        state = deltanet_bytes_per_layer(
+            cfg.n_heads, cfg.head_dim, batch_size=batch_size, dtype_bytes=dtype_bytes
+        )
+        conv = batch_size * (cfg.deltanet_conv - 1) * 3 * cfg.emb_dim * dtype_bytes
+        return state + conv
     seen = min(context_length, cfg.kv_window(layer) or context_length)
     if getattr(cfg, "latent_dim", None):
         return mla_bytes_per_layer(

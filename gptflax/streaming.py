@@ -74,13 +74,14 @@ class Decoder:
 
     def rewind(self, keep: int) -> None:
         """Keep only the first `keep` tokens: the cache forgets the positions after them. A
-        sliding-window ring that has wrapped no longer holds the positions before its window, so
-        then the kept tokens are run through the model again."""
+        sliding-window ring that has wrapped no longer holds the positions before its window,
+        and a recurrent state (Gated DeltaNet) cannot forget, so then the kept tokens are run
+        through the model again."""
         self._recover()
         if keep >= len(self.ids):
             return
-        wrapped = any(c.keys.shape[2] < len(self.ids) and self.cfg.kv_window(i)
-                      for i, c in enumerate(self.cache))  # fmt: skip
+        wrapped = any(not isinstance(c, KVCache) or (c.keys.shape[2] < len(self.ids)
+                      and self.cfg.kv_window(i)) for i, c in enumerate(self.cache))  # fmt: skip
         kept, self.ids = self.ids[:keep], self.ids[:keep]
         self.cache = _forget_after(self.cache, keep)
         if wrapped:
@@ -202,9 +203,13 @@ def with_room(cache: tuple, cfg, capacity: int, length: int) -> tuple[int, tuple
 
 def grown_cache(cache: tuple, cfg, length: int) -> tuple:
     """The cache with `length` slots a layer (its window's, for a sliding one): the new slots
-    empty. Positions so far are below the old size, so each stays in its slot."""
+    empty. Positions so far are below the old size, so each stays in its slot. A recurrent
+    state (not a `KVCache`) has no slots and stays as it is."""
     grown = []
     for i, layer in enumerate(cache):
+        if not isinstance(layer, KVCache):
+            grown.append(layer)
+            continue
         extra = min(length, cfg.kv_window(i) or length) - layer.keys.shape[2]
         pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
         positions = jnp.pad(layer.positions, [(0, 0), (0, extra)], constant_values=-1)

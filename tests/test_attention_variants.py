@@ -1,7 +1,8 @@
-"""The book's attention alternatives (bonus ch04/04 to 07) as options of the GPT: the estimators
+"""The book's attention alternatives (bonus ch04/04 to 08) as options of the GPT: the estimators
 reproduce the numbers the folders' READMEs print; every variant decodes from its cache the tokens
 it computes without one, and at its neutral setting is the plain GPT; MLA's absorbed form equals
-its plain form; MoE's sorted dispatch equals computing every expert."""
+its plain form; MoE's sorted dispatch equals computing every expert; Gated DeltaNet's chunked
+form equals its recurrence."""
 
 import math
 
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 
 from gptflax import models, parallel, sizes
+from gptflax.batching import BatchDecoder
 from gptflax.config import GPTConfig
-from gptflax.generate import generate
-from gptflax.models import gpt, llama, mla, moe
+from gptflax.generate import generate, generate_cached
+from gptflax.models import deltanet, gpt, llama, mla, moe
+from gptflax.streaming import Decoder, Sampling
 
 pytestmark = pytest.mark.labattention
 
@@ -24,6 +27,7 @@ VARIANTS = {
     "mla": BASE.replace(latent_dim=8),
     "moe": BASE.replace(num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
                         moe_hidden_dim=16),
+    "deltanet": BASE.replace(gated_deltanet=True, n_layers=4, full_attention_every=4),  # 3:1
 }  # fmt: skip
 TOKENS = jax.random.randint(jax.random.key(1), (2, 20), 0, BASE.vocab_size)
 
@@ -100,9 +104,10 @@ def test_cached_greedy_decoding_equals_uncached(name):
     np.testing.assert_array_equal(cached, generate(params, TOKENS[:, :5], 6, cfg, use_cache=False))
 
 
-@pytest.mark.parametrize("name", ["swa", "mla"])
+@pytest.mark.parametrize("name", ["swa", "mla", "deltanet"])
 def test_prefill_and_steps_give_the_forward_logits(name):
-    """A 4-slot ring on the sliding layers (so positions wrap) and MLA's absorbed form."""
+    """A 4-slot ring on the sliding layers (so positions wrap), MLA's absorbed form, and DeltaNet's
+    state: prefilled by the chunked form, then stepped by the recurrence."""
     cfg = VARIANTS[name]
     params = models.init_params(jax.random.key(0), cfg)
     reference = models.forward(params, TOKENS, cfg)
@@ -120,10 +125,12 @@ def test_prefill_and_steps_give_the_forward_logits(name):
 
 
 def test_neutral_settings_are_the_plain_gpt():
-    """One KV group per head, a window as long as the context: the same params and logits."""
+    """One KV group per head, a window as long as the context, DeltaNet's every layer full
+    attention: the same params and logits."""
     plain = models.init_params(jax.random.key(0), BASE)
     reference = models.forward(plain, TOKENS, BASE)
-    for cfg in (BASE.replace(n_kv_groups=4), BASE.replace(window=32, full_attention_every=2)):
+    for cfg in (BASE.replace(n_kv_groups=4), BASE.replace(window=32, full_attention_every=2),
+                BASE.replace(gated_deltanet=True, full_attention_every=1)):  # fmt: skip
         params = models.init_params(jax.random.key(0), cfg)
         jax.tree.map(np.testing.assert_array_equal, params, plain)
         np.testing.assert_allclose(models.forward(params, TOKENS, cfg), reference, atol=1e-6)
@@ -222,3 +229,110 @@ def test_experts_split_over_the_model_axis():
         jax.jit(models.forward)(sharded, TOKENS, cfg),
         models.forward(params, TOKENS, cfg), atol=1e-5,
     )  # fmt: skip
+
+
+# --- Gated DeltaNet -------------------------------------------------------------------------------
+
+
+def delta_inputs(t, seed=0, b=2, h=3, dh=8):
+    """Random q, k (L2-normed), v, write strengths in (0, 1), log decays below 0, a state."""
+    r = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(r.normal(size=shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(b, h, t, dh), deltanet.l2_normed(normal(b, h, t, dh)), normal(b, h, t, dh)
+    beta, g = jax.nn.sigmoid(normal(b, h, t)), -jax.nn.softplus(normal(b, h, t))
+    return q, k, v, beta, g, normal(b, h, dh, dh)
+
+
+def test_the_recurrence_is_the_books_delta_rule():
+    """Per head and token: S <- a S; d = b (v - S^T k); S <- S + k d^T; o = S^T q (NumPy)."""
+    q, k, v, beta, g, s0 = (np.asarray(z, np.float64) for z in delta_inputs(7))
+    out, state = deltanet.recurrent(*(jnp.asarray(z, jnp.float32) for z in (q, k, v, beta, g, s0)))
+    for b, h in np.ndindex(2, 3):
+        s = s0[b, h].copy()
+        for t in range(7):
+            s *= np.exp(g[b, h, t])
+            s += np.outer(k[b, h, t], beta[b, h, t] * (v[b, h, t] - s.T @ k[b, h, t]))
+            np.testing.assert_allclose(out[b, h, t], s.T @ q[b, h, t], atol=1e-5)
+        np.testing.assert_allclose(state[b, h], s, atol=1e-5)
+
+
+@pytest.mark.parametrize(("t", "chunk"), [(50, 16), (64, 64), (5, 64)])
+def test_the_chunked_form_equals_the_recurrence(t, chunk):
+    """Several chunks with a padded last one, one whole chunk, a chunk shorter than the default;
+    from a non-zero state, to 1e-5."""
+    inputs = delta_inputs(t)
+    out, state = deltanet.recurrent(*inputs)
+    chunked_out, chunked_state = deltanet.chunked(*inputs, chunk=chunk)
+    np.testing.assert_allclose(chunked_out, out, atol=1e-5)
+    np.testing.assert_allclose(chunked_state, state, atol=1e-5)
+    grads = jax.grad(lambda q: deltanet.chunked(q, *inputs[1:], chunk=chunk)[0].sum())(inputs[0])
+    assert bool(jnp.isfinite(grads).all())
+
+
+def test_deltanet_layers_keep_a_fixed_size_state_and_alternate_with_attention():
+    cfg = VARIANTS["deltanet"]
+    params = models.init_params(jax.random.key(0), cfg)
+    assert ["A_log" in block["att"] for block in params["trf_blocks"]] == [True] * 3 + [False]
+    cache = models.init_cache(cfg, 2, 32)
+    assert [type(c).__name__ for c in cache] == ["DeltaState"] * 3 + ["KVCache"]
+    assert cache[0].state.shape == (2, cfg.n_heads, cfg.head_dim, cfg.head_dim)
+    per_layer = sizes.deltanet_bytes_per_layer(4, 8) + 3 * 3 * 32 * 2  # the state, conv inputs
+    for context in (32, 32_768):
+        full = sizes.kv_bytes_per_layer(context, 4, 8)
+        assert sizes.kv_cache_bytes(cfg, context) == 3 * per_layer + full
+
+
+def test_ragged_prompts_decode_as_each_alone():
+    """Right-padded prompts: the padding enters neither the state nor the convolution's inputs."""
+    cfg = VARIANTS["deltanet"]
+    params = models.init_params(jax.random.key(0), cfg)
+    prompts = [list(TOKENS[0, :3]), list(TOKENS[1, :11])]
+    together = generate_cached(params, prompts, 6, cfg)
+    for row, prompt in enumerate(prompts):
+        np.testing.assert_array_equal(together[row], generate_cached(params, [prompt], 6, cfg)[0])
+
+
+def test_a_rewound_deltanet_decoder_runs_the_kept_tokens_again():
+    """A state cannot forget: rewinding re-feeds the kept tokens; the logits are a fresh one's."""
+    cfg = VARIANTS["deltanet"]
+    params = models.init_params(jax.random.key(0), cfg)
+    ids = [int(i) for i in TOKENS[0, :12]]
+    decoder = Decoder(params, cfg, capacity=8)
+    decoder.feed(ids)
+    decoder.rewind(5)
+    again = decoder.feed(ids[5:9])
+    np.testing.assert_allclose(again, Decoder(params, cfg).feed(ids[:9]), atol=1e-5)
+
+
+def test_deltanet_params_split_over_the_model_axis_by_heads():
+    cfg = VARIANTS["deltanet"]
+    params = models.init_params(jax.random.key(0), cfg)
+    mesh = parallel.make_mesh(data=2, model=4)
+    att = parallel.shardings(params, cfg, mesh, "tp")["trf_blocks"][0]["att"]
+    spec = jax.sharding.PartitionSpec
+    assert att["W_alpha"]["kernel"].spec == spec(None, "model")  # a head on each device
+    assert att["conv1d"].spec == spec(None, None, "model")
+    assert (att["A_log"].spec, att["head_norm"]["scale"].spec) == (spec("model"), spec(None))
+    sharded = parallel.shard(params, cfg, mesh, "tp")
+    np.testing.assert_allclose(
+        jax.jit(models.forward)(sharded, TOKENS, cfg),
+        models.forward(params, TOKENS, cfg), atol=1e-5,
+    )  # fmt: skip
+
+
+def test_a_reused_batch_row_forgets_its_state():
+    """A row's prefill starts from an empty state whatever the row held before."""
+    cfg = VARIANTS["deltanet"]
+    params = models.init_params(jax.random.key(0), cfg)
+    decoder, greedy = BatchDecoder(params, cfg, rows=2, capacity=8), Sampling(temperature=0.0)
+    for prompt in ([int(i) for i in TOKENS[0, :9]], [int(i) for i in TOKENS[1, :3]]):
+        tokens = [decoder.start(0, prompt, greedy, seed=0)]
+        tokens += [int(decoder.step()[0]) for _ in range(5)]
+        np.testing.assert_array_equal(tokens, generate_cached(params, [prompt], 6, cfg)[0])
+
+
+def test_deltanet_takes_no_window_or_latent():
+    with pytest.raises(ValueError, match="no window and no latent_dim"):
+        BASE.replace(gated_deltanet=True, window=8)
+    with pytest.raises(ValueError, match="deltanet_conv=0"):
+        BASE.replace(gated_deltanet=True, deltanet_conv=0)

@@ -8,8 +8,10 @@ leading axis of length `n_layers`. `gptflax.models.transformer` runs the pieces 
 The book's attention alternatives (bonus ch04/04 to 07) are config fields, each off by default:
 grouped-query attention (`n_kv_groups`), a sliding window (`window`, on all layers or all but every
 `full_attention_every`-th; its cache a ring of the window's slots), multi-head latent attention
-(`latent_dim`, `gptflax.models.mla`) and a mixture of experts (`num_experts`,
-`gptflax.models.moe`).
+(`latent_dim`, `gptflax.models.mla`), a mixture of experts (`num_experts`,
+`gptflax.models.moe`) and Gated DeltaNet linear attention (`gated_deltanet`,
+`gptflax.models.deltanet`). A model that mixes DeltaNet and attention layers keeps its blocks as
+a list, each layer's params its own, since the two kinds cannot stack.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from gptflax import nn
 from gptflax.attention import init_multi_head_attention, self_attention
 from gptflax.config import GPTConfig
-from gptflax.models import mla, moe, transformer
+from gptflax.models import deltanet, mla, moe, transformer
 
 # The logical axes of the params, by path: what each dimension is, so that `gptflax.parallel` can
 # split it over a device mesh for a sharding strategy. A bias follows its kernel's output axis;
@@ -39,6 +41,7 @@ LOGICAL_AXES = {
     "out_head/kernel": ("embed", "vocab"),  # (D, V), or (D, classes) after chapter 6
     **mla.LOGICAL_AXES,
     **moe.LOGICAL_AXES,
+    **deltanet.LOGICAL_AXES,
 }
 
 
@@ -56,19 +59,22 @@ def feed_forward(params: dict, x: jax.Array) -> jax.Array:
     return nn.linear(params["fc2"], nn.gelu(nn.linear(params["fc1"], x)))  # via (B, T, 4D)
 
 
-def init_attention(key: jax.Array, cfg: GPTConfig) -> dict:
-    """The attention's params: multi-head (Book §3.6.2), grouped-query or latent (MLA)."""
+def init_attention(key: jax.Array, cfg: GPTConfig, layer: int = 0) -> dict:
+    """The attention's params: multi-head (Book §3.6.2), grouped-query, latent (MLA) or, on the
+    layers that have it, Gated DeltaNet."""
+    if cfg.is_deltanet(layer):
+        return deltanet.init_layer(key, cfg)
     if cfg.latent_dim:
         return mla.init_attention(key, cfg)
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     return init_multi_head_attention(key, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias, kv_dim)
 
 
-def init_block(key: jax.Array, cfg: GPTConfig) -> dict:
+def init_block(key: jax.Array, cfg: GPTConfig, layer: int = 0) -> dict:
     """Params of one transformer block (Book §4.5)."""
     k_att, k_ff = jax.random.split(key)
     return {
-        "att": init_attention(k_att, cfg),
+        "att": init_attention(k_att, cfg, layer),
         "ff": moe.init_feed_forward(k_ff, cfg)
         if cfg.num_experts
         else init_feed_forward(k_ff, cfg.emb_dim),
@@ -78,13 +84,18 @@ def init_block(key: jax.Array, cfg: GPTConfig) -> dict:
 
 
 def init_params(key: jax.Array, cfg: GPTConfig) -> dict:
-    """Fresh GPT params with the blocks stacked along a leading n_layers axis (Book §4.6)."""
+    """Fresh GPT params with the blocks stacked along a leading n_layers axis (Book §4.6), or
+    listed when DeltaNet and attention layers alternate."""
     k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
     block_keys = jax.random.split(k_blocks, cfg.n_layers)
+    if len({cfg.is_deltanet(i) for i in range(cfg.n_layers)}) > 1:
+        blocks = [init_block(k, cfg, i) for i, k in enumerate(block_keys)]
+    else:
+        blocks = jax.vmap(lambda k: init_block(k, cfg))(block_keys)
     return {
         "tok_emb": nn.init_embedding(k_tok, cfg.vocab_size, cfg.emb_dim),
         "pos_emb": nn.init_embedding(k_pos, cfg.context_length, cfg.emb_dim),
-        "trf_blocks": jax.vmap(lambda k: init_block(k, cfg))(block_keys),
+        "trf_blocks": blocks,
         "final_norm": nn.init_layer_norm(cfg.emb_dim),
         "out_head": nn.init_linear(k_head, cfg.emb_dim, cfg.vocab_size, bias=False),
     }
@@ -101,7 +112,10 @@ def embed(
 
 
 def init_layer_cache(cfg: GPTConfig, layer: int, batch_size: int, length: int, dtype):
-    """A layer's empty cache: MLA's latents, or keys and values (`transformer.init_layer_cache`)."""
+    """A layer's empty cache: a DeltaNet state, MLA's latents, or keys and values
+    (`transformer.init_layer_cache`)."""
+    if cfg.is_deltanet(layer):
+        return deltanet.init_layer_cache(cfg, batch_size, dtype)
     init = mla.init_layer_cache if cfg.latent_dim else transformer.init_layer_cache
     return init(cfg, layer, batch_size, length, dtype)
 
@@ -119,7 +133,9 @@ def attention(
 ) -> tuple[jax.Array, object]:
     """The block's attention, as the config chooses: (B, T, D) -> (B, T, D), and the updated
     cache. MLA runs as the book writes it in training, with its up-projections absorbed when it
-    decodes from a cache."""
+    decodes from a cache. A block's params say whether it is a DeltaNet layer."""
+    if "A_log" in params:
+        return deltanet.gated_deltanet(params, x, cfg, positions=positions, cache=cache)
     window = layer_window(cfg, layer)
     if cfg.latent_dim and cache is None:
         out = mla.plain(

@@ -48,11 +48,12 @@ def run_blocks(
     A `lax.scan` over the stacked layers; off the CPU it is unrolled: there, slicing each layer's
     weights out of the stack and stacking what the backward pass keeps were device copies that
     cost more than the attention (README); on a CPU unrolling only lengthens the compile. With
-    `cfg.remat`, each block is rematerialised (`jax.checkpoint`) by that policy."""
+    `cfg.remat`, each block is rematerialised (`jax.checkpoint`) by that policy. Listed blocks
+    (layers of different kinds) run one after the other."""
     block = family(cfg).block
-    n_layers = jax.tree.leaves(blocks)[0].shape[0]
+    n_layers = count_layers(blocks)
     layer_keys = jax.random.split(key, n_layers) if key is not None else None
-    layers = jnp.arange(first_layer, first_layer + n_layers)
+    layers = range(first_layer, first_layer + n_layers)
 
     def step(x, layer):
         layer_params, layer_key, i = layer
@@ -61,8 +62,24 @@ def run_blocks(
 
     if cfg.remat != "none":  # the backward pass recomputes what the policy does not keep
         step = jax.checkpoint(step, policy=REMAT_KEEPS[cfg.remat])
+    if isinstance(blocks, list):  # layers of different kinds, one after the other
+        for j, i in enumerate(layers):
+            x = step(x, (blocks[j], None if key is None else layer_keys[j], i))[0]
+        return x
     unroll = jax.default_backend() != "cpu"
-    return jax.lax.scan(step, x, (blocks, layer_keys, layers), unroll=unroll)[0]
+    return jax.lax.scan(step, x, (blocks, layer_keys, jnp.asarray(layers)), unroll=unroll)[0]
+
+
+def count_layers(blocks) -> int:
+    """How many layers `trf_blocks` holds, stacked or listed."""
+    return len(blocks) if isinstance(blocks, list) else jax.tree.leaves(blocks)[0].shape[0]
+
+
+def layer_slice(blocks, start: int, stop: int | None = None):
+    """Layers start..stop of `trf_blocks`, stacked or listed as they were."""
+    if isinstance(blocks, list):
+        return blocks[start:stop]
+    return jax.tree.map(lambda leaf: leaf[start:stop], blocks)
 
 
 def head(params: dict | DecodingParams, h: jax.Array) -> jax.Array:
@@ -105,9 +122,9 @@ def hidden(
     blocks = params["trf_blocks"]
     if frozen_blocks:
         k_frozen, k_blocks = nn.split_key(k_blocks, 2)
-        first = jax.tree.map(lambda leaf: leaf[:frozen_blocks], blocks)
+        first = layer_slice(blocks, 0, frozen_blocks)
         x = jax.lax.stop_gradient(run_blocks(first, x, cfg, positions=positions, key=k_frozen))
-        blocks = jax.tree.map(lambda leaf: leaf[frozen_blocks:], blocks)
+        blocks = layer_slice(blocks, frozen_blocks)
     x = run_blocks(blocks, x, cfg, positions=positions, key=k_blocks, first_layer=frozen_blocks)
     return fam.final_norm(params, x, cfg)
 

@@ -45,13 +45,15 @@ def make_optimizer(
 
 def muon_matrices(params: dict) -> dict:
     """Which params Muon orthogonalises: the transformer blocks' kernels, (layers, d_in, d_out)
-    stacked, each layer's matrix on its own; None (AdamW) for embeddings, norms, biases and the
-    output head, as Muon's authors advise."""
+    stacked (or (d_in, d_out) when listed), each layer's matrix on its own; None (AdamW) for
+    embeddings, norms, biases and the output head, as Muon's authors advise."""
 
     def dims(path, leaf):
         names = [getattr(k, "key", None) for k in path]
-        if "trf_blocks" in names and names[-1] == "kernel" and leaf.ndim == 3:
-            return optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        if "trf_blocks" in names and names[-1] == "kernel" and leaf.ndim >= 2:
+            return optax.contrib.MuonDimensionNumbers(
+                reduction_axis=leaf.ndim - 2, output_axis=leaf.ndim - 1
+            )
         return None
 
     return jax.tree_util.tree_map_with_path(dims, params)
