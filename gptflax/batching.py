@@ -164,7 +164,9 @@ def _prefill(params, cache, seen, row, tokens, positions, last, sampling, cfg):
     """Run one prompt (1, W) at `positions` (1, W) into row `row` of the cache, whose earlier
     positions are forgotten; pick its first token: (id, cache, seen)."""
     one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1), cache)
-    one = tuple(c._replace(positions=jnp.full_like(c.positions, -1)) for c in one)
+    one = tuple(
+        None if c is None else c._replace(positions=jnp.full_like(c.positions, -1)) for c in one
+    )
     h, one = models.hidden_cached(params, tokens, one, positions, cfg)  # (1, W, D)
     cache = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, row, 0), cache, one)
     seen = seen.at[row].set(False)

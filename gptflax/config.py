@@ -51,6 +51,19 @@ class Architecture:
         """Whether `layer` is a Gated DeltaNet layer (a fixed-size state) rather than attention."""
         return False
 
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values `layer` attends over: its own, unless it shares an
+        earlier layer's (KV sharing)."""
+        return layer
+
+    def is_kv_source(self, layer: int) -> bool:
+        """Whether later layers attend over this layer's keys and values."""
+        return False
+
+    def cache_window(self, layer: int) -> int | None:
+        """How many positions the layer's cache keeps (None: all): its window, if it has one."""
+        return self.kv_window(layer)
+
 
 @jax.tree_util.register_static  # hashable and static: passes through jax.jit as is
 @dataclass(frozen=True)
@@ -83,6 +96,9 @@ class GPTConfig(Architecture):
     # in all but every n-th (4: Qwen3-Next's 3:1); its short convolution's taps.
     gated_deltanet: bool = False
     deltanet_conv: int = 4
+    # KV sharing (Gemma 4): the last n layers compute queries only and attend over the keys and
+    # values of the last earlier layer of their kind (sliding or full), which keeps all of them.
+    kv_shared_layers: int = 0
 
     HOW_IT_RUNS = ("drop_rate", "fused_attention", "remat", "window", "router_aux_coef")
 
@@ -117,6 +133,15 @@ class GPTConfig(Architecture):
             )
         if self.deltanet_conv < 1:
             raise ValueError(f"deltanet_conv={self.deltanet_conv}: the convolution needs a tap")
+        if self.kv_shared_layers and (self.gated_deltanet or self.latent_dim):
+            raise ValueError("kv_shared_layers shares keys and values: not with DeltaNet or MLA")
+        if not 0 <= self.kv_shared_layers < self.n_layers:
+            raise ValueError(
+                f"kv_shared_layers={self.kv_shared_layers} must lie in 0..n_layers - 1: the first "
+                "layer computes its own keys and values"
+            )
+        for layer in range(self.n_layers - self.kv_shared_layers, self.n_layers):
+            self.kv_source(layer)  # each shared layer has an earlier one of its kind
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +162,25 @@ class GPTConfig(Architecture):
 
     def is_deltanet(self, layer: int) -> bool:
         return self.gated_deltanet and not self._every_nth(layer)
+
+    def kv_source(self, layer: int) -> int:
+        first_shared = self.n_layers - self.kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = [j for j in range(first_shared) if self.is_full(j) == self.is_full(layer)]
+        if not kind:
+            raise ValueError(
+                f"layer {layer} shares keys and values, but no earlier layer is of its kind "
+                "(sliding or full): share fewer layers (kv_shared_layers)"
+            )
+        return kind[-1]
+
+    def is_kv_source(self, layer: int) -> bool:
+        shared = range(self.n_layers - self.kv_shared_layers, self.n_layers)
+        return self.kv_shared_layers > 0 and any(self.kv_source(j) == layer for j in shared)
+
+    def cache_window(self, layer: int) -> int | None:
+        return None if self.is_kv_source(layer) else self.kv_window(layer)
 
     def _every_nth(self, layer):
         every = self.full_attention_every

@@ -50,14 +50,17 @@ def swa_layers(n_layers: int, swa: int, full: int) -> tuple[int, int]:
 def layer_cache_bytes(cfg, layer: int, context_length: int, *, batch_size=1, dtype_bytes=2) -> int:
     """The bytes one layer of `cfg` keeps for decoding at `context_length`: a Gated DeltaNet's
     state and its convolution's last inputs (which the book's plot leaves out), an MLA latent,
-    or keys and values, for the positions the layer sees (its window, if it has one)."""
+    or keys and values, for the positions the layer keeps (its window, if it has one); nothing
+    for a layer that reads another's (KV sharing)."""
+    if cfg.kv_source(layer) != layer:
+        return 0
     if cfg.is_deltanet(layer):
         state = deltanet_bytes_per_layer(
             cfg.n_heads, cfg.head_dim, batch_size=batch_size, dtype_bytes=dtype_bytes
         )
         conv = batch_size * (cfg.deltanet_conv - 1) * 3 * cfg.emb_dim * dtype_bytes
         return state + conv
-    seen = min(context_length, cfg.kv_window(layer) or context_length)
+    seen = min(context_length, cfg.cache_window(layer) or context_length)
     if getattr(cfg, "latent_dim", None):
         return mla_bytes_per_layer(
             seen, cfg.latent_dim, batch_size=batch_size, dtype_bytes=dtype_bytes

@@ -80,8 +80,9 @@ class Decoder:
         self._recover()
         if keep >= len(self.ids):
             return
-        wrapped = any(not isinstance(c, KVCache) or (c.keys.shape[2] < len(self.ids)
-                      and self.cfg.kv_window(i)) for i, c in enumerate(self.cache))  # fmt: skip
+        wrapped = any(c is not None and (not isinstance(c, KVCache) or (
+            c.keys.shape[2] < len(self.ids) and self.cfg.cache_window(i)))
+            for i, c in enumerate(self.cache))  # fmt: skip
         kept, self.ids = self.ids[:keep], self.ids[:keep]
         self.cache = _forget_after(self.cache, keep)
         if wrapped:
@@ -204,13 +205,13 @@ def with_room(cache: tuple, cfg, capacity: int, length: int) -> tuple[int, tuple
 def grown_cache(cache: tuple, cfg, length: int) -> tuple:
     """The cache with `length` slots a layer (its window's, for a sliding one): the new slots
     empty. Positions so far are below the old size, so each stays in its slot. A recurrent
-    state (not a `KVCache`) has no slots and stays as it is."""
+    state (not a `KVCache`), or a layer that reads another's (None), stays as it is."""
     grown = []
     for i, layer in enumerate(cache):
         if not isinstance(layer, KVCache):
             grown.append(layer)
             continue
-        extra = min(length, cfg.kv_window(i) or length) - layer.keys.shape[2]
+        extra = min(length, cfg.cache_window(i) or length) - layer.keys.shape[2]
         pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
         positions = jnp.pad(layer.positions, [(0, 0), (0, extra)], constant_values=-1)
         grown.append(KVCache(jnp.pad(layer.keys, pad), jnp.pad(layer.values, pad), positions))
@@ -219,7 +220,8 @@ def grown_cache(cache: tuple, cfg, length: int) -> tuple:
 
 def _forget_after(cache: tuple, keep: int) -> tuple:
     return tuple(
-        c._replace(positions=jnp.where(c.positions >= keep, -1, c.positions)) for c in cache
+        None if c is None else c._replace(positions=jnp.where(c.positions >= keep, -1, c.positions))
+        for c in cache
     )
 
 

@@ -2,7 +2,7 @@
 reproduce the numbers the folders' READMEs print; every variant decodes from its cache the tokens
 it computes without one, and at its neutral setting is the plain GPT; MLA's absorbed form equals
 its plain form; MoE's sorted dispatch equals computing every expert; Gated DeltaNet's chunked
-form equals its recurrence."""
+form equals its recurrence; KV-shared layers read their source layer's keys and values."""
 
 import math
 
@@ -28,6 +28,8 @@ VARIANTS = {
     "moe": BASE.replace(num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
                         moe_hidden_dim=16),
     "deltanet": BASE.replace(gated_deltanet=True, n_layers=4, full_attention_every=4),  # 3:1
+    # layers 2 (sliding) and 3 (full) attend over the keys and values of layers 0 and 1
+    "kv-sharing": BASE.replace(n_layers=4, window=4, full_attention_every=2, kv_shared_layers=2),
 }  # fmt: skip
 TOKENS = jax.random.randint(jax.random.key(1), (2, 20), 0, BASE.vocab_size)
 
@@ -104,7 +106,7 @@ def test_cached_greedy_decoding_equals_uncached(name):
     np.testing.assert_array_equal(cached, generate(params, TOKENS[:, :5], 6, cfg, use_cache=False))
 
 
-@pytest.mark.parametrize("name", ["swa", "mla", "deltanet"])
+@pytest.mark.parametrize("name", ["swa", "mla", "deltanet", "kv-sharing"])
 def test_prefill_and_steps_give_the_forward_logits(name):
     """A 4-slot ring on the sliding layers (so positions wrap), MLA's absorbed form, and DeltaNet's
     state: prefilled by the chunked form, then stepped by the recurrence."""
@@ -336,3 +338,56 @@ def test_deltanet_takes_no_window_or_latent():
         BASE.replace(gated_deltanet=True, window=8)
     with pytest.raises(ValueError, match="deltanet_conv=0"):
         BASE.replace(gated_deltanet=True, deltanet_conv=0)
+
+
+# --- KV sharing -----------------------------------------------------------------------------------
+
+
+def test_shared_layers_read_the_gemma4_e2b_sources():
+    """35 layers, a sliding window on 4 of every 5, the last 20 sharing: sliding layers read
+    layer 13's keys and values, full ones layer 14's (ch05/17_gemma4), which keep every position;
+    the shared layers keep nothing."""
+    cfg = GPTConfig(emb_dim=1536, n_heads=8, n_layers=35, window=512, full_attention_every=5,
+                    kv_shared_layers=20)  # fmt: skip
+    assert {cfg.kv_source(i) for i in range(15, 35) if cfg.kv_window(i)} == {13}
+    assert {cfg.kv_source(i) for i in range(15, 35) if not cfg.kv_window(i)} == {14}
+    assert [i for i in range(15) if cfg.cache_window(i) is None] == [4, 9, 13, 14]
+    per_position = sizes.kv_bytes_per_layer(1, 8, 192)
+    assert sizes.kv_cache_bytes(cfg, 8192) == per_position * (11 * 512 + 4 * 8192)
+    with pytest.raises(ValueError, match="no earlier layer is of its kind"):
+        cfg.replace(n_layers=6, kv_shared_layers=2)  # layer 4 full: 0-3 are all sliding
+
+
+def test_shared_layers_attend_over_their_sources_keys_and_values():
+    """The model written out in NumPy, each shared layer reusing its source's K and V."""
+    cfg = VARIANTS["kv-sharing"]
+    params = models.init_params(jax.random.key(0), cfg)
+    n = jax.tree.map(np.asarray, params)
+    tokens = np.asarray(TOKENS[:1])
+    x = n["tok_emb"]["embedding"][tokens[0]] + n["pos_emb"]["embedding"][: tokens.shape[1]]
+    t, h = x.shape[0], cfg.n_heads
+    norm = lambda p, z: (z - z.mean(-1, keepdims=True)) / np.sqrt(  # noqa: E731
+        z.var(-1, keepdims=True) + 1e-5) * p["scale"] + p["shift"]  # fmt: skip
+    split = lambda z: z.reshape(t, h, -1).transpose(1, 0, 2)  # (T, D) -> (H, T, Dh)  # noqa: E731
+    kv = {}
+    for i, block in enumerate(n["trf_blocks"]):
+        a, z = block["att"], norm(block["norm1"], x)
+        if "W_key" in a:
+            kv[i] = (split(z @ a["W_key"]["kernel"]), split(z @ a["W_value"]["kernel"]))
+        k, v = kv[cfg.kv_source(i)]
+        q = split(z @ a["W_query"]["kernel"])
+        back = np.arange(t)[:, None] - np.arange(t)[None]
+        sees = (back >= 0) & (back < (cfg.kv_window(i) or t))
+        scores = np.where(sees, q @ k.transpose(0, 2, 1) / np.sqrt(cfg.head_dim), -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        context = (weights / weights.sum(-1, keepdims=True)) @ v
+        x = x + context.transpose(1, 0, 2).reshape(t, -1) @ a["out_proj"]["kernel"]
+        x = x + a["out_proj"]["bias"]
+        z = norm(block["norm2"], x) @ block["ff"]["fc1"]["kernel"] + block["ff"]["fc1"]["bias"]
+        z = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+        x = x + z @ block["ff"]["fc2"]["kernel"] + block["ff"]["fc2"]["bias"]
+    logits = norm(n["final_norm"], x) @ n["out_head"]["kernel"]
+    np.testing.assert_allclose(models.forward(params, tokens, cfg)[0], logits, atol=2e-4)
+    assert sorted(n["trf_blocks"][2]["att"]) == ["W_query", "out_proj"]
+    with pytest.raises(ValueError, match="without its source layer"):
+        models.hidden(params, tokens, cfg, frozen_blocks=2)

@@ -10,8 +10,10 @@ grouped-query attention (`n_kv_groups`), a sliding window (`window`, on all laye
 `full_attention_every`-th; its cache a ring of the window's slots), multi-head latent attention
 (`latent_dim`, `gptflax.models.mla`), a mixture of experts (`num_experts`,
 `gptflax.models.moe`) and Gated DeltaNet linear attention (`gated_deltanet`,
-`gptflax.models.deltanet`). A model that mixes DeltaNet and attention layers keeps its blocks as
-a list, each layer's params its own, since the two kinds cannot stack.
+`gptflax.models.deltanet`), and KV sharing (`kv_shared_layers`: the last layers attend over an
+earlier layer's keys and values). A model whose layers differ in their params (DeltaNet and
+attention, layers with and without their own keys and values) keeps its blocks as a list, each
+layer's params its own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import nn
-from gptflax.attention import init_multi_head_attention, self_attention
+from gptflax.attention import attend, init_multi_head_attention, self_attention, split_heads
 from gptflax.config import GPTConfig
 from gptflax.models import deltanet, mla, moe, transformer
 
@@ -64,6 +66,12 @@ def init_attention(key: jax.Array, cfg: GPTConfig, layer: int = 0) -> dict:
     layers that have it, Gated DeltaNet."""
     if cfg.is_deltanet(layer):
         return deltanet.init_layer(key, cfg)
+    if cfg.kv_source(layer) != layer:  # queries only
+        k_query, k_out = jax.random.split(key)
+        return {
+            "W_query": nn.init_linear(k_query, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias),
+            "out_proj": nn.init_linear(k_out, cfg.emb_dim, cfg.emb_dim),
+        }
     if cfg.latent_dim:
         return mla.init_attention(key, cfg)
     kv_dim = cfg.n_kv_heads * cfg.head_dim
@@ -88,7 +96,7 @@ def init_params(key: jax.Array, cfg: GPTConfig) -> dict:
     listed when DeltaNet and attention layers alternate."""
     k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
     block_keys = jax.random.split(k_blocks, cfg.n_layers)
-    if len({cfg.is_deltanet(i) for i in range(cfg.n_layers)}) > 1:
+    if len({(cfg.is_deltanet(i), cfg.kv_source(i) != i) for i in range(cfg.n_layers)}) > 1:
         blocks = [init_block(k, cfg, i) for i, k in enumerate(block_keys)]
     else:
         blocks = jax.vmap(lambda k: init_block(k, cfg))(block_keys)
@@ -113,7 +121,9 @@ def embed(
 
 def init_layer_cache(cfg: GPTConfig, layer: int, batch_size: int, length: int, dtype):
     """A layer's empty cache: a DeltaNet state, MLA's latents, or keys and values
-    (`transformer.init_layer_cache`)."""
+    (`transformer.init_layer_cache`); None for a layer that reads another's."""
+    if cfg.kv_source(layer) != layer:
+        return None
     if cfg.is_deltanet(layer):
         return deltanet.init_layer_cache(cfg, batch_size, dtype)
     init = mla.init_layer_cache if cfg.latent_dim else transformer.init_layer_cache
@@ -137,6 +147,9 @@ def attention(
     if "A_log" in params:
         return deltanet.gated_deltanet(params, x, cfg, positions=positions, cache=cache)
     window = layer_window(cfg, layer)
+    if cfg.kv_shared_layers and cfg.kv_source(layer) != layer:
+        return shared_kv_attention(params, x, cfg, positions=positions, cache=cache,
+                                   window=window, key=key), cache  # fmt: skip
     if cfg.latent_dim and cache is None:
         out = mla.plain(
             params, x, cfg, positions=positions, window=window, drop_rate=cfg.drop_rate, key=key
@@ -148,6 +161,22 @@ def attention(
         params, x, cfg.n_heads, positions=positions, cache=cache, drop_rate=cfg.drop_rate,
         key=key, fused=cfg.fused_attention, n_kv_heads=cfg.n_kv_heads, window=window,
     )  # fmt: skip
+
+
+def shared_kv_attention(params, x, cfg: GPTConfig, *, positions, cache, window, key=None):
+    """Attention of this layer's queries over another layer's keys and values, `cache` (all
+    positions up to the queries'): (B, T, D) -> (B, T, D) (KV sharing)."""
+    if cache is None:
+        raise ValueError(
+            "a KV-shared layer ran without its source layer's keys and values: run the blocks "
+            "together (no frozen_blocks between a layer and the layers that share its keys)"
+        )
+    q = split_heads(nn.linear(params["W_query"], x), cfg.n_heads)  # (B, H, T, Dh)
+    context = attend(
+        q, cache.keys, cache.values, positions, cache.positions, window=window,
+        drop_rate=cfg.drop_rate, key=key,
+    )  # fmt: skip
+    return nn.linear(params["out_proj"], context)
 
 
 def block(

@@ -56,18 +56,27 @@ def run_blocks(
     layers = range(first_layer, first_layer + n_layers)
 
     def step(x, layer):
-        layer_params, layer_key, i = layer
+        layer_params, layer_key, i, kv = layer
         with jax.named_scope("block"):
-            return block(layer_params, x, cfg, layer=i, positions=positions, key=layer_key)[0], None
+            return block(
+                layer_params, x, cfg, layer=i, positions=positions, cache=kv, key=layer_key
+            )
 
     if cfg.remat != "none":  # the backward pass recomputes what the policy does not keep
         step = jax.checkpoint(step, policy=REMAT_KEEPS[cfg.remat])
     if isinstance(blocks, list):  # layers of different kinds, one after the other
+        shared = {}  # the keys and values of layers that later layers attend over
         for j, i in enumerate(layers):
-            x = step(x, (blocks[j], None if key is None else layer_keys[j], i))[0]
+            kv = shared.get(cfg.kv_source(i))
+            if cfg.is_kv_source(i):  # its keys and values are kept, every position's
+                kv = attention.init_kv_cache(x.shape[0], cfg.n_kv_heads, x.shape[1],
+                                             cfg.head_dim, x.dtype)  # fmt: skip
+            x, kv = step(x, (blocks[j], None if key is None else layer_keys[j], i, kv))
+            shared[i] = kv
         return x
     unroll = jax.default_backend() != "cpu"
-    return jax.lax.scan(step, x, (blocks, layer_keys, jnp.asarray(layers)), unroll=unroll)[0]
+    xs = (blocks, layer_keys, jnp.asarray(layers), None)
+    return jax.lax.scan(step, x, xs, unroll=unroll)[0]
 
 
 def count_layers(blocks) -> int:
@@ -135,9 +144,9 @@ def forward(params: dict, tokens: jax.Array, cfg, *, key: jax.Array | None = Non
 
 
 def init_layer_cache(cfg, layer: int, batch_size: int, length: int, dtype) -> attention.KVCache:
-    """One layer's empty `KVCache`: `length` slots, or the layer's window when it sees fewer (a
+    """One layer's empty `KVCache`: `length` slots, or the layer's window when it keeps fewer (a
     ring)."""
-    slots = min(length, cfg.kv_window(layer) or length)
+    slots = min(length, cfg.cache_window(layer) or length)
     return attention.init_kv_cache(batch_size, cfg.n_kv_heads, slots, cfg.head_dim, dtype)
 
 
@@ -166,10 +175,12 @@ def hidden_cached(
     x = fam.embed(params, tokens, cfg, positions=positions)  # (B, S, D)
     new_cache = []
     for i, (layer_params, layer_cache) in enumerate(zip(params["trf_blocks"], cache, strict=True)):
-        x, layer_cache = fam.block(
-            layer_params, x, cfg, layer=i, positions=positions, cache=layer_cache
-        )
-        new_cache.append(layer_cache)
+        source = cfg.kv_source(i)  # a KV-shared layer reads its source's updated cache
+        x, updated = fam.block(
+            layer_params, x, cfg, layer=i, positions=positions,
+            cache=layer_cache if source == i else new_cache[source],
+        )  # fmt: skip
+        new_cache.append(updated if source == i else layer_cache)
     return fam.final_norm(params, x, cfg), tuple(new_cache)
 
 
