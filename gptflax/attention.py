@@ -106,10 +106,12 @@ def attend(
     drop_rate: float = 0.0,
     key: jax.Array | None = None,
     fused: bool = False,
+    keep: jax.Array | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention of queries q (B, H, S, Dh) over keys and values k, v (B, G, T,
     Dh), G dividing H: query head h reads key/value head h // (H / G) (grouped-query attention;
-    G = H is chapter 3's multi-head attention). Returns the context (B, S, H * Dh).
+    G = H is chapter 3's multi-head attention). Returns the context (B, S, H * Dh). `keep`
+    (B, S, T) limits each query to some of the keys it may see.
 
     Scores are divided by sqrt(Dh) (or multiplied by `scale`), masked by `visible_keys`, and
     softmaxed in float32; dropout on the weights (Book §3.5.2). `fused` hands the attention to
@@ -117,14 +119,17 @@ def attend(
     the query positions 0..T-1 only, as in training."""
     b, h, s, dh = q.shape
     g = k.shape[1]
-    if fused and not isinstance(window, jax.Array):
+    if fused and keep is None and not isinstance(window, jax.Array):
         local = None if window is None else (window - 1, 0)
         out = jax.nn.dot_product_attention(
             *(y.transpose(0, 2, 1, 3) for y in (q, k, v)), scale=scale, is_causal=True,
             local_window_size=local, implementation=fused_implementation(q.dtype),
         )  # fmt: skip
         return out.reshape(b, s, h * dh)  # (B, S, H, Dh) -> (B, S, H * Dh)
-    visible = visible_keys(q_pos, k_pos, window)[:, None]  # (B, 1, S, T)
+    visible = visible_keys(q_pos, k_pos, window)  # (B or 1, S, T)
+    if keep is not None:  # a chosen subset of the keys (DeepSeek sparse attention)
+        visible = visible & keep
+    visible = visible[:, None]  # (B, 1, S, T)
     t = k.shape[2]
     if g == h and s == t:  # chapter 3: queries over their own keys, one key/value head each
         scores = q @ k.swapaxes(-1, -2)  # (B, H, T, T)
@@ -157,11 +162,13 @@ class KVCache(NamedTuple):
     read them (a (B, C, G, Dh) cache would be transposed, whole, at every decoded token).
 
     A layer that sees all earlier positions gets one slot per position; a sliding-window layer
-    only `window` slots, used as a ring: position p goes into slot p % C."""
+    only `window` slots, used as a ring: position p goes into slot p % C. DeepSeek sparse
+    attention also keeps its indexer's keys (B, 1, C, d_I) (`gptflax.models.dsa`)."""
 
     keys: jax.Array
     values: jax.Array
     positions: jax.Array
+    index_keys: jax.Array | None = None
 
 
 def init_kv_cache(
@@ -184,10 +191,10 @@ def write_kv(cache: KVCache, keys: jax.Array, values: jax.Array, positions: jax.
     slots = jnp.where(keep, positions % c, c)  # slot c lies outside the cache: dropped
     rows, heads = jnp.arange(b)[:, None, None], jnp.arange(g)[:, None]
     at = (rows, heads, slots[:, None, :])  # (B, 1, 1), (G, 1), (B, 1, S)
-    return KVCache(
-        cache.keys.at[at].set(keys, mode="drop"),
-        cache.values.at[at].set(values, mode="drop"),
-        cache.positions.at[rows[:, 0], slots].set(positions, mode="drop"),
+    return cache._replace(
+        keys=cache.keys.at[at].set(keys, mode="drop"),
+        values=cache.values.at[at].set(values, mode="drop"),
+        positions=cache.positions.at[rows[:, 0], slots].set(positions, mode="drop"),
     )
 
 

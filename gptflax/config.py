@@ -99,8 +99,16 @@ class GPTConfig(Architecture):
     # KV sharing (Gemma 4): the last n layers compute queries only and attend over the keys and
     # values of the last earlier layer of their kind (sliding or full), which keeps all of them.
     kv_shared_layers: int = 0
+    # DeepSeek sparse attention (V3.2): each query attends to the dsa_top_k keys its lightning
+    # indexer (indexer_heads heads of indexer_dim) scores highest; the indexer's loss weight.
+    dsa_top_k: int | None = None
+    indexer_heads: int = 4
+    indexer_dim: int = 16
+    indexer_loss_coef: float = 1.0
 
-    HOW_IT_RUNS = ("drop_rate", "fused_attention", "remat", "window", "router_aux_coef")
+    HOW_IT_RUNS = (
+        "drop_rate", "fused_attention", "remat", "window", "router_aux_coef", "indexer_loss_coef",
+    )  # fmt: skip
 
     def __post_init__(self):
         check_remat(self.remat)
@@ -139,6 +147,14 @@ class GPTConfig(Architecture):
             raise ValueError(
                 f"kv_shared_layers={self.kv_shared_layers} must lie in 0..n_layers - 1: the first "
                 "layer computes its own keys and values"
+            )
+        if self.dsa_top_k is not None and (
+            self.dsa_top_k < 1 or self.window or self.latent_dim or self.gated_deltanet
+            or self.kv_shared_layers
+        ):  # fmt: skip
+            raise ValueError(
+                f"dsa_top_k={self.dsa_top_k}: a number of keys, at least 1, on plain or "
+                "grouped-query attention (no window, latent_dim, DeltaNet or KV sharing)"
             )
         for layer in range(self.n_layers - self.kv_shared_layers, self.n_layers):
             self.kv_source(layer)  # each shared layer has an earlier one of its kind

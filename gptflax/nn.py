@@ -7,6 +7,7 @@ U(-1/sqrt(d_in), 1/sqrt(d_in)) linear weights and biases. Kernels are (d_in, d_o
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,24 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     words = jax.random.bits(key, (-(-x.size // 2),), jnp.uint32)  # ceil(size / 2)
     halves = jnp.concatenate([words & 0xFFFF, words >> 16])[: x.size].reshape(x.shape)
     return jnp.where(halves >= threshold, x * (2**16 / (2**16 - threshold)), 0.0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def with_aux_loss(x: jax.Array, aux: jax.Array, coef: float) -> jax.Array:
+    """x unchanged; in the backward pass `aux` receives the gradient `coef`, as if coef * aux
+    were added to the loss."""
+    return x
+
+
+def _with_aux_loss_fwd(x, aux, coef):
+    return x, None
+
+
+def _with_aux_loss_bwd(coef, _, g):
+    return g, jnp.asarray(coef, jnp.float32)
+
+
+with_aux_loss.defvjp(_with_aux_loss_fwd, _with_aux_loss_bwd)
 
 
 # --- stacked transformer blocks: every family keeps its blocks' params under "trf_blocks" ---------

@@ -50,8 +50,8 @@ def swa_layers(n_layers: int, swa: int, full: int) -> tuple[int, int]:
 def layer_cache_bytes(cfg, layer: int, context_length: int, *, batch_size=1, dtype_bytes=2) -> int:
     """The bytes one layer of `cfg` keeps for decoding at `context_length`: a Gated DeltaNet's
     state and its convolution's last inputs (which the book's plot leaves out), an MLA latent,
-    or keys and values, for the positions the layer keeps (its window, if it has one); nothing
-    for a layer that reads another's (KV sharing)."""
+    or keys and values (and DSA's indexer keys), for the positions the layer keeps (its window,
+    if it has one); nothing for a layer that reads another's (KV sharing)."""
     if cfg.kv_source(layer) != layer:
         return 0
     if cfg.is_deltanet(layer):
@@ -65,9 +65,12 @@ def layer_cache_bytes(cfg, layer: int, context_length: int, *, batch_size=1, dty
         return mla_bytes_per_layer(
             seen, cfg.latent_dim, batch_size=batch_size, dtype_bytes=dtype_bytes
         )
-    return kv_bytes_per_layer(
+    kv = kv_bytes_per_layer(
         seen, cfg.n_kv_heads, cfg.head_dim, batch_size=batch_size, dtype_bytes=dtype_bytes
     )
+    if getattr(cfg, "dsa_top_k", None):  # and the indexer's key per position (GPT only)
+        return kv + batch_size * seen * cfg.indexer_dim * dtype_bytes
+    return kv
 
 
 def kv_cache_bytes(cfg, context_length: int, *, batch_size: int = 1, dtype_bytes=2) -> int:

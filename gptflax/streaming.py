@@ -214,7 +214,9 @@ def grown_cache(cache: tuple, cfg, length: int) -> tuple:
         extra = min(length, cfg.cache_window(i) or length) - layer.keys.shape[2]
         pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
         positions = jnp.pad(layer.positions, [(0, 0), (0, extra)], constant_values=-1)
-        grown.append(KVCache(jnp.pad(layer.keys, pad), jnp.pad(layer.values, pad), positions))
+        slots = ("keys", "values") + (("index_keys",) if layer.index_keys is not None else ())
+        padded = {name: jnp.pad(getattr(layer, name), pad) for name in slots}
+        grown.append(layer._replace(positions=positions, **padded))
     return tuple(grown)
 
 

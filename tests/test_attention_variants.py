@@ -2,20 +2,23 @@
 reproduce the numbers the folders' READMEs print; every variant decodes from its cache the tokens
 it computes without one, and at its neutral setting is the plain GPT; MLA's absorbed form equals
 its plain form; MoE's sorted dispatch equals computing every expert; Gated DeltaNet's chunked
-form equals its recurrence; KV-shared layers read their source layer's keys and values."""
+form equals its recurrence; KV-shared layers read their source layer's keys and values; DSA
+attends to its indexer's top k and the indexer learns from its own loss only."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gptflax import models, parallel, sizes
+from gptflax.attention import split_heads, visible_keys
 from gptflax.batching import BatchDecoder
 from gptflax.config import GPTConfig
 from gptflax.generate import generate, generate_cached
-from gptflax.models import deltanet, gpt, llama, mla, moe
+from gptflax.models import deltanet, dsa, gpt, llama, mla, moe
 from gptflax.streaming import Decoder, Sampling
 
 pytestmark = pytest.mark.labattention
@@ -30,6 +33,7 @@ VARIANTS = {
     "deltanet": BASE.replace(gated_deltanet=True, n_layers=4, full_attention_every=4),  # 3:1
     # layers 2 (sliding) and 3 (full) attend over the keys and values of layers 0 and 1
     "kv-sharing": BASE.replace(n_layers=4, window=4, full_attention_every=2, kv_shared_layers=2),
+    "dsa": BASE.replace(dsa_top_k=4, n_kv_groups=2),
 }  # fmt: skip
 TOKENS = jax.random.randint(jax.random.key(1), (2, 20), 0, BASE.vocab_size)
 
@@ -106,7 +110,7 @@ def test_cached_greedy_decoding_equals_uncached(name):
     np.testing.assert_array_equal(cached, generate(params, TOKENS[:, :5], 6, cfg, use_cache=False))
 
 
-@pytest.mark.parametrize("name", ["swa", "mla", "deltanet", "kv-sharing"])
+@pytest.mark.parametrize("name", ["swa", "mla", "deltanet", "kv-sharing", "dsa"])
 def test_prefill_and_steps_give_the_forward_logits(name):
     """A 4-slot ring on the sliding layers (so positions wrap), MLA's absorbed form, and DeltaNet's
     state: prefilled by the chunked form, then stepped by the recurrence."""
@@ -132,10 +136,13 @@ def test_neutral_settings_are_the_plain_gpt():
     plain = models.init_params(jax.random.key(0), BASE)
     reference = models.forward(plain, TOKENS, BASE)
     for cfg in (BASE.replace(n_kv_groups=4), BASE.replace(window=32, full_attention_every=2),
-                BASE.replace(gated_deltanet=True, full_attention_every=1)):  # fmt: skip
+                BASE.replace(gated_deltanet=True, full_attention_every=1),
+                BASE.replace(dsa_top_k=32)):  # fmt: skip
         params = models.init_params(jax.random.key(0), cfg)
+        params["trf_blocks"]["att"].pop("indexer", None)  # DSA's: the rest is the plain GPT's
         jax.tree.map(np.testing.assert_array_equal, params, plain)
-        np.testing.assert_allclose(models.forward(params, TOKENS, cfg), reference, atol=1e-6)
+        with_indexer = models.init_params(jax.random.key(0), cfg)
+        np.testing.assert_allclose(models.forward(with_indexer, TOKENS, cfg), reference, atol=1e-6)
 
 
 def test_grouped_query_attention_is_attention_with_repeated_key_value_heads():
@@ -391,3 +398,80 @@ def test_shared_layers_attend_over_their_sources_keys_and_values():
     assert sorted(n["trf_blocks"][2]["att"]) == ["W_query", "out_proj"]
     with pytest.raises(ValueError, match="without its source layer"):
         models.hidden(params, tokens, cfg, frozen_blocks=2)
+
+
+# --- DeepSeek sparse attention --------------------------------------------------------------------
+
+
+def test_sparse_attention_reads_the_indexers_top_keys():
+    """NumPy: I_ts = sum_j w_tj ReLU(q_tj . k_s); each query's 4 best visible keys (all of them
+    for the first 4 queries), softmax attention over those only."""
+    cfg = BASE.replace(dsa_top_k=4)
+    p = gpt.init_attention(jax.random.key(3), cfg)
+    n = jax.tree.map(np.asarray, p)
+    x = np.random.default_rng(0).normal(size=(1, 12, 32)).astype(np.float32)
+    ix = n["indexer"]
+    q_index = (x[0] @ ix["W_query"]["kernel"]).reshape(12, 4, 16)
+    k_index = x[0] @ ix["W_key"]["kernel"]  # (T, 16)
+    scores = np.einsum("sh,sht->st", x[0] @ ix["W_weights"]["kernel"],
+                       np.maximum(np.einsum("shd,td->sht", q_index, k_index), 0))  # fmt: skip
+    out = np.zeros((4, 12, 8))
+    heads = lambda z: z.reshape(12, 4, 8).transpose(1, 0, 2)  # noqa: E731
+    q, k, v = (
+        heads(x[0] @ n[w]["kernel"] + n[w].get("bias", 0)) for w in ("W_query", "W_key", "W_value")
+    )
+    for t in range(12):
+        chosen = np.argsort(-scores[t, : t + 1])[:4]
+        assert len(chosen) == min(t + 1, 4)
+        logits = np.einsum("hd,hkd->hk", q[:, t], k[:, chosen]) / np.sqrt(8)  # (H, k)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        out[:, t] = np.einsum("hk,hkd->hd", weights / weights.sum(-1, keepdims=True), v[:, chosen])
+    ours = out.transpose(1, 0, 2).reshape(12, 32) @ n["out_proj"]["kernel"] + n["out_proj"]["bias"]
+    lib = gpt.attention(p, x, cfg, layer=0, positions=jnp.arange(12)[None])[0][0]
+    np.testing.assert_allclose(lib, ours, atol=1e-5)
+
+
+def test_the_indexer_learns_from_its_own_loss_only():
+    """The top-k choice passes no gradient: without its loss the indexer gets none, and its loss
+    reaches no other parameter (the indexer reads a detached input)."""
+    cfg = VARIANTS["dsa"]
+    params = models.init_params(jax.random.key(0), cfg)
+
+    def grads(coef):
+        loss = lambda p: models.forward(p, TOKENS, cfg.replace(indexer_loss_coef=coef)).std()  # noqa: E731
+        return jax.grad(loss)(params)
+
+    without, with_loss = grads(0.0), grads(1.0)
+    indexer = lambda g: g["trf_blocks"]["att"].pop("indexer")  # noqa: E731
+    assert all(not leaf.any() for leaf in jax.tree.leaves(indexer(without)))
+    assert all(leaf.any() for leaf in jax.tree.leaves(indexer(with_loss)))
+    jax.tree.map(np.testing.assert_array_equal, without, with_loss)
+
+
+def test_adam_on_the_indexer_alone_lowers_its_kl_to_the_attention():
+    """The indexer's loss is one it can learn: 30 Adam steps on it halve it, for fixed
+    attention queries and keys."""
+    cfg = BASE.replace(dsa_top_k=6)
+    p = gpt.init_attention(jax.random.key(3), cfg)
+    x = jax.random.normal(jax.random.key(4), (2, 24, 32))
+    q, k = (split_heads(x @ p[w]["kernel"], 4) for w in ("W_query", "W_key"))
+    visible = visible_keys(jnp.arange(24)[None], jnp.arange(24)[None])
+
+    def kl(indexer):
+        scores = dsa.index_scores(indexer, x, x @ indexer["W_key"]["kernel"], 4)
+        return dsa.indexer_loss(q, k, scores, dsa.top_keys(scores, visible, 6))
+
+    tx = optax.adam(1e-2)
+    indexer, opt = p["indexer"], tx.init(p["indexer"])
+    first = kl(indexer)
+    for _ in range(30):
+        updates, opt = tx.update(jax.grad(kl)(indexer), opt)
+        indexer = optax.apply_updates(indexer, updates)
+    assert kl(indexer) < 0.5 * first
+
+
+def test_dsa_caches_the_indexers_keys_beside_keys_and_values():
+    cfg = VARIANTS["dsa"]  # 2 key/value heads of 8, an indexer key of 16, 2 layers
+    cache = models.init_cache(cfg, 3, 32)
+    assert cache[0].index_keys.shape == (3, 1, 32, 16)
+    assert sizes.kv_bytes_per_token(cfg, 32_768) == 2 * (2 * 8 * 2 + 16) * 2

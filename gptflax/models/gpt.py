@@ -10,8 +10,9 @@ grouped-query attention (`n_kv_groups`), a sliding window (`window`, on all laye
 `full_attention_every`-th; its cache a ring of the window's slots), multi-head latent attention
 (`latent_dim`, `gptflax.models.mla`), a mixture of experts (`num_experts`,
 `gptflax.models.moe`) and Gated DeltaNet linear attention (`gated_deltanet`,
-`gptflax.models.deltanet`), and KV sharing (`kv_shared_layers`: the last layers attend over an
-earlier layer's keys and values). A model whose layers differ in their params (DeltaNet and
+`gptflax.models.deltanet`), KV sharing (`kv_shared_layers`: the last layers attend over an
+earlier layer's keys and values) and DeepSeek sparse attention (`dsa_top_k`,
+`gptflax.models.dsa`). A model whose layers differ in their params (DeltaNet and
 attention, layers with and without their own keys and values) keeps its blocks as a list, each
 layer's params its own.
 """
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from gptflax import nn
 from gptflax.attention import attend, init_multi_head_attention, self_attention, split_heads
 from gptflax.config import GPTConfig
-from gptflax.models import deltanet, mla, moe, transformer
+from gptflax.models import deltanet, dsa, mla, moe, transformer
 
 # The logical axes of the params, by path: what each dimension is, so that `gptflax.parallel` can
 # split it over a device mesh for a sharding strategy. A bias follows its kernel's output axis;
@@ -44,6 +45,7 @@ LOGICAL_AXES = {
     **mla.LOGICAL_AXES,
     **moe.LOGICAL_AXES,
     **deltanet.LOGICAL_AXES,
+    **dsa.LOGICAL_AXES,
 }
 
 
@@ -75,7 +77,10 @@ def init_attention(key: jax.Array, cfg: GPTConfig, layer: int = 0) -> dict:
     if cfg.latent_dim:
         return mla.init_attention(key, cfg)
     kv_dim = cfg.n_kv_heads * cfg.head_dim
-    return init_multi_head_attention(key, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias, kv_dim)
+    params = init_multi_head_attention(key, cfg.emb_dim, cfg.emb_dim, cfg.qkv_bias, kv_dim)
+    if cfg.dsa_top_k:
+        params["indexer"] = dsa.init_indexer(jax.random.fold_in(key, 1), cfg)
+    return params
 
 
 def init_block(key: jax.Array, cfg: GPTConfig, layer: int = 0) -> dict:
@@ -126,6 +131,8 @@ def init_layer_cache(cfg: GPTConfig, layer: int, batch_size: int, length: int, d
         return None
     if cfg.is_deltanet(layer):
         return deltanet.init_layer_cache(cfg, batch_size, dtype)
+    if cfg.dsa_top_k:
+        return dsa.init_layer_cache(cfg, batch_size, length, dtype)
     init = mla.init_layer_cache if cfg.latent_dim else transformer.init_layer_cache
     return init(cfg, layer, batch_size, length, dtype)
 
@@ -146,6 +153,8 @@ def attention(
     decodes from a cache. A block's params say whether it is a DeltaNet layer."""
     if "A_log" in params:
         return deltanet.gated_deltanet(params, x, cfg, positions=positions, cache=cache)
+    if "indexer" in params:
+        return dsa.sparse_attention(params, x, cfg, positions=positions, cache=cache, key=key)
     window = layer_window(cfg, layer)
     if cfg.kv_shared_layers and cfg.kv_source(layer) != layer:
         return shared_kv_attention(params, x, cfg, positions=positions, cache=cache,

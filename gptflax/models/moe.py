@@ -13,7 +13,6 @@ the gradient, as Megatron-LM's MoEAuxLossAutoScaler adds it: the forward pass is
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -87,24 +86,6 @@ def load_balancing_loss(logits: jax.Array, chosen: jax.Array) -> jax.Array:
     return n_experts * jnp.sum(share * probs.mean(axis=0))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def with_aux_loss(x: jax.Array, aux: jax.Array, coef: float) -> jax.Array:
-    """x unchanged; in the backward pass `aux` receives the gradient `coef`, as if coef * aux
-    were added to the loss."""
-    return x
-
-
-def _with_aux_loss_fwd(x, aux, coef):
-    return x, None
-
-
-def _with_aux_loss_bwd(coef, _, g):
-    return g, jnp.asarray(coef, jnp.float32)
-
-
-with_aux_loss.defvjp(_with_aux_loss_fwd, _with_aux_loss_bwd)
-
-
 def feed_forward(params: dict, x: jax.Array, cfg: GPTConfig) -> jax.Array:
     """The mixture of experts: (B, T, D) -> (B, T, D)."""
     b, t, d = x.shape
@@ -112,6 +93,6 @@ def feed_forward(params: dict, x: jax.Array, cfg: GPTConfig) -> jax.Array:
     logits, chosen, weights = route(params["gate"], x2d, cfg.num_experts_per_tok)
     y = dispatch(params["experts"], x2d, chosen, weights)
     if cfg.router_aux_coef:
-        y = with_aux_loss(y, load_balancing_loss(logits, chosen), cfg.router_aux_coef)
+        y = nn.with_aux_loss(y, load_balancing_loss(logits, chosen), cfg.router_aux_coef)
     y = y.reshape(b, t, d)
     return y + llama.feed_forward(params["shared"], x) if "shared" in params else y
