@@ -75,10 +75,18 @@ def test_kv_estimates_are_the_mla_readme():
 
 
 def test_a_deltanet_state_does_not_grow_with_the_context():
-    """ch04/08_deltanet's plot (its README prints no numbers): 2048-wide, 16 heads of 128, bf16;
-    a (128, 128) state per head against keys and values per token."""
+    """ch04/08_deltanet's plot (its README prints no numbers): 2048-wide, 16 heads of 128, 48
+    layers, bf16; a (128, 128) state per head against keys and values per token, and its 3:1
+    mix (12 full layers), which a config's cache matches once the convolution's inputs (which
+    the plot leaves out) are taken off."""
     assert sizes.deltanet_bytes_per_layer(16, 128) == 16 * 128 * 128 * 2 == 524_288
     assert sizes.kv_bytes_per_layer(131_072, 16, 128) == 131_072 * 2048 * 2 * 2
+    cfg = GPTConfig(emb_dim=2048, n_heads=16, n_layers=48, gated_deltanet=True,
+                    full_attention_every=4)  # fmt: skip
+    conv = 3 * 3 * 2048 * 2  # taps - 1 inputs of q, k and v
+    for context in (128, 4096, 131_072):
+        plot = 12 * sizes.kv_bytes_per_layer(context, 16, 128) + 36 * 524_288
+        assert sizes.kv_cache_bytes(cfg, context) - 36 * conv == plot
 
 
 def test_moe_parameter_estimates_are_the_moe_readme():
@@ -462,11 +470,16 @@ def test_adam_on_the_indexer_alone_lowers_its_kl_to_the_attention():
         return dsa.indexer_loss(q, k, scores, dsa.top_keys(scores, visible, 6))
 
     tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(indexer, opt):
+        updates, opt = tx.update(jax.grad(kl)(indexer), opt)
+        return optax.apply_updates(indexer, updates), opt
+
     indexer, opt = p["indexer"], tx.init(p["indexer"])
     first = kl(indexer)
     for _ in range(30):
-        updates, opt = tx.update(jax.grad(kl)(indexer), opt)
-        indexer = optax.apply_updates(indexer, updates)
+        indexer, opt = step(indexer, opt)
     assert kl(indexer) < 0.5 * first
 
 
