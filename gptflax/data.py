@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 
 from gptflax.tokenizer import gpt2_tokenizer, text_to_token_ids
+
+
+class Position(NamedTuple):
+    """Where a batch sits in the data: its epoch and its index in that epoch's order."""
+
+    epoch: int
+    index: int
+
+
+START = Position(0, 0)
 
 
 def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +99,18 @@ class DataLoader:
                 idx = np.arange(n)[idx][rows]
             batch = tuple(a[idx] for a in self.arrays)
             yield self.collate(*batch) if self.collate else batch
+
+    def epoch_batches(
+        self, num_epochs: int, start: Position = START, rows: slice | None = None
+    ) -> Iterator[tuple[Position, tuple]]:
+        """The batches from `start` to the end of epoch num_epochs - 1, with their positions: the
+        same batches, in the same order, as an uninterrupted run sees from there (what a training
+        loop reads; `pipeline.TokenStream` has the same method)."""
+        for epoch in range(start.epoch, num_epochs):
+            skip = start.index if epoch == start.epoch else 0
+            for i, batch in enumerate(self.batches(epoch, rows=rows)):
+                if i >= skip:
+                    yield Position(epoch, i), batch
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """Iterate over the next epoch's batches."""

@@ -30,8 +30,8 @@ import grain
 import numpy as np
 from absl import flags
 
+from gptflax.data import START, Position
 from gptflax.tokenfiles import TokenFiles, TokenFilesError
-from gptflax.training.loop import START, Position
 
 
 class Windows:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gptflax.data import DataLoader
-from gptflax.training import Every, Hook, Position, epoch_batches, train_loop
+from gptflax.training import Every, Hook, Position, train_loop
 
 pytestmark = pytest.mark.lab5
 
@@ -63,9 +63,9 @@ def test_a_stream_the_method_makes_itself_runs_with_actions_between_steps():
 def test_epoch_batches_from_any_position_are_the_rest_of_the_full_order():
     data = np.arange(20)
     loader = DataLoader(data, batch_size=3, shuffle=True, seed=4)
-    full = list(epoch_batches(loader, 3))
+    full = list(loader.epoch_batches(3))
     assert [p for p, _ in full][:7] == [Position(0, i) for i in range(6)] + [Position(1, 0)]
-    rest = list(epoch_batches(loader, 3, Position(1, 4)))
+    rest = list(loader.epoch_batches(3, Position(1, 4)))
     assert [p for p, _ in rest] == [p for p, _ in full][10:]
     assert all(np.array_equal(a[0], b[0]) for (_, a), (_, b) in zip(rest, full[10:], strict=True))
 

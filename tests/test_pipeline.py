@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from gptflax import checkpoint, files
+from gptflax.data import Position
 from gptflax.pipeline import TokenStream, Windows
 from gptflax.tokenfiles import TokenFiles, prepare
-from gptflax.training.loop import Position
 from gptflax.training.run import Run, RunError, pretrain, resume_run
 
 pytestmark = pytest.mark.labpretrain

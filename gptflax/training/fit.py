@@ -19,9 +19,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gptflax import checkpoint, parallel
-from gptflax.data import DataLoader
+from gptflax.data import DataLoader, Position
 from gptflax.losses import loss_fn
-from gptflax.training.loop import Every, Hook, Position, Step, epoch_batches, train_loop
+from gptflax.training.loop import Every, Hook, Step, train_loop
 from gptflax.training.step import TrainState, calc_metrics_loader, train_step
 
 
@@ -105,7 +105,7 @@ def fit(
               first=1),  # the book's global_step 0, eval_freq, ...: after steps 1, 1 + freq, ...
         EpochEnd(len(train_loader), at_epoch_end),
     ]  # fmt: skip
-    batches = epoch_batches(train_loader, num_epochs, Position(history.epochs_done, 0), rows)
+    batches = train_loader.epoch_batches(num_epochs, Position(history.epochs_done, 0), rows)
     state, stopped = train_loop(state, batches, step_fn, key, hooks, prepare=prepare)
     if stopped:
         raise KeyboardInterrupt

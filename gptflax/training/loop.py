@@ -3,7 +3,7 @@
     state, stopped = train_loop(state, batches, step_fn, key, hooks=[Every(100, evaluate), ...])
 
 `batches` yields (Position, batch) pairs: where each batch sits in the data (epoch, index) and
-the batch itself, from a DataLoader (`epoch_batches`), a token stream, or a method that makes its
+the batch itself, from a loader's `epoch_batches`, or from a method that makes its
 own batches (generate, score, then step). `step_fn(state, batch, key) -> (state, metrics)` is the
 jitted step. After each step every hook's `after_step` sees it; when the stream ends or the run
 is stopped, every hook's `at_end` does. Stopping happens only between steps: the first Ctrl-C
@@ -18,18 +18,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import jax
 
-
-class Position(NamedTuple):
-    """Where a batch sits in the data: its epoch and its index in that epoch's order."""
-
-    epoch: int
-    index: int
+from gptflax.data import Position
 
 
 @dataclass
@@ -77,25 +71,6 @@ class Every(Hook):
     def at_end(self, last: Step | None, stopped: str | None) -> None:
         if self.final and last is not None and self.last_called != last.number:
             self.fn(last)
-
-
-START = Position(0, 0)
-
-
-def epoch_batches(
-    loader, num_epochs: int, start: Position = START, rows: slice | None = None
-) -> Iterator[tuple[Position, tuple]]:
-    """A DataLoader's batches from `start` to the end of epoch num_epochs - 1, with positions:
-    the same batches, in the same order, as an uninterrupted run sees from there (a loader that
-    streams them itself, as `pipeline.TokenStream` does, gives them)."""
-    if hasattr(loader, "epoch_batches"):
-        yield from loader.epoch_batches(num_epochs, start, rows)
-        return
-    for epoch in range(start.epoch, num_epochs):
-        skip = start.index if epoch == start.epoch else 0
-        for i, batch in enumerate(loader.batches(epoch, rows=rows)):
-            if i >= skip:
-                yield Position(epoch, i), batch
 
 
 def train_loop(

@@ -29,7 +29,7 @@ import numpy as np
 
 from gptflax import checkpoint, files, models, parallel, sources
 from gptflax.config import check_remat
-from gptflax.data import DataLoader, train_val_loaders
+from gptflax.data import DataLoader, Position, train_val_loaders
 from gptflax.generate import sample_text
 from gptflax.losses import loss_fn, mixed_precision
 from gptflax.pipeline import TokenStream, check_windows
@@ -43,7 +43,7 @@ from gptflax.training.fit import (
     Record,
     jit_train_step,
 )
-from gptflax.training.loop import Every, Hook, Position, Step, epoch_batches, train_loop
+from gptflax.training.loop import Every, Hook, Step, train_loop
 from gptflax.training.optim import check_optimizer, make_optimizer, warmup_cosine_schedule
 from gptflax.training.step import TrainState, init_train_state
 
@@ -428,7 +428,7 @@ def _train(run: Run, parts: Parts, state, history, position, run_dir: Path) -> R
         saver,
         PlotAtEnd(run_dir / "loss.png", history, len(loader)),
     ]
-    batches = itertools.islice(epoch_batches(loader, run.epochs, position, rows),
+    batches = itertools.islice(loader.epoch_batches(run.epochs, position, rows),
                                total_steps(run, len(loader)) - int(state.step))  # fmt: skip
     state, stopped = train_loop(state, batches, step_fn, parts.dropout_key, hooks, prepare=prepare)
     return Result(state, history, stopped, saver.newest)
