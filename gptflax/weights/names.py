@@ -72,11 +72,14 @@ def params_from_tensors(get, cfg, source: int, block_names: dict, dtype=np.float
         value = get(name, shape[::-1]).T if keys[-1] == "kernel" else get(name, shape)
         return np.asarray(value, dtype)
 
-    def stacked(path, leaf) -> np.ndarray:  # (n_layers, ...)
-        return np.stack([read(path, leaf.shape[1:], block_names, i) for i in range(cfg.n_layers)])
+    # Each leaf becomes a jax array as soon as it is read, so that no second copy of the whole
+    # model is ever held (Qwen2.5-Coder-1.5B's load peaked at 17.3 GB for 6.2 GB of weights).
+    def stacked(path, leaf) -> jax.Array:  # (n_layers, ...)
+        layers = [read(path, leaf.shape[1:], block_names, i) for i in range(cfg.n_layers)]
+        return jnp.asarray(np.stack(layers))
 
     params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: read(path, leaf.shape, OUTSIDE_BLOCKS), like
+        lambda path, leaf: jnp.asarray(read(path, leaf.shape, OUTSIDE_BLOCKS)), like
     )
     params["trf_blocks"] = jax.tree_util.tree_map_with_path(stacked, blocks)
-    return jax.tree.map(jnp.asarray, params)
+    return params
