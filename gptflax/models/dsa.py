@@ -20,7 +20,15 @@ import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
 from gptflax import nn
-from gptflax.attention import attend, init_kv_cache, qkv, split_heads, visible_keys, with_cache
+from gptflax.attention import (
+    attend,
+    init_kv_cache,
+    qkv,
+    split_heads,
+    visible_keys,
+    with_cache,
+    write_kv,
+)
 from gptflax.config import GPTConfig
 
 LOGICAL_AXES = {
@@ -90,10 +98,10 @@ def sparse_attention(
     index_keys = nn.linear(params["indexer"]["W_key"], detached)  # (B, T, d_I)
     k, v, k_pos, updated = with_cache(cache, k, v, positions)
     if cache is not None:
-        index = with_cache(
+        index = write_kv(
             cache._replace(keys=cache.index_keys, values=cache.index_keys[..., :0]),
             index_keys[:, None], index_keys[:, None, :, :0], positions,
-        )[3].keys  # fmt: skip
+        ).keys  # the indexer's keys written as a one-head cache  # fmt: skip
         updated, index_keys = updated._replace(index_keys=index), index[:, 0]
     scores = index_scores(params["indexer"], detached, index_keys, cfg.indexer_heads)
     chosen = top_keys(scores, visible_keys(positions, k_pos), cfg.dsa_top_k)  # (B, T, T_k)

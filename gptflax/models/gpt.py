@@ -98,7 +98,7 @@ def init_block(key: jax.Array, cfg: GPTConfig, layer: int = 0) -> dict:
 
 def init_params(key: jax.Array, cfg: GPTConfig) -> dict:
     """Fresh GPT params with the blocks stacked along a leading n_layers axis (Book §4.6), or
-    listed when DeltaNet and attention layers alternate."""
+    listed when the layers' params differ (DeltaNet beside attention, KV-shared layers)."""
     k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
     block_keys = jax.random.split(k_blocks, cfg.n_layers)
     if len({(cfg.is_deltanet(i), cfg.kv_source(i) != i) for i in range(cfg.n_layers)}) > 1:
