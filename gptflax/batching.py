@@ -139,14 +139,28 @@ class BatchDecoder:
             raise ValueError("a row has reached the end of the context: free it first")
         self._make_room(int(self.positions.max()) + 1)
         n = min(1 << int(np.flatnonzero(active).max(initial=0)).bit_length(), len(active))
-        ids, self.cache, self.seen = _step(
-            self.params, self.cache, self.seen, self.last[:n], self.positions[:n],
-            RowSampling(*(column[:n] for column in self.sampling)), self.cfg,
-        )  # fmt: skip
+        ids = self._step_rows(n)
         self.last[:n] = np.where(active[:n], np.asarray(ids), 0)
         self.positions[active] += 1
         self.sampling.drawn[active] += 1
         return self.last
+
+    def warm_up(self) -> None:
+        """Compile the step for every width it takes (1, 2, 4, ... rows) while all rows are free,
+        so that neither the first request nor the first crowd waits on the compiler."""
+        if (self.positions >= 0).any():
+            raise ValueError("warm_up runs before any row is started")
+        rows = len(self.positions)
+        for n in sorted({min(1 << k, rows) for k in range(rows.bit_length() + 1)}):
+            self._step_rows(n)
+
+    def _step_rows(self, n: int) -> jax.Array:
+        """One jitted step of the first n rows: their new tokens (n,)."""
+        ids, self.cache, self.seen = _step(
+            self.params, self.cache, self.seen, self.last[:n], self.positions[:n],
+            RowSampling(*(column[:n] for column in self.sampling)), self.cfg,
+        )  # fmt: skip
+        return ids
 
     def free(self, row: int) -> None:
         """End a row's sequence; with every row free, the cache shrinks back to its first size."""
@@ -256,8 +270,8 @@ class Batcher:
             self.cancel(job)
 
     def warm_up(self) -> None:
-        """Compile the decoding step now rather than at the first request (call before any)."""
-        self.decoder.step()
+        """Compile the decoding steps now rather than at the first requests (call before any)."""
+        self.decoder.warm_up()
 
     def close(self) -> None:
         """Stop the thread; requests under way end as "cancelled"."""

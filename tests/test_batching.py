@@ -76,6 +76,22 @@ def test_requests_decoded_together_get_the_tokens_each_gets_alone(params):
     assert batcher.decoder.capacity == 8  # grown to 16 while needed, then back
 
 
+def test_after_warm_up_a_crowd_compiles_no_new_step(params):
+    """warm_up compiles the step for 1, 2, 4 and 5 rows: five requests at once need no other."""
+    from gptflax.batching import _step
+
+    batcher = Batcher(params, CFG, slots=5, capacity=32)
+    try:
+        batcher.warm_up()
+        compiled = _step._cache_size()
+        requests = [Request([3 + i] * (1 + i), 4 + 3 * i, seed=i) for i in range(5)]
+        assert run_together(batcher, requests) == [alone(params, r) for r in requests]
+    finally:
+        batcher.close()
+    assert batcher.ended == Counter(length=5)
+    assert _step._cache_size() == compiled
+
+
 def test_a_cancelled_request_frees_its_row_for_the_next(params):
     batcher = Batcher(params, CFG, slots=3, capacity=8)
     got, jobs = [], []

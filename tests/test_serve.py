@@ -268,7 +268,7 @@ def test_200_requests_from_16_clients_all_come_back_right(server):
     assert answers == [expected[i % len(expected)] for i in range(200)]
     assert client.health()["ended"]["length"] == ended + 200 and client.health()["active"] == 0
     print(f"server RSS {before:.0f} MB before 200 requests, {after:.0f} MB after")
-    assert after - before < 30  # MB: measured 0-2
+    assert after - before < 30  # MB: measured 2-5 (13-30 when the crowd compiled its steps)
 
 
 # --- a real chat model, in this process -----------------------------------------------------------
