@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import attention, nn
-from gptflax.decoding import DecodingParams, check_trainable, unstack_blocks
+from gptflax.decoding import DecodingParams, check_trainable
 from gptflax.models.registry import family
 
 # What each `cfg.remat` policy keeps from a block's forward pass for its backward pass.
@@ -170,11 +170,10 @@ def hidden_cached(
     once before it starts."""
     fam = family(cfg)
     params = _plain(params)
-    if not isinstance(params["trf_blocks"], list):
-        params = unstack_blocks(params)
     x = fam.embed(params, tokens, cfg, positions=positions)  # (B, S, D)
     new_cache = []
-    for i, (layer_params, layer_cache) in enumerate(zip(params["trf_blocks"], cache, strict=True)):
+    for i, layer_cache in enumerate(cache):
+        layer_params = _layer(params["trf_blocks"], i, x)
         source = cfg.kv_source(i)  # a KV-shared layer reads its source's updated cache
         x, updated = fam.block(
             layer_params, x, cfg, layer=i, positions=positions,
@@ -182,6 +181,17 @@ def hidden_cached(
         )  # fmt: skip
         new_cache.append(updated if source == i else layer_cache)
     return fam.final_norm(params, x, cfg), tuple(new_cache)
+
+
+def _layer(blocks, i: int, x: jax.Array) -> dict:
+    """Layer i's params from listed or stacked blocks, for input x. A stacked layer is sliced at an
+    index that reads x (always i: min(i, i + isnan(x[0]))), so the slice cannot be taken before
+    x reaches the layer. Sliced up front, as XLA's CPU does even across an optimization barrier,
+    every layer's copy is alive at once: a second copy of the model (5 GB for a 1.5B one)."""
+    if isinstance(blocks, list):
+        return blocks[i]
+    at = jnp.minimum(i, i + jnp.isnan(x.ravel()[0]).astype(jnp.int32))
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, at, 0, False), blocks)
 
 
 def _plain(params: dict | DecodingParams) -> dict:
