@@ -39,7 +39,7 @@ from gptflax.decoding import decoding_params
 from gptflax.generate import generate_cached, trim_at_eos
 from gptflax.streaming import params_dtype
 
-BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # padded lengths; beyond: multiples of 128
+BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # padded lengths
 
 
 class Encoded(NamedTuple):
@@ -91,8 +91,8 @@ def encode_item(tokenizer, item: Choice) -> Encoded:
 
 
 def padded(length: int) -> int:
-    """The smallest of BUCKETS that holds `length` (beyond them, a multiple of 128): a padded
-    length wastes at most a third, and a task compiles a few shapes."""
+    """The smallest of BUCKETS that holds `length` (beyond them, a multiple of 128): from 32 on a
+    padded length wastes at most a fifth, and a task compiles a few shapes."""
     return next((b for b in BUCKETS if b >= length), -(-length // 128) * 128)
 
 
@@ -105,23 +105,29 @@ def lengths_fit(e: Encoded, context_length: int) -> Encoded:
     return Encoded(e.context[-room:], e.continuations)
 
 
-def batch_arrays(encoded: list[Encoded], rows: int, choices: int) -> tuple[np.ndarray, ...]:
-    """Items padded into arrays, `rows` of them (missing rows repeat the last item): prefixes
-    (B, Tc) = contexts but their last token, prefix lengths (B,), choice rows (B, K, S) = [last
-    context token, continuation...], their lengths (B, K) (0: no such choice)."""
+def context_arrays(encoded: list[Encoded], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Contexts but their last token, padded into `rows` rows (missing rows repeat the last):
+    prefixes (B, Tc) and their lengths (B,)."""
     encoded = encoded + [encoded[-1]] * (rows - len(encoded))
-    tc = padded(max(len(e.context) - 1 for e in encoded))
-    s = padded(max(len(c) + 1 for e in encoded for c in e.continuations))
-    prefixes = np.zeros((rows, tc), np.int32)
     prefix_lengths = np.array([len(e.context) - 1 for e in encoded], np.int32)
-    tokens = np.zeros((rows, choices, s), np.int32)
-    lengths = np.zeros((rows, choices), np.int32)
+    prefixes = np.zeros((rows, padded(prefix_lengths.max())), np.int32)
     for b, e in enumerate(encoded):
         prefixes[b, : prefix_lengths[b]] = e.context[:-1]
-        for k, continuation in enumerate(e.continuations):
-            row = [e.context[-1], *continuation]
-            tokens[b, k, : len(row)], lengths[b, k] = row, len(row)
-    return prefixes, prefix_lengths, tokens, lengths
+    return prefixes, prefix_lengths
+
+
+def choice_arrays(choices: list[tuple[int, list[int], list[int]]], rows: int) -> tuple:
+    """Choices as (cache row, context, continuation), padded into `rows` rows (missing rows
+    repeat the last): cache rows (R,), prefix lengths (R,), [last context token,
+    continuation...] (R, S) and their lengths (R,)."""
+    choices = choices + [choices[-1]] * (rows - len(choices))
+    tokens = np.zeros((rows, padded(max(len(c) + 1 for _, _, c in choices))), np.int32)
+    for r, (_, context, continuation) in enumerate(choices):
+        tokens[r, : len(continuation) + 1] = [context[-1], *continuation]
+    cache_rows = np.array([row for row, _, _ in choices], np.int32)
+    prefix_lengths = np.array([len(context) - 1 for _, context, _ in choices], np.int32)
+    lengths = np.array([len(c) + 1 for _, _, c in choices], np.int32)
+    return cache_rows, prefix_lengths, tokens, lengths
 
 
 def token_logprobs(params: dict, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -144,20 +150,17 @@ def prefill_contexts(params, prefixes, prefix_lengths, cfg, length):
 
 
 @partial(jax.jit, static_argnames="cfg")
-def score_choices(params, cache, prefix_lengths, tokens, lengths, cfg):
-    """Each item's K choice rows (B, K, S), `lengths` (B, K) real tokens each, over copies of
-    its prefilled cache -> summed log-probabilities of the continuations (B, K) and whether
-    each continuation is all greedy tokens (B, K)."""
-    b, k, s = tokens.shape
-    cache = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), cache)  # (B * K, ...)
-    steps = jnp.arange(s)
-    positions = prefix_lengths[:, None, None] + steps  # (B, 1, S)
-    positions = jnp.where(steps < lengths[..., None], positions, -1).reshape(b * k, s)
-    h, _ = models.hidden_cached(params, tokens.reshape(b * k, s), cache, positions, cfg)
-    logprob, greedy = token_logprobs(params, h[:, :-1], tokens.reshape(b * k, s)[:, 1:])
-    counted = steps[1:] < lengths.reshape(b * k, 1)  # (B * K, S - 1): the continuation's tokens
-    loglik = jnp.where(counted, logprob, 0.0).sum(-1).reshape(b, k)
-    return loglik, jnp.where(counted, greedy, True).all(-1).reshape(b, k)
+def score_choices(params, cache, cache_rows, prefix_lengths, tokens, lengths, cfg):
+    """Choice rows (R, S), `lengths` (R,) real tokens each, each over a copy of its item's row
+    of the prefilled cache (`cache_rows` (R,)) -> summed log-probabilities of the continuations
+    (R,) and whether each continuation is all greedy tokens (R,)."""
+    cache = jax.tree.map(lambda a: a[cache_rows], cache)  # (R, ...)
+    steps = jnp.arange(tokens.shape[1])
+    positions = jnp.where(steps < lengths[:, None], prefix_lengths[:, None] + steps, -1)  # (R, S)
+    h, _ = models.hidden_cached(params, tokens, cache, positions, cfg)
+    logprob, greedy = token_logprobs(params, h[:, :-1], tokens[:, 1:])
+    counted = steps[1:] < lengths[:, None]  # (R, S - 1): the continuation's tokens
+    return jnp.where(counted, logprob, 0.0).sum(-1), jnp.where(counted, greedy, True).all(-1)
 
 
 @partial(jax.jit, static_argnames="cfg")
@@ -195,37 +198,46 @@ def score(
     batch_size: int = 8,
     progress: Callable | None = None,
 ) -> Scores:
-    """Every item's choices scored, `batch_size` items at a time, longest continuations first:
-    contexts prefilled (`prefill_contexts`), then the choices scored (`score_choices`).
-    `progress(n)` is told after each batch how many items it held. One cache length serves the
-    whole call, so the prefill compiles once per context bucket and the choices once per
-    continuation bucket."""
-    choices = max(len(e.continuations) for e in encoded)
+    """Every item's choices scored. Items go in groups of 2 * batch_size, longest contexts
+    first: a group's contexts are prefilled `batch_size` at a time into one KV cache
+    (`prefill_contexts`), then all its choices, sorted by length across the group, are scored
+    `batch_size` rows at a time, each row over its item's cache (`score_choices`): rows of
+    similar lengths pad little. `progress(n)` is told after each group how many items it held.
+    One cache length serves the whole call, so each step compiles once per length bucket."""
     cache_len = padded(max(len(e.context) for e in encoded)) + padded(
         max(len(c) + 1 for e in encoded for c in e.continuations)
     )
-    order = sorted(range(len(encoded)), key=lambda i: _lengths(encoded[i]), reverse=True)
-    loglik, greedy = [None] * len(encoded), [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        prefixes, prefix_lengths, tokens, lengths = batch_arrays(
-            [encoded[i] for i in chunk], batch_size, choices
-        )
-        cache = prefill_contexts(params, prefixes, prefix_lengths, cfg, cache_len)
-        scored = score_choices(params, cache, prefix_lengths, tokens, lengths, cfg)
-        ll, g = (np.asarray(x) for x in scored)
-        for row, i in enumerate(chunk):
-            n = len(encoded[i].continuations)
-            loglik[i], greedy[i] = ll[row, :n], g[row, :n]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].context), reverse=True)
+    loglik = [np.zeros(len(e.continuations), np.float32) for e in encoded]
+    greedy = [np.zeros(len(e.continuations), bool) for e in encoded]
+    for start in range(0, len(order), 2 * batch_size):
+        group = order[start : start + 2 * batch_size]
+        cache = _group_cache(params, cfg, [encoded[i] for i in group], batch_size, cache_len)
+        choices = [(row, i, k) for row, i in enumerate(group)
+                   for k in range(len(encoded[i].continuations))]  # fmt: skip
+        choices.sort(key=lambda c: len(encoded[c[1]].continuations[c[2]]), reverse=True)
+        for first in range(0, len(choices), batch_size):
+            chunk = choices[first : first + batch_size]
+            arrays = choice_arrays([(row, encoded[i].context, encoded[i].continuations[k])
+                                    for row, i, k in chunk], batch_size)  # fmt: skip
+            ll, g = (np.asarray(x) for x in score_choices(params, cache, *arrays, cfg))
+            for r, (_, i, k) in enumerate(chunk):
+                loglik[i][k], greedy[i][k] = ll[r], g[r]
         if progress is not None:
-            progress(len(chunk))
+            progress(len(group))
     return Scores(loglik, greedy)
 
 
-def _lengths(e: Encoded) -> tuple[int, int]:
-    """What sorting makes similar within a batch: the longest continuation (each item runs K of
-    them), then the context."""
-    return max(len(c) for c in e.continuations), len(e.context)
+def _group_cache(params, cfg, encoded: list[Encoded], batch_size: int, cache_len: int) -> tuple:
+    """The items' contexts prefilled `batch_size` at a time, their caches joined: row r of the
+    result is item r's."""
+    caches = [
+        prefill_contexts(
+            params, *context_arrays(encoded[first : first + batch_size], batch_size), cfg, cache_len
+        )  # fmt: skip
+        for first in range(0, len(encoded), batch_size)
+    ]
+    return caches[0] if len(caches) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *caches)
 
 
 def accuracy(items: list[Choice], loglik: list[np.ndarray]) -> tuple[float, float]:
@@ -258,8 +270,8 @@ def evaluate(
     max_new_tokens: int | None = None,
 ) -> Results:
     """Score a loaded model (`sources.Model`) on a task, or on `limit` of its items spread
-    evenly over it (a generative task's answers: up to `max_new_tokens`, else the task's
-    MAX_NEW_TOKENS)."""
+    evenly over it, `batch_size` rows at a time (a generative task's answers: up to
+    `max_new_tokens`, else the task's MAX_NEW_TOKENS)."""
     items = spread(benchmarks.load_task(task), limit)
     if isinstance(items[0], Problem):
         n = max_new_tokens or MAX_NEW_TOKENS[task]

@@ -30,7 +30,7 @@ def test_the_cached_scores_equal_the_plain_forward_choice_by_choice(name):
     """Context prefilled once and its cache shared by the choices (Gemma 3: sliding windows of
     4, so the cache is a ring) gives the plain forward's log-likelihoods, and so its choices."""
     model = sources.load_model(name)
-    cached = ev.score(model.params, model.cfg, RAGGED, batch_size=2)  # 2 batches, one padded
+    cached = ev.score(model.params, model.cfg, RAGGED, batch_size=2)  # rows 2 + 1, then 5 x 2
     plain = ev.score_uncached(model.params, model.cfg, RAGGED)
     for a, b, ga, gb in zip(cached.loglik, plain.loglik, cached.greedy, plain.greedy, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -84,7 +84,7 @@ def test_items_are_encoded_as_the_harness_encodes_them():
 
 def test_lengths_within_a_bucket_compile_the_scorer_once(compiles):
     cfg, params = repeating_model()
-    for context in ([1], list(range(1, 9)), list(range(1, 17))):
+    for context in (list(range(1, 11)), list(range(1, 14)), list(range(1, 17))):  # prefix 9-15
         ev.score(params, cfg, [Encoded(context, [[2], [3, 4, 5]])], batch_size=1)
     assert compiles("prefill_contexts") == compiles("score_choices") == 1
 
