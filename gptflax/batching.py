@@ -138,7 +138,7 @@ class BatchDecoder:
         if self.positions.max() >= self.cfg.context_length:
             raise ValueError("a row has reached the end of the context: free it first")
         self._make_room(int(self.positions.max()) + 1)
-        n = min(1 << int(np.flatnonzero(active).max(initial=0)).bit_length(), len(active))
+        n = self._width(int(np.flatnonzero(active).max(initial=0)))
         ids = self._step_rows(n)
         self.last[:n] = np.where(active[:n], np.asarray(ids), 0)
         self.positions[active] += 1
@@ -150,9 +150,12 @@ class BatchDecoder:
         so that neither the first request nor the first crowd waits on the compiler."""
         if (self.positions >= 0).any():
             raise ValueError("warm_up runs before any row is started")
-        rows = len(self.positions)
-        for n in sorted({min(1 << k, rows) for k in range(rows.bit_length() + 1)}):
+        for n in sorted({self._width(row) for row in range(len(self.positions))}):
             self._step_rows(n)
+
+    def _width(self, last_row: int) -> int:
+        """The rows a step runs when `last_row` is the last active one: a power of two, capped."""
+        return min(1 << last_row.bit_length(), len(self.positions))
 
     def _step_rows(self, n: int) -> jax.Array:
         """One jitted step of the first n rows: their new tokens (n,)."""
