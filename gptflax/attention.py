@@ -94,6 +94,12 @@ def fused_implementation(dtype) -> str | None:
     return "cudnn"
 
 
+# Queries per block when a sequence attends to itself (`attend`'s `causal`). On 512 tokens, blocks
+# of 128 compute 10/16 of the scores; SmolLM2's train step on a CPU ran 5% faster than unblocked
+# (blocks of 64: no faster than 128).
+QUERY_BLOCK = 128
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -105,6 +111,7 @@ def attend(
     scale: float | None = None,
     drop_rate: float = 0.0,
     key: jax.Array | None = None,
+    causal: bool = False,
     fused: bool = False,
     keep: jax.Array | None = None,
 ) -> jax.Array:
@@ -114,18 +121,33 @@ def attend(
     (B, S, T) limits each query to some of the keys it may see.
 
     Scores are divided by sqrt(Dh) (or multiplied by `scale`), masked by `visible_keys`, and
-    softmaxed in float32; dropout on the weights (Book §3.5.2). `fused` hands the attention to
-    `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU; no dropout): for keys at
-    the query positions 0..T-1 only, as in training."""
+    softmaxed in float32; dropout on the weights (Book §3.5.2).
+
+    `causal` says that the keys are the queries' own, at the same non-decreasing positions (a
+    sequence attending to itself, as in training). Then `fused` hands the attention to
+    `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU; no dropout); otherwise
+    the queries go QUERY_BLOCK at a time, each block over the keys up to its own last, so that
+    the scores above the diagonal's blocks, which the mask would zero, are never computed."""
     b, h, s, dh = q.shape
     g = k.shape[1]
-    if fused and keep is None and not isinstance(window, jax.Array):
+    if causal and fused and keep is None and not isinstance(window, jax.Array):
         local = None if window is None else (window - 1, 0)
         out = jax.nn.dot_product_attention(
             *(y.transpose(0, 2, 1, 3) for y in (q, k, v)), scale=scale, is_causal=True,
             local_window_size=local, implementation=fused_implementation(q.dtype),
         )  # fmt: skip
         return out.reshape(b, s, h * dh)  # (B, S, H, Dh) -> (B, S, H * Dh)
+    if causal and s > QUERY_BLOCK:
+        blocks = []
+        for start in range(0, s, QUERY_BLOCK):
+            stop = min(s, start + QUERY_BLOCK)  # queries start..stop see keys 0..stop at most
+            blocks.append(attend(
+                q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], q_pos[:, start:stop],
+                k_pos[:, :stop], window=window, scale=scale, drop_rate=drop_rate,
+                key=None if key is None else jax.random.fold_in(key, start),
+                keep=None if keep is None else keep[:, start:stop, :stop],
+            ))  # fmt: skip
+        return jnp.concatenate(blocks, axis=1)  # (B, S, H * Dh)
     visible = visible_keys(q_pos, k_pos, window)  # (B or 1, S, T)
     if keep is not None:  # a chosen subset of the keys (DeepSeek sparse attention)
         visible = visible & keep
@@ -260,6 +282,6 @@ def self_attention(
     keys, values, k_pos, cache = with_cache(cache, keys, values, q_pos, window)
     context = attend(
         queries, keys, values, q_pos, k_pos, window=window, drop_rate=drop_rate, key=key,
-        fused=fused and cache is None,
+        causal=cache is None, fused=fused,
     )  # fmt: skip
     return nn.linear(params["out_proj"], context), cache  # (B, T, D)

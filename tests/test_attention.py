@@ -62,3 +62,26 @@ def test_dropout_in_attention_needs_a_key_and_is_reproducible():
     again = A.multi_head_attention(params, x, 2, drop_rate=0.5, key=key)
     np.testing.assert_array_equal(train, again)
     assert not np.allclose(train, A.multi_head_attention(params, x, 2, drop_rate=0.5))
+
+
+@pytest.mark.parametrize("heads,window", [((4, 4), None), ((4, 2), None), ((4, 2), 100)])
+def test_attention_in_query_blocks_equals_the_whole_sequence_at_once(heads, window):
+    h, g = heads
+    s = 2 * A.QUERY_BLOCK + 40  # three blocks, the last a short one
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, n, s, 8)) for i, n in enumerate((h, g, g)))
+    positions = jnp.concatenate([jnp.full((2, 3), -1), jnp.arange(s - 3)[None].repeat(2, 0)], 1)
+    keep = jax.random.bernoulli(jax.random.key(5), 0.7, (2, s, s))  # a sparse choice of keys
+    for subset in (None, keep):
+        blocked = A.attend(q, k, v, positions, positions, window=window, keep=subset, causal=True)
+        whole = A.attend(q, k, v, positions, positions, window=window, keep=subset)
+        sees = A.visible_keys(positions, positions, window)  # (B, S, S)
+        sees = (sees if subset is None else sees & subset).any(-1)  # else its output is padding
+        np.testing.assert_allclose(blocked[sees], whole[sees], rtol=1e-5, atol=1e-6)
+        assert sees.sum() > 2 * (s - 3) * 0.6
+
+    # blocked, the scores above the diagonal's blocks are never computed: fewer FLOPs
+    def flops(causal):
+        attend = jax.jit(lambda q: A.attend(q, k, v, positions, positions, causal=causal))
+        return attend.lower(q).compile().cost_analysis()["flops"]
+
+    assert flops(True) < 0.8 * flops(False)

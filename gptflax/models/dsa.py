@@ -105,7 +105,10 @@ def sparse_attention(
         updated, index_keys = updated._replace(index_keys=index), index[:, 0]
     scores = index_scores(params["indexer"], detached, index_keys, cfg.indexer_heads)
     chosen = top_keys(scores, visible_keys(positions, k_pos), cfg.dsa_top_k)  # (B, T, T_k)
-    context = attend(q, k, v, positions, k_pos, keep=chosen, drop_rate=cfg.drop_rate, key=key)
+    context = attend(
+        q, k, v, positions, k_pos, keep=chosen, drop_rate=cfg.drop_rate, key=key,
+        causal=cache is None,
+    )  # fmt: skip
     out = nn.linear(params["out_proj"], context)
     if cache is None and cfg.indexer_loss_coef:
         out = nn.with_aux_loss(out, indexer_loss(q, k, scores, chosen), cfg.indexer_loss_coef)

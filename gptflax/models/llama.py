@@ -118,7 +118,7 @@ def attention(
     k, v, k_pos, cache = with_cache(cache, k, v, positions, window)
     context = attend(
         q, k, v, positions, k_pos, window=window, scale=scale,
-        fused=cfg.fused_attention and cache is None,
+        causal=cache is None, fused=cfg.fused_attention,
     )  # (B, T, H * Dh)  # fmt: skip
     return nn.linear(params["out_proj"], context), cache
 

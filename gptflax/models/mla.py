@@ -59,7 +59,7 @@ def plain(
     k = split_heads(nn.linear(params["W_UK"], latent), cfg.n_heads)
     v = split_heads(nn.linear(params["W_UV"], latent), cfg.n_heads)
     context = attend(
-        q, k, v, positions, positions, window=window, drop_rate=drop_rate, key=key
+        q, k, v, positions, positions, window=window, drop_rate=drop_rate, key=key, causal=True
     )  # (B, T, D)
     return nn.linear(params["out_proj"], context)
 
