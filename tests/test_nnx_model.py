@@ -247,7 +247,10 @@ def test_nnx_filters_train_what_the_optax_mask_trains():
         on = [t for t, m in zip(jax.tree.leaves(trained), jax.tree.leaves(mask), strict=True)
               if m.any()]  # fmt: skip
         assert len(on) == 17 and min(on) > 0  # 13 block leaves, final norm's 2, head's 2
-    assert_trees_close(to_params(twin), state.params, rtol=1e-5, atol=1e-6)
+    # AdamW moves a weight by up to lr a step whatever its gradient's size. Where a gradient is
+    # near Adam's eps (1e-8), float32 rounding in either compiled program shifts that fraction:
+    # measured up to 1.7e-6 in 2 steps. Allowed: 1e-4 of the 2 steps' reach, 2 * lr.
+    assert_trees_close(to_params(twin), state.params, rtol=1e-5, atol=1e-4 * 2 * 1e-2)
 
 
 @pytest.mark.labdesign

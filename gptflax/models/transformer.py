@@ -4,8 +4,8 @@
 A family (`gptflax.models.registry`) provides its params, `embed`, `block`, `final_norm` and
 logical axes; the functions here run them for any config. Every family's head is `out_head`, or
 the token embedding when the model has none (tied). Without a cache, the stacked blocks run
-in a `jax.lax.scan` (on a CPU this compiles one block instead of n_layers copies); with one, as a
-Python loop over the unstacked layers, each with its own cache (`gptflax.attention.KVCache`).
+in a `jax.lax.scan`, unrolled unless rematerialised on a CPU; with one, as a Python loop over
+the layers, each with its own cache (`gptflax.attention.KVCache`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ def run_blocks(
     """Run stacked transformer blocks in order: (B, T, D) -> (B, T, D). `first_layer` numbers
     the first of them (a model's later blocks run alone when its first ones are frozen).
 
-    A `lax.scan` over the stacked layers; off the CPU it is unrolled: there, slicing each layer's
-    weights out of the stack and stacking what the backward pass keeps were device copies that
-    cost more than the attention (README); on a CPU unrolling only lengthens the compile. With
+    A `lax.scan` over the stacked layers, unrolled: rolled, each step slices its layer's weights
+    out of the stack and stacks what the backward pass keeps, copies that cost more than the
+    attention on a GPU (README) and 5-6% of a train step on a CPU (SmolLM2-135M and GPT-2
+    124M), for a compile 2-3 times as long. Except with `cfg.remat` on a CPU: XLA's CPU backend
+    drops the barrier that keeps an unrolled loop's recomputation apart, so it would merge the
+    recomputed values back into the forward pass's and keep them all. With
     `cfg.remat`, each block is rematerialised (`jax.checkpoint`) by that policy. Listed blocks
     (layers of different kinds) run one after the other."""
     block = family(cfg).block
@@ -74,7 +77,7 @@ def run_blocks(
             x, kv = step(x, (blocks[j], None if key is None else layer_keys[j], i, kv))
             shared[i] = kv
         return x
-    unroll = jax.default_backend() != "cpu"
+    unroll = cfg.remat == "none" or jax.default_backend() != "cpu"
     xs = (blocks, layer_keys, jnp.asarray(layers), None)
     return jax.lax.scan(step, x, xs, unroll=unroll)[0]
 
