@@ -127,7 +127,8 @@ def attend(
     sequence attending to itself, as in training). Then `fused` hands the attention to
     `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU; no dropout); otherwise
     the queries go QUERY_BLOCK at a time, each block over the keys up to its own last, so that
-    the scores above the diagonal's blocks, which the mask would zero, are never computed."""
+    the scores above the diagonal's blocks, which the mask would zero, are never computed (not
+    with attention dropout, whose random mask is drawn for the whole sequence at once)."""
     b, h, s, dh = q.shape
     g = k.shape[1]
     if causal and fused and keep is None and not isinstance(window, jax.Array):
@@ -137,14 +138,13 @@ def attend(
             local_window_size=local, implementation=fused_implementation(q.dtype),
         )  # fmt: skip
         return out.reshape(b, s, h * dh)  # (B, S, H, Dh) -> (B, S, H * Dh)
-    if causal and s > QUERY_BLOCK:
+    if causal and s > QUERY_BLOCK and (key is None or not drop_rate):  # one dropout mask, as ever
         blocks = []
         for start in range(0, s, QUERY_BLOCK):
             stop = min(s, start + QUERY_BLOCK)  # queries start..stop see keys 0..stop at most
             blocks.append(attend(
                 q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], q_pos[:, start:stop],
-                k_pos[:, :stop], window=window, scale=scale, drop_rate=drop_rate,
-                key=None if key is None else jax.random.fold_in(key, start),
+                k_pos[:, :stop], window=window, scale=scale,
                 keep=None if keep is None else keep[:, start:stop, :stop],
             ))  # fmt: skip
         return jnp.concatenate(blocks, axis=1)  # (B, S, H * Dh)
