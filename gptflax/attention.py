@@ -33,7 +33,10 @@ def init_qkv(
 
 
 def qkv(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Project x (..., d_in) to queries, keys and values (..., d_out) each."""
+    """Project x (..., d_in) to queries, keys and values (..., d_out) each; in one matmul where
+    the decoding layout joined the three projections (`W_qkv`, see `gptflax.decoding`)."""
+    if "W_qkv" in params:
+        return params["W_qkv"](x)
     return tuple(nn.linear(params[n], x) for n in ("W_query", "W_key", "W_value"))
 
 

@@ -19,15 +19,18 @@ def params(small_cfg):
     return models.init_params(jax.random.key(0), small_cfg)
 
 
+@pytest.mark.parametrize("laid_out", [False, True])
 @pytest.mark.parametrize(
     "cfg", [TINY.replace(vocab_size=97), LLAMA_TINY, GEMMA3_TINY, QWEN3_TINY,
             QWEN3_TINY.replace(qkv_bias=True, qk_norm=False)],  # the last a Qwen2
 )  # fmt: skip
-def test_prefill_and_one_token_steps_give_the_forward_logits(cfg):
-    """For every family; Gemma 3's sliding layers (window 4) keep only 4 slots, used as a ring."""
-    params = models.init_params(jax.random.key(0), cfg)
+def test_prefill_and_one_token_steps_give_the_forward_logits(cfg, laid_out):
+    """For every family, from the model's params and from the decoding layout; Gemma 3's sliding
+    layers (window 4) keep only 4 slots, used as a ring."""
+    model_params = models.init_params(jax.random.key(0), cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
-    reference = models.forward(params, tokens, cfg)  # (2, 20, V)
+    reference = models.forward(model_params, tokens, cfg)  # (2, 20, V)
+    params = decoding_layout(model_params) if laid_out else model_params
     cache = models.init_cache(cfg, 2, 32)
     assert len(cache) == cfg.n_layers  # one cache per layer
     sizes = [layer.keys.shape[2] for layer in cache]
@@ -155,6 +158,32 @@ def test_the_decoding_layout_transposes_every_kernel_and_lists_the_blocks(params
     )
     tied = decoding_params(models.init_params(jax.random.key(0), LLAMA_TINY)).params["out_head"]
     assert isinstance(tied["kernel"], TransposedKernel)  # the embedding itself, (V, D)
+
+
+@pytest.mark.parametrize("cfg", [TINY, LLAMA_TINY, QWEN3_TINY.replace(qkv_bias=True)])
+def test_the_decoding_layout_joins_queries_keys_and_values_into_one_projection(cfg):
+    """One (D, H * Dh + 2 * G * Dh) matmul, biases joined too (Qwen2's); the same projections."""
+    params = models.init_params(jax.random.key(0), cfg)
+    block = jax.tree.map(lambda leaf: leaf[0], params["trf_blocks"])["att"]
+    att = decoding_layout(params).params["trf_blocks"][0]["att"]
+    assert "W_qkv" in att and not {"W_query", "W_key", "W_value"} & set(att)
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
+    assert att["W_qkv"].sizes == (q_dim, kv_dim, kv_dim)
+    assert ("bias" in att["W_qkv"].params) == ("bias" in block["W_query"])
+    x = jax.random.normal(jax.random.key(1), (2, 3, cfg.emb_dim))
+    for got, name in zip(att["W_qkv"](x), ("W_query", "W_key", "W_value"), strict=True):
+        np.testing.assert_allclose(got, nn.linear(block[name], x), atol=1e-5)
+
+
+def test_projections_that_differ_stay_apart_in_the_decoding_layout(small_cfg):
+    """A LoRA'd query, or biases on two of the three: the three are not joined."""
+    params = models.init_params(jax.random.key(0), small_cfg.replace(qkv_bias=True))
+    block = jax.tree.map(lambda leaf: leaf[0], params["trf_blocks"])
+    lora = {**block["att"], "W_query": {**block["att"]["W_query"], "lora_a": jnp.ones(2)}}
+    one_bias = {**block["att"], "W_key": {"kernel": block["att"]["W_key"]["kernel"]}}
+    for att in (lora, one_bias):
+        laid_out = decoding_layout({**params, "trf_blocks": [{**block, "att": att}]})
+        assert {"W_query", "W_key", "W_value"} <= set(laid_out.params["trf_blocks"][0]["att"])
 
 
 def test_decoding_params_give_the_same_tokens_and_are_refused_elsewhere(

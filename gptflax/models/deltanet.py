@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import nn
-from gptflax.attention import merge_heads, split_heads
+from gptflax.attention import merge_heads, qkv, split_heads
 from gptflax.config import GPTConfig
 from gptflax.models.llama import rms_norm
 
@@ -91,10 +91,10 @@ def gated_deltanet(
     (padding, after a row's real ones) change nothing."""
     h = cfg.n_heads
     valid = positions >= 0  # (B or 1, T)
-    qkv = jnp.stack([nn.linear(params[w], x) for w in ("W_query", "W_key", "W_value")], 2)
+    projected = jnp.stack(qkv(params, x), 2)  # (B, T, 3, H * Dh)
     empty = None if cache is None else cache.positions < 0  # (B, 1)
-    qkv, conv = short_conv(params["conv1d"], qkv, cache, empty, valid)  # (B, T, 3, H * Dh)
-    q, k, v = (split_heads(qkv[:, :, i].astype(jnp.float32), h) for i in range(3))  # (B, H, T, Dh)
+    projected, conv = short_conv(params["conv1d"], projected, cache, empty, valid)
+    q, k, v = (split_heads(projected[:, :, i].astype(jnp.float32), h) for i in range(3))
     q = l2_normed(q) / math.sqrt(cfg.head_dim)
     k = l2_normed(k)
     beta = jax.nn.sigmoid(nn.linear(params["W_beta"], x).astype(jnp.float32))  # (B, T, H)

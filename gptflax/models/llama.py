@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import nn
-from gptflax.attention import attend, split_heads, with_cache
+from gptflax.attention import attend, qkv, split_heads, with_cache
 from gptflax.config import LlamaConfig
 from gptflax.rope import apply_rope, rope_angles, rope_frequencies
 
@@ -106,9 +106,9 @@ def attention(
     The later families' changes are options: `qk_norm(params, q_or_k)` normalises each head's
     queries and keys before the rotation, `window` limits how far back a query sees, `scale`
     replaces 1/sqrt(Dh); biases are used when the params have them."""
-    q = split_heads(nn.linear(params["W_query"], x), cfg.n_heads)
-    k = split_heads(nn.linear(params["W_key"], x), cfg.n_kv_heads)
-    v = split_heads(nn.linear(params["W_value"], x), cfg.n_kv_heads)
+    q, k, v = qkv(params, x)
+    q = split_heads(q, cfg.n_heads)  # (B, H, T, Dh)
+    k, v = (split_heads(y, cfg.n_kv_heads) for y in (k, v))  # (B, G, T, Dh)
     if qk_norm is not None:
         q, k = qk_norm(params["q_norm"], q), qk_norm(params["k_norm"], k)
     if inv_freq is None:
