@@ -25,6 +25,7 @@ from timing import (
     TINY,
     interleaved,
     matmul_gflops,
+    memory_copy,
     memory_gbps,
     wait,
 )
@@ -135,10 +136,13 @@ def bench_nnx(cfg: GPTConfig, batch: int, repeats: int) -> dict:
     return interleaved(fns, repeats)
 
 
-def bench_generate(cfg, new_tokens: int, repeats: int, batch: int, uncached: bool) -> dict:
+def bench_generate(cfg, new_tokens: int, repeats: int, batch: int, uncached: bool) -> tuple:
     """Greedy tokens/s (all rows together) from `batch` copies of a 4-token prompt; with
     `uncached`, also the loops without a cache (slow: their point is made at batch 1). The KV
-    cache decodes from `decoding_params`, laid out once per model (its time is `layout_s`)."""
+    cache decodes from `decoding_params`, laid out once per model (its time is `layout_s`).
+    Returns the results and the memory bandwidth, GB/s, of copies timed between the runs: this
+    VM's bandwidth drifts by 10% and more between minutes, so a decoder's share of its limit is
+    taken against the bandwidth of the same minutes."""
     cfg = cfg.replace(drop_rate=0.0) if isinstance(cfg, GPTConfig) else cfg
     tm, params = starting_models(cfg)
     prompt = np.tile([[6109, 3626, 6100, 345]], (batch, 1)) % cfg.vocab_size  # "Every effort.."
@@ -156,11 +160,13 @@ def bench_generate(cfg, new_tokens: int, repeats: int, batch: int, uncached: boo
         if not uncached:
             del torch_fns["book PyTorch, naive loop"]
         fns = {**torch_fns, **fns}
-    res = interleaved(fns, repeats)
+    copy, moved = memory_copy()
+    res = interleaved({**fns, "memory copy": copy}, repeats)
+    gbps = moved / res.pop("memory copy")["min_s"] / 1e9
     for r in res.values():
         r["tokens_per_s"] = batch * new_tokens / r["min_s"]
     res["gptflax, KV cache"]["layout_s"] = layout_s
-    return res
+    return res, gbps
 
 
 def decoding_limit(cfg, batch: int, gbps: float) -> float:
@@ -266,17 +272,19 @@ def cpu_report(repeats: int, quick: bool, train: bool = True, only: str = "") ->
     for cfg, name, batch in nnx_cases:
         if res := run(f"functional vs NNX: {name}, batch {batch}", bench_nnx, cfg, batch, repeats):
             report["nnx"].append({"config": name, "batch": batch, "results": res})
-    report["memory_gbps"] = gbps = memory_gbps()
+    report["memory_gbps"] = memory_gbps()
     report["generate"] = []
     for cfg, name, new_tokens in gen_cases:
         for batch in (1, 8):
             uncached = isinstance(cfg, GPTConfig) and batch == 1  # the uncached loop: GPT, once
             args = (cfg, new_tokens, max(2, repeats // 2), batch, uncached)
-            if res := run(f"generation: {name}, batch {batch}", bench_generate, *args):
+            if out := run(f"generation: {name}, batch {batch}", bench_generate, *args):
+                res, gbps = out
                 report["generate"].append({
                     "config": name,
                     "batch": batch,
                     "new_tokens": new_tokens,
+                    "memory_gbps": gbps,
                     "bandwidth_limit_tokens_per_s": decoding_limit(cfg, batch, gbps),
                     "results": res,
                 })  # fmt: skip

@@ -61,10 +61,16 @@ def matmul_gflops(n: int, repeats: int = 5, dtype=jnp.float32) -> dict:
     return {k: 2 * n**3 / v["min_s"] / 1e9 for k, v in res.items()}
 
 
-def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
-    """Memory bandwidth of this machine, GB/s: the fastest of a few copies of a large float32
-    array (each reads and writes every byte once). Decoding one token reads every weight once."""
+def memory_copy(megabytes: int = 512) -> tuple:
+    """A callable that copies a large float32 array, and the bytes each call moves (it reads and
+    writes every byte once)."""
     source = np.ones(megabytes * 2**20 // 4, np.float32)
     target = np.empty_like(source)
-    copy = interleaved({"copy": lambda: np.copyto(target, source)}, repeats)["copy"]
-    return 2 * source.nbytes / copy["min_s"] / 1e9
+    return (lambda: np.copyto(target, source)), 2 * source.nbytes
+
+
+def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth of this machine, GB/s: the fastest of a few large copies. Decoding one
+    token reads every weight once."""
+    copy, moved = memory_copy(megabytes)
+    return moved / interleaved({"copy": copy}, repeats)["copy"]["min_s"] / 1e9
