@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from gptflax import nn
 
+QKV = ("W_query", "W_key", "W_value")  # the names of the query, key and value projections
+
 
 def init_qkv(
     key: jax.Array, d_in: int, d_out: int, qkv_bias: bool = False, kv_dim: int | None = None
@@ -28,7 +30,7 @@ def init_qkv(
     dims = (d_out, kv_dim or d_out, kv_dim or d_out)
     return {
         n: nn.init_linear(k, d_in, d, bias=qkv_bias)
-        for n, k, d in zip(("W_query", "W_key", "W_value"), keys, dims, strict=True)
+        for n, k, d in zip(QKV, keys, dims, strict=True)
     }
 
 
@@ -37,7 +39,7 @@ def qkv(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     the decoding layout joined the three projections (`W_qkv`, see `gptflax.decoding`)."""
     if "W_qkv" in params:
         return params["W_qkv"](x)
-    return tuple(nn.linear(params[n], x) for n in ("W_query", "W_key", "W_value"))
+    return tuple(nn.linear(params[n], x) for n in QKV)
 
 
 def causal_mask(num_tokens: int) -> jax.Array:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptflax import nn
+from gptflax.attention import QKV
 
 ROWS_ON_THE_RIGHT = 64  # up to this many rows, the weight goes on the left of the CPU dot
 
@@ -128,9 +129,6 @@ def check_trainable(params) -> None:
             "these params are in the decoding layout (decoding_params), which only the KV-cached "
             "decoders read: pass the model's own params"
         )
-
-
-QKV = ("W_query", "W_key", "W_value")
 
 
 def _qkv_joined(node):

@@ -167,7 +167,7 @@ def test_the_decoding_layout_joins_queries_keys_and_values_into_one_projection(c
     block = jax.tree.map(lambda leaf: leaf[0], params["trf_blocks"])["att"]
     att = decoding_layout(params).params["trf_blocks"][0]["att"]
     assert "W_qkv" in att and not {"W_query", "W_key", "W_value"} & set(att)
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     assert att["W_qkv"].sizes == (q_dim, kv_dim, kv_dim)
     assert ("bias" in att["W_qkv"].params) == ("bias" in block["W_query"])
     x = jax.random.normal(jax.random.key(1), (2, 3, cfg.emb_dim))

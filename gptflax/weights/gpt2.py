@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from gptflax import files
+from gptflax.attention import QKV
 from gptflax.config import GPT2_PRESETS, GPTConfig
 from gptflax.weights import tensor_getter
 
@@ -56,7 +57,7 @@ def from_book_state_dict(state_dict, cfg: GPTConfig) -> dict:
         }
         for (group, name), book_name in BOOK_BLOCK_LINEARS.items():
             d_in, d_out = {"fc1": (d, 4 * d), "fc2": (4 * d, d)}.get(name, (d, d))
-            bias = cfg.qkv_bias or name not in ("W_query", "W_key", "W_value")
+            bias = cfg.qkv_bias or name not in QKV
             params[group][name] = linear(f"{p}.{book_name}", d_in, d_out, bias)
         return params
 
