@@ -26,7 +26,6 @@ from timing import (
     interleaved,
     matmul_gflops,
     memory_copy,
-    memory_gbps,
     wait,
 )
 
@@ -272,7 +271,6 @@ def cpu_report(repeats: int, quick: bool, train: bool = True, only: str = "") ->
     for cfg, name, batch in nnx_cases:
         if res := run(f"functional vs NNX: {name}, batch {batch}", bench_nnx, cfg, batch, repeats):
             report["nnx"].append({"config": name, "batch": batch, "results": res})
-    report["memory_gbps"] = memory_gbps()
     report["generate"] = []
     for cfg, name, new_tokens in gen_cases:
         for batch in (1, 8):

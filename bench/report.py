@@ -111,9 +111,11 @@ def markdown(report: dict) -> str:
                 f"| {row['config']} | {row['batch']} | {name} | {r['compile_s']:.1f} | "
                 f"{r['min_s']:.3f} | {r['median_s']:.3f} |"
             )
+    gbps = [gen["memory_gbps"] for gen in report["generate"]]
+    measured = f" ({min(gbps):.1f}-{max(gbps):.1f} GB/s memory bandwidth measured)" if gbps else ""
     lines += [
         "",
-        f"## Greedy generation ({report['memory_gbps']:.1f} GB/s memory bandwidth measured)",
+        f"## Greedy generation{measured}",
         "",
         "Bandwidth limit: the tokens/s at which each decoding step only reads the float32 weights,",
         "at the bandwidth of 512 MB copies timed between the case's runs (its GB/s column).",

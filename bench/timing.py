@@ -67,10 +67,3 @@ def memory_copy(megabytes: int = 512) -> tuple:
     source = np.ones(megabytes * 2**20 // 4, np.float32)
     target = np.empty_like(source)
     return (lambda: np.copyto(target, source)), 2 * source.nbytes
-
-
-def memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
-    """Memory bandwidth of this machine, GB/s: the fastest of a few large copies. Decoding one
-    token reads every weight once."""
-    copy, moved = memory_copy(megabytes)
-    return moved / interleaved({"copy": copy}, repeats)["copy"]["min_s"] / 1e9
