@@ -85,3 +85,34 @@ def test_attention_in_query_blocks_equals_the_whole_sequence_at_once(heads, wind
         return attend.lower(q).compile().cost_analysis()["flops"]
 
     assert flops(True) < 0.8 * flops(False)
+
+
+@pytest.mark.parametrize("heads,window,scale", [((4, 4), None, None), ((6, 2), 100, 0.3)])
+def test_attention_gradients_written_out_equal_differentiating_the_formula(heads, window, scale):
+    """`softmax_attention`'s backward pass, written out, against JAX differentiating a plain
+    softmax(Q K^T) V with each key/value head repeated for its query heads."""
+    h, g = heads
+    s, dh = A.QUERY_BLOCK + 40, 8  # two query blocks
+    q, k, v, w = (
+        jax.random.normal(jax.random.key(i), (2, n, s, dh)) for i, n in enumerate((h, g, g, h))
+    )
+    positions = jnp.concatenate([jnp.full((2, 3), -1), jnp.arange(s - 3)[None].repeat(2, 0)], 1)
+    keep = jax.random.bernoulli(jax.random.key(5), 0.7, (2, s, s))
+    sees = A.visible_keys(positions, positions, window) & keep  # (B, S, T); padding sees none
+    w = w * sees.any(-1)[:, None, :, None]  # a query that sees nothing: output unused
+
+    def library(q, k, v):
+        out = A.attend(q, k, v, positions, positions, window=window, scale=scale, keep=keep,
+                       causal=True)  # fmt: skip
+        return jnp.sum(out * A.merge_heads(w))
+
+    def formula(q, k, v):
+        k, v = (jnp.repeat(y, h // g, axis=1) for y in (k, v))  # (B, H, T, Dh)
+        scores = q @ k.swapaxes(-1, -2) * (dh**-0.5 if scale is None else scale)
+        scores = jnp.where(sees[:, None], scores, -1e30)
+        return jnp.sum(jax.nn.softmax(scores, axis=-1) @ v * w)
+
+    got, want = (jax.grad(f, argnums=(0, 1, 2))(q, k, v) for f in (library, formula))
+    for name, a, b in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=f"d{name}")
+    assert float(jnp.abs(got[0][:, :, :3]).max()) == 0.0  # padding queries pass no gradient
