@@ -50,6 +50,18 @@ def test_rotary_scores_depend_only_on_the_distance_between_positions():
     assert score(5, 5) == pytest.approx(float(np.sum(q * k)), rel=1e-5)  # distance 0: no rotation
 
 
+def test_a_train_step_computes_the_rotary_angles_once_not_in_every_op_that_reads_them():
+    cfg = CFG.replace(n_layers=3)
+    params = models.init_params(jax.random.key(0), cfg)
+    tokens = jnp.zeros((2, cfg.context_length), jnp.int32)
+
+    def loss(p):
+        return jnp.mean(models.forward(p, tokens, cfg) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert hlo.count(" cosine(") == hlo.count(" sine(") == 1  # for 3 layers' queries and keys
+
+
 def test_llama3_rescaling_follows_metas_rule():
     cfg = LLAMA_PRESETS["Llama-3.2-1B"]
     s = cfg.rope_scaling
