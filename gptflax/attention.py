@@ -158,21 +158,24 @@ def attend(
     visible = visible_keys(q_pos, k_pos, window)  # (B or 1, S, T)
     if keep is not None:  # a chosen subset of the keys (DeepSeek sparse attention)
         visible = visible & keep
-    q = q.reshape(b, g, h // g, s, dh)  # (B, G, R, S, Dh): R query heads per key/value head
-    visible = visible[:, None, None]  # (B or 1, 1, 1, S, T)
+    # The R = H / G query heads that share a key/value head, one after another: (B, G, R * S, Dh)
+    r, t = h // g, k.shape[2]
+    q = q.reshape(b, g, r * s, dh)
+    visible = jnp.broadcast_to(visible[:, None, None], (visible.shape[0], 1, r, s, t))
+    visible = visible.reshape(-1, 1, r * s, t)  # (B or 1, 1, R * S, T)
     if key is not None and drop_rate:  # dropout on the weights (Book §3.5.2): JAX's backward
         weights = attention_weights(q, k, visible, scale).astype(v.dtype)
-        context = jnp.einsum("bgrst,bgtd->bgrsd", nn.dropout(weights, drop_rate, key), v)
+        context = jnp.einsum("bgst,bgtd->bgsd", nn.dropout(weights, drop_rate, key), v)
     else:
         context = softmax_attention(q, k, v, visible, scale)
-    return merge_heads(context.reshape(b, h, s, -1))  # (B, S, H * Dv)
+    return merge_heads(context.reshape(b, h, s, -1))  # (B, G, R * S, Dv) -> (B, S, H * Dv)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, visible: jax.Array, scale=None) -> jax.Array:
-    """Softmax weights (B, G, R, S, T), float32, of queries q (B, G, R, S, Dh) over keys k (B, G,
-    T, Dh): scores divided by sqrt(Dh) (or times `scale`), -inf where not `visible` (Book §3.5).
+    """Softmax weights (B, G, S, T), float32, of queries q (B, G, S, Dh) over keys k (B, G, T,
+    Dh): scores divided by sqrt(Dh) (or times `scale`), -inf where not `visible` (Book §3.5).
     The einsum lets XLA's CPU dot read a cache's keys as they lie, not transposed whole."""
-    scores = jnp.einsum("bgrsd,bgtd->bgrst", q, k).astype(jnp.float32)
+    scores = jnp.einsum("bgsd,bgtd->bgst", q, k).astype(jnp.float32)
     scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
     # The book masks with -inf; the float32 minimum gives the same weights, and a query that sees
     # nothing (padding) finite ones instead of NaNs, which would reach other rows through 0 * NaN.
@@ -181,14 +184,14 @@ def attention_weights(q: jax.Array, k: jax.Array, visible: jax.Array, scale=None
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def softmax_attention(q, k, v, visible, scale=None) -> jax.Array:
-    """The context (B, G, R, S, Dv): `attention_weights` times values v (B, G, T, Dv), with its
+    """The context (B, G, S, Dv): `attention_weights` times values v (B, G, T, Dv), with its
     backward pass written out (`_softmax_attention_bwd`)."""
     return _softmax_attention_fwd(q, k, v, visible, scale)[0]
 
 
 def _softmax_attention_fwd(q, k, v, visible, scale):
-    weights = attention_weights(q, k, visible, scale).astype(v.dtype)  # (B, G, R, S, T)
-    context = jnp.einsum("bgrst,bgtd->bgrsd", weights, v)
+    weights = attention_weights(q, k, visible, scale).astype(v.dtype)  # (B, G, S, T)
+    context = jnp.einsum("bgst,bgtd->bgsd", weights, v)
     return context, (q, k, v, visible, weights, context)
 
 
@@ -203,15 +206,15 @@ def _softmax_attention_bwd(scale, saved, d_context):
     as they lie, where JAX's own backward pass has them copied transposed first. Attention's
     forward and backward at SmolLM2's train shapes: 43 ms a layer against 53."""
     q, k, v, visible, weights, context = saved
-    d_weights = jnp.einsum("bgrsd,bgtd->bgrst", d_context, v).astype(jnp.float32)
+    d_weights = jnp.einsum("bgsd,bgtd->bgst", d_context, v).astype(jnp.float32)
     row_sums = jnp.sum(d_context.astype(jnp.float32) * context, axis=-1, keepdims=True)
-    d_scores = jnp.where(visible, weights * (d_weights - row_sums), 0.0)  # (B, G, R, S, T)
+    d_scores = jnp.where(visible, weights * (d_weights - row_sums), 0.0)  # (B, G, S, T)
     d_scores = d_scores / math.sqrt(q.shape[-1]) if scale is None else d_scores * scale
     d_scores = d_scores.astype(q.dtype)
-    d_q = jnp.einsum("bgrst,bgtd->bgrsd", d_scores, k)  # (B, G, R, S, Dh)
+    d_q = jnp.einsum("bgst,bgtd->bgsd", d_scores, k)  # (B, G, S, Dh)
     d_k_t, d_v_t = jax.lax.optimization_barrier((
-        jnp.einsum("bgrsd,bgrst->bgdt", q, d_scores),
-        jnp.einsum("bgrsd,bgrst->bgdt", d_context, weights),
+        jnp.einsum("bgsd,bgst->bgdt", q, d_scores),
+        jnp.einsum("bgsd,bgst->bgdt", d_context, weights),
     ))  # fmt: skip
     return d_q, d_k_t.swapaxes(-1, -2), d_v_t.swapaxes(-1, -2), None  # (B, G, T, Dh or Dv)
 
