@@ -176,10 +176,15 @@ def attention_weights(q: jax.Array, k: jax.Array, visible: jax.Array, scale=None
     Dh): scores divided by sqrt(Dh) (or times `scale`), -inf where not `visible` (Book §3.5).
     The einsum lets XLA's CPU dot read a cache's keys as they lie, not transposed whole."""
     scores = jnp.einsum("bgsd,bgtd->bgst", q, k).astype(jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
+    scores = _scaled(scores, q.shape[-1], scale)
     # The book masks with -inf; the float32 minimum gives the same weights, and a query that sees
     # nothing (padding) finite ones instead of NaNs, which would reach other rows through 0 * NaN.
     return jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+def _scaled(x: jax.Array, head_dim: int, scale=None) -> jax.Array:
+    """x divided by sqrt(head_dim) (Book §3.4.1), or times `scale` where a model sets its own."""
+    return x / math.sqrt(head_dim) if scale is None else x * scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -209,7 +214,7 @@ def _softmax_attention_bwd(scale, saved, d_context):
     d_weights = jnp.einsum("bgsd,bgtd->bgst", d_context, v).astype(jnp.float32)
     row_sums = jnp.sum(d_context.astype(jnp.float32) * context, axis=-1, keepdims=True)
     d_scores = jnp.where(visible, weights * (d_weights - row_sums), 0.0)  # (B, G, S, T)
-    d_scores = d_scores / math.sqrt(q.shape[-1]) if scale is None else d_scores * scale
+    d_scores = _scaled(d_scores, q.shape[-1], scale)  # the scores' own scaling, backward
     d_scores = d_scores.astype(q.dtype)
     d_q = jnp.einsum("bgst,bgtd->bgsd", d_scores, k)  # (B, G, S, Dh)
     d_k_t, d_v_t = jax.lax.optimization_barrier((
