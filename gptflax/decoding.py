@@ -4,7 +4,8 @@ Three changes, made once before a decoding loop starts (or once per model, `deco
 - the blocks unstacked into a list, so that no decoded token slices its layers out of the stack;
 - the query, key and value projections of each attention joined into one `JoinedLinear`,
   `W_qkv`: one matmul that streams all three weights (at one row, SmolLM2's (576, 192) key and
-  value projections ran at 16.5 GB/s each, the joined (576, 960) at 32);
+  value projections ran at 16.5 GB/s each, the joined (576, 960) at 32); likewise a gated feed
+  forward's gate and value projections, fc1 and fc2, into `W_gate_value`;
 - on a CPU, every kernel stored transposed, (d_out, d_in) as PyTorch keeps it, in a
   `TransposedKernel`: a decoding step multiplies only a few rows, and XLA's CPU dot streams a
   weight past them fastest with the weight on the left, (W^T @ x^T)^T. Measured on this 2-core
@@ -107,7 +108,7 @@ def decoding_layout(params: dict | DecodingParams) -> DecodingParams:
     """The params laid out for decoding (see the module's docstring); laid-out ones as they are."""
     if isinstance(params, DecodingParams):
         return params
-    laid_out = _qkv_joined(unstack_blocks(params))
+    laid_out = _joined(unstack_blocks(params))
     if jax.default_backend() == "cpu":
         laid_out = _kernels_transposed(laid_out)
         if "out_head" not in laid_out:  # tied: the embedding (V, D) is the head's kernel_t
@@ -131,26 +132,35 @@ def check_trainable(params) -> None:
         )
 
 
-def _qkv_joined(node):
-    """A params tree with each W_query, W_key and W_value joined into one `W_qkv` JoinedLinear,
-    where all three are plain linear layers (no LoRA) with biases in all or none."""
+# Linear layers that read the same input, joined in the decoding layout: the joined name, the
+# layers' names, and a name the params must also hold (a gated unit's fc3: GPT's fc1 and fc2 run
+# one after the other).
+JOINS = (("W_qkv", QKV, None), ("W_gate_value", ("fc1", "fc2"), "fc3"))
+
+
+def _joined(node):
+    """A params tree with each group of JOINS joined into one JoinedLinear, where the group's
+    layers are all plain linear layers (no LoRA) with biases in all or none."""
     if isinstance(node, list):
-        return [_qkv_joined(child) for child in node]
+        return [_joined(child) for child in node]
     if not isinstance(node, dict):
         return node
-    node = {name: _qkv_joined(child) for name, child in node.items()}
-    layers = [node.get(name) for name in QKV]
-    plain = all(
-        isinstance(layer, dict) and set(layer) <= {"kernel", "bias"}
-        and isinstance(layer["kernel"], jax.Array | np.ndarray)
-        for layer in layers
-    )  # fmt: skip
-    if not plain or len({"bias" in layer for layer in layers}) > 1:
-        return node
-    joined = {part: jnp.concatenate([layer[part] for layer in layers], -1) for part in layers[0]}
-    sizes = tuple(layer["kernel"].shape[1] for layer in layers)
-    rest = {name: child for name, child in node.items() if name not in QKV}
-    return {**rest, "W_qkv": JoinedLinear(joined, sizes)}
+    node = {name: _joined(child) for name, child in node.items()}
+    for joined_name, names, also in JOINS:
+        layers = [node.get(name) for name in names]
+        plain = (also is None or also in node) and all(
+            isinstance(layer, dict) and set(layer) <= {"kernel", "bias"}
+            and isinstance(layer["kernel"], jax.Array | np.ndarray)
+            for layer in layers
+        )  # fmt: skip
+        if not plain or len({"bias" in layer for layer in layers}) > 1:
+            continue
+        joined = {part: jnp.concatenate([layer[part] for layer in layers], -1)
+                  for part in layers[0]}  # fmt: skip
+        sizes = tuple(layer["kernel"].shape[1] for layer in layers)
+        node = {name: child for name, child in node.items() if name not in names}
+        node[joined_name] = JoinedLinear(joined, sizes)
+    return node
 
 
 def _kernels_transposed(node):

@@ -10,6 +10,7 @@ from gptflax import generate as G
 from gptflax.config import GEMMA3_TINY, LLAMA_TINY, QWEN3_TINY, TINY
 from gptflax.decoding import DecodingParams, TransposedKernel, decoding_layout, decoding_params
 from gptflax.losses import loss_fn
+from gptflax.models import llama
 
 pytestmark = pytest.mark.lab5
 
@@ -173,6 +174,22 @@ def test_the_decoding_layout_joins_queries_keys_and_values_into_one_projection(c
     x = jax.random.normal(jax.random.key(1), (2, 3, cfg.emb_dim))
     for got, name in zip(att["W_qkv"](x), ("W_query", "W_key", "W_value"), strict=True):
         np.testing.assert_allclose(got, nn.linear(block[name], x), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA_TINY, GEMMA3_TINY, QWEN3_TINY])
+def test_the_decoding_layout_joins_a_gated_units_gate_and_value(cfg):
+    """fc1 and fc2 as one (D, 2 * hidden) matmul: the same feed-forward output; GPT's fc1 and
+    fc2, which run one after the other, stay apart."""
+    params = models.init_params(jax.random.key(0), cfg)
+    ff = jax.tree.map(lambda leaf: leaf[0], params["trf_blocks"])["ff"]
+    laid_out = decoding_layout(params).params["trf_blocks"][0]["ff"]
+    assert set(laid_out) == {"W_gate_value", "fc3"}
+    assert laid_out["W_gate_value"].sizes == (cfg.hidden_dim, cfg.hidden_dim)
+    x = jax.random.normal(jax.random.key(1), (2, 3, cfg.emb_dim))
+    np.testing.assert_allclose(llama.feed_forward(laid_out, x), llama.feed_forward(ff, x),
+                               atol=1e-5)  # fmt: skip
+    gpt_ff = decoding_layout(models.init_params(jax.random.key(0), TINY)).params["trf_blocks"][0]
+    assert {"fc1", "fc2"} <= set(gpt_ff["ff"])
 
 
 def test_projections_that_differ_stay_apart_in_the_decoding_layout(small_cfg):

@@ -67,9 +67,13 @@ def init_feed_forward(key: jax.Array, emb_dim: int, hidden_dim: int) -> dict:
 
 def feed_forward(params: dict, x: jax.Array, activation=jax.nn.silu) -> jax.Array:
     """fc3(silu(fc1(x)) * fc2(x)): (B, T, D) -> (B, T, D); SiLU(x) = x * sigmoid(x). Another
-    `activation` gives another gated unit (GELU: Gemma's GeGLU)."""
-    gate = activation(nn.linear(params["fc1"], x))  # (B, T, hidden)
-    return nn.linear(params["fc3"], gate * nn.linear(params["fc2"], x))
+    `activation` gives another gated unit (GELU: Gemma's GeGLU). fc1 and fc2 in one matmul where
+    the decoding layout joined them (`W_gate_value`, see `gptflax.decoding`)."""
+    if "W_gate_value" in params:
+        gate, value = params["W_gate_value"](x)  # (B, T, hidden) each
+    else:
+        gate, value = nn.linear(params["fc1"], x), nn.linear(params["fc2"], x)
+    return nn.linear(params["fc3"], activation(gate) * value)
 
 
 # --- Grouped-query attention with rotary positions ---------------------------------------------
