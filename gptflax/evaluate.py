@@ -203,7 +203,10 @@ def score(
     (`prefill_contexts`), then all its choices, sorted by length across the group, are scored
     `batch_size` rows at a time, each row over its item's cache (`score_choices`): rows of
     similar lengths pad little. `progress(n)` is told after each group how many items it held.
-    One cache length serves the whole call, so each step compiles once per length bucket."""
+    One cache length serves the whole call, so each step compiles once per length bucket.
+
+    The params may be in the decoding layout (`decoding_params`): stacked, every call copies each
+    layer's weights out of the stack (HellaSwag, SmolLM2: 1.11x faster laid out)."""
     cache_len = padded(max(len(e.context) for e in encoded)) + padded(
         max(len(c) + 1 for e in encoded for c in e.continuations)
     )
@@ -279,7 +282,8 @@ def evaluate(
     encoded = [lengths_fit(encode_item(model.tokenizer, it), model.cfg.context_length)
                for it in items]  # fmt: skip
     start = time.perf_counter()
-    scores = score(model.params, model.cfg, encoded, batch_size=batch_size, progress=progress)
+    params = decoding_params(model.params)  # laid out once: no step slices its layers
+    scores = score(params, model.cfg, encoded, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
     tokens = sum(len(e.context) + sum(map(len, e.continuations)) for e in encoded)
     return Results(task, *accuracy(items, scores.loglik), len(items), seconds, tokens)

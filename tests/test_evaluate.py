@@ -13,6 +13,7 @@ from gptflax import benchmarks, files, models, sources
 from gptflax import evaluate as ev
 from gptflax.benchmarks import Choice
 from gptflax.config import LLAMA_TINY
+from gptflax.decoding import decoding_params
 from gptflax.evaluate import Encoded
 
 pytestmark = pytest.mark.evaluate
@@ -25,12 +26,15 @@ RAGGED = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["stacked", "decoding"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-def test_the_cached_scores_equal_the_plain_forward_choice_by_choice(name):
+def test_the_cached_scores_equal_the_plain_forward_choice_by_choice(name, layout):
     """Context prefilled once and its cache shared by the choices (Gemma 3: sliding windows of
-    4, so the cache is a ring) gives the plain forward's log-likelihoods, and so its choices."""
+    4, so the cache is a ring) gives the plain forward's log-likelihoods, and so its choices;
+    from the model's own params or the decoding layout (`evaluate` scores from that)."""
     model = sources.load_model(name)
-    cached = ev.score(model.params, model.cfg, RAGGED, batch_size=2)  # rows 2 + 1, then 5 x 2
+    params = decoding_params(model.params) if layout == "decoding" else model.params
+    cached = ev.score(params, model.cfg, RAGGED, batch_size=2)  # rows 2 + 1, then 5 x 2
     plain = ev.score_uncached(model.params, model.cfg, RAGGED)
     for a, b, ga, gb in zip(cached.loglik, plain.loglik, cached.greedy, plain.greedy, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
