@@ -123,6 +123,11 @@ def decoding_params(params: dict) -> DecodingParams:
     return decoding_layout(params)
 
 
+def params_dict(params: dict | DecodingParams) -> dict:
+    """The params' dict, laid out for decoding or not."""
+    return params.params if isinstance(params, DecodingParams) else params
+
+
 def check_trainable(params) -> None:
     """A clear error for params in the decoding layout where a function needs the model's own."""
     if isinstance(params, DecodingParams):

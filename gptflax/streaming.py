@@ -21,7 +21,7 @@ import numpy as np
 
 from gptflax import models
 from gptflax.attention import KVCache
-from gptflax.decoding import DecodingParams, decoding_params
+from gptflax.decoding import decoding_params, params_dict
 from gptflax.generate import (
     next_token_logits,
     padded_window,
@@ -230,8 +230,7 @@ def _forget_after(cache: tuple, keep: int) -> tuple:
 def params_dtype(params) -> jnp.dtype:
     """The dtype a model computes in: its embedding's (a KV cache is kept in it); the params may
     be in the decoding layout."""
-    plain = params.params if isinstance(params, DecodingParams) else params
-    return plain["tok_emb"]["embedding"].dtype
+    return params_dict(params)["tok_emb"]["embedding"].dtype
 
 
 class ChatSession:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gptflax import attention, nn
-from gptflax.decoding import DecodingParams, check_trainable
+from gptflax.decoding import DecodingParams, check_trainable, params_dict
 from gptflax.models.registry import family
 
 # What each `cfg.remat` policy keeps from a block's forward pass for its backward pass.
@@ -97,7 +97,7 @@ def layer_slice(blocks, start: int, stop: int | None = None):
 def head(params: dict | DecodingParams, h: jax.Array) -> jax.Array:
     """The output head: normed hidden states (B, T, D) -> (B, T, V) logits, through `out_head`,
     or the token embedding's transpose when the model has none (a tied head)."""
-    params = _plain(params)
+    params = params_dict(params)
     with jax.named_scope("head"):
         if "out_head" in params:
             return nn.linear(params["out_head"], h)
@@ -172,7 +172,7 @@ def hidden_cached(
     The params may be in the decoding layout (`gptflax.decoding`), as a decoding loop puts them
     once before it starts."""
     fam = family(cfg)
-    params = _plain(params)
+    params = params_dict(params)
     x = fam.embed(params, tokens, cfg, positions=positions)  # (B, S, D)
     new_cache = []
     for i, layer_cache in enumerate(cache):
@@ -195,7 +195,3 @@ def _layer(blocks, i: int, x: jax.Array) -> dict:
         return blocks[i]
     at = jnp.minimum(i, i + jnp.isnan(x.ravel()[0]).astype(jnp.int32))
     return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, at, 0, False), blocks)
-
-
-def _plain(params: dict | DecodingParams) -> dict:
-    return params.params if isinstance(params, DecodingParams) else params
