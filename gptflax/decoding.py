@@ -116,11 +116,14 @@ def decoding_layout(params: dict | DecodingParams) -> DecodingParams:
     return DecodingParams(laid_out)
 
 
-@jax.jit
-def decoding_params(params: dict) -> DecodingParams:
+def decoding_params(params: dict | DecodingParams) -> DecodingParams:
     """`decoding_layout`, jitted: lay a model out once for the many calls of a session (the
-    decoders skip the per-call copy of every weight). The params it was made from are untouched."""
-    return decoding_layout(params)
+    decoders skip the per-call copy of every weight). The params it was made from are untouched;
+    laid-out ones are returned as they are, not copied again."""
+    return params if isinstance(params, DecodingParams) else _laid_out(params)
+
+
+_laid_out = jax.jit(decoding_layout)
 
 
 def params_dict(params: dict | DecodingParams) -> dict:

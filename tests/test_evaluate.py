@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptflax import benchmarks, files, models, sources
+from gptflax import benchmarks, decoding, files, models, sources
 from gptflax import evaluate as ev
 from gptflax.benchmarks import Choice
+from gptflax.cli.eval import eval_main
 from gptflax.config import LLAMA_TINY
 from gptflax.decoding import decoding_params
 from gptflax.evaluate import Encoded
@@ -166,6 +167,21 @@ def test_the_eval_command_prints_a_table_and_writes_json(tmp_path):
     results = json.loads(out.read_text())["tasks"]
     assert list(results) == ["piqa", "arc_easy"] and results["piqa"]["items"] == 3
     assert 0 <= results["arc_easy"]["acc_norm"] <= 1 and results["piqa"]["items_per_s"] > 0
+
+
+def test_the_eval_command_lays_the_model_out_once_for_all_its_tasks(monkeypatch, capsys):
+    layouts = []
+
+    def counted(params):
+        layouts.append(params)
+        return lay_out(params)
+
+    lay_out = decoding._laid_out
+    monkeypatch.setattr(decoding, "_laid_out", counted)
+    argv = ["--model", "tiny-llama", "--tasks", "piqa,arc_easy,piqa", "--limit", "2"]
+    assert eval_main(argv) == 0
+    assert capsys.readouterr().out.count("| piqa |") == 2
+    assert len(layouts) == 1
 
 
 def test_an_unknown_task_is_a_usage_error_naming_the_tasks():

@@ -149,6 +149,7 @@ def test_a_bf16_transposed_kernel_needs_no_widened_copy_of_the_weight(rows):
 def test_the_decoding_layout_transposes_every_kernel_and_lists_the_blocks(params, small_cfg):
     laid_out = decoding_params(params)
     assert isinstance(laid_out, DecodingParams) and decoding_layout(laid_out) is laid_out
+    assert decoding_params(laid_out) is laid_out  # not copied again
     assert len(laid_out.params["trf_blocks"]) == small_cfg.n_layers
     if jax.default_backend() != "cpu":
         pytest.skip("the kernels are transposed on a CPU only")

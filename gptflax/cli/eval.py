@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from gptflax import benchmarks, files
 from gptflax.cli.common import POSITIVE, add_model_options, load_model, run_command
+from gptflax.decoding import decoding_params
 from gptflax.evaluate import Results, evaluate, spread
 
 
@@ -56,6 +57,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def _eval(args) -> int:
     model = load_model(args)
+    model = model._replace(params=decoding_params(model.params))  # laid out once for every task
     results = []
     for task in args.tasks:
         total = len(spread(benchmarks.load_task(task), args.limit))
