@@ -130,12 +130,13 @@ def attend(
     softmaxed in float32 (`attention_weights`); dropout on the weights (Book §3.5.2). Without
     dropout, the backward pass is our own (`softmax_attention`).
 
-    `causal` says that the keys are the queries' own, at the same non-decreasing positions (a
-    sequence attending to itself, as in training). Then `fused` hands the attention to
-    `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU; no dropout); otherwise
-    the queries go QUERY_BLOCK at a time, each block over the keys up to its own last, so that
-    the scores above the diagonal's blocks, which the mask would zero, are never computed (not
-    with attention dropout, whose random mask is drawn for the whole sequence at once)."""
+    `causal` says that the keys are the queries' own and that no query sees a key at a later
+    index (a sequence attending to itself, as in training, or packed rows). Then `fused` hands
+    the attention to `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU; no
+    dropout); otherwise the queries go QUERY_BLOCK at a time, each block over the keys up to its
+    own last, so that the scores above the diagonal's blocks, which the mask would zero, are
+    never computed (not with attention dropout, whose random mask is drawn for the whole
+    sequence at once)."""
     b, h, s, dh = q.shape
     g = k.shape[1]
     if causal and fused and keep is None and not isinstance(window, jax.Array):
@@ -322,11 +323,13 @@ def self_attention(
     fused: bool = False,
     n_kv_heads: int | None = None,
     window=None,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """`multi_head_attention` of tokens at `positions` (B or 1, T; default 0..T-1), reading the
     earlier positions' keys and values from a layer's `cache` when there is one: ((B, T, D), the
     updated cache or None). `n_kv_heads` key/value heads (default n_heads) make it grouped-query
-    attention, a `window` sliding-window attention (the book's bonus ch04/04_gqa, 06_swa)."""
+    attention, a `window` sliding-window attention (the book's bonus ch04/04_gqa, 06_swa); `keep`
+    (B, T, T) limits what each token sees further (`attend`)."""
     queries, keys, values = qkv(params, x)
     queries = split_heads(queries, n_heads)  # (B, H, T, Dh)
     keys, values = (split_heads(y, n_kv_heads or n_heads) for y in (keys, values))  # (B, G, T, Dh)
@@ -334,6 +337,6 @@ def self_attention(
     keys, values, k_pos, cache = with_cache(cache, keys, values, q_pos, window)
     context = attend(
         queries, keys, values, q_pos, k_pos, window=window, drop_rate=drop_rate, key=key,
-        causal=cache is None, fused=fused,
+        causal=cache is None, fused=fused, keep=keep,
     )  # fmt: skip
     return nn.linear(params["out_proj"], context), cache  # (B, T, D)

@@ -5,16 +5,20 @@ gives the items).
     results = evaluate(load_model("smollm2-135m-instruct"), "hellaswag", limit=500)
     results.acc, results.acc_norm, results.items_per_s
 
-An item's choices share its context, so the context runs through the model once: its tokens but
-the last are prefilled into a KV cache, which is repeated for each choice; each choice then runs
-as [last context token, continuation...] at the positions after it, reading the context's keys
-and values from the cache. Only the choices' positions go through the output head. Items are
-sorted by length and padded to length buckets, so the jitted steps compile a few shapes.
+An item's choices share its context, so the context runs through the model once. Packed
+(`score_packed`): each item is laid out as its context followed by each of its continuations at
+the positions after the context, several items to a row, and a mask lets every token see its own
+item's context and its own continuation only; the rows run through one plain forward, and only
+the positions that predict a continuation token go through the output head. Models whose
+attention takes no mask (DeltaNet, sparse, latent or shared-KV layers) go through the KV cache
+instead (`score_cached`): the context's tokens but the last are prefilled into a cache, which is
+repeated for each choice; each choice runs as [last context token, continuation...] at the
+positions after it. Lengths are padded to buckets, so the jitted steps compile a few shapes.
 
 - acc: the choice with the largest summed log-probability of its continuation's tokens.
 - acc_norm: the same divided by the continuation's length in characters (the harness's acc_norm).
 `score_uncached` scores the same items by the plain forward of context + continuation, choice by
-choice: the check that the cached path is right.
+choice: the check that the packed and cached paths are right.
 
 Generative tasks are decoded greedily, a batch of prompts at a time, by the batched KV-cached
 decoder (`generate.generate_cached`), and the answer cut at the task's stop texts is checked
@@ -40,6 +44,8 @@ from gptflax.generate import generate_cached, trim_at_eos
 from gptflax.streaming import params_dtype
 
 BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # padded lengths
+# A packed row's tokens: first-fit fills 98.6% of them with HellaSwag's items (168 on average).
+ROW_TOKENS = 512
 
 
 class Encoded(NamedTuple):
@@ -198,10 +204,26 @@ def score(
     batch_size: int = 8,
     progress: Callable | None = None,
 ) -> Scores:
-    """Every item's choices scored. Items go in groups of 2 * batch_size, longest contexts
-    first: a group's contexts are prefilled `batch_size` at a time into one KV cache
-    (`prefill_contexts`), then all its choices, sorted by length across the group, are scored
-    `batch_size` rows at a time, each row over its item's cache (`score_choices`): rows of
+    """Every item's choices scored: in packed rows (`score_packed`, batch_size // 4 rows of
+    ROW_TOKENS at a time) where the model's attention takes a mask, else through the KV cache
+    (`score_cached`, batch_size rows at a time). `progress(n)` is told of every n items done."""
+    if getattr(models.family(cfg), "plain_attention", lambda cfg: True)(cfg):
+        return score_packed(params, cfg, encoded, rows=max(1, batch_size // 4), progress=progress)
+    return score_cached(params, cfg, encoded, batch_size=batch_size, progress=progress)
+
+
+def score_cached(
+    params: dict,
+    cfg,
+    encoded: list[Encoded],
+    *,
+    batch_size: int = 8,
+    progress: Callable | None = None,
+) -> Scores:
+    """Every item's choices scored through the KV cache. Items go in groups of 2 * batch_size,
+    longest contexts first: a group's contexts are prefilled `batch_size` at a time into one KV
+    cache (`prefill_contexts`), then all its choices, sorted by length across the group, are
+    scored `batch_size` rows at a time, each row over its item's cache (`score_choices`): rows of
     similar lengths pad little. `progress(n)` is told after each group how many items it held.
     One cache length serves the whole call, so each step compiles once per length bucket.
 
@@ -241,6 +263,100 @@ def _group_cache(params, cfg, encoded: list[Encoded], batch_size: int, cache_len
         for first in range(0, len(encoded), batch_size)
     ]
     return caches[0] if len(caches) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *caches)
+
+
+def item_tokens(e: Encoded) -> int:
+    """The tokens an item takes in a packed row: its context once, then every continuation."""
+    return len(e.context) + sum(map(len, e.continuations))
+
+
+def pack(encoded: list[Encoded], length: int) -> list[list[int]]:
+    """The items' indices in rows of `length` tokens, largest items first, each into the first
+    row it fits (first-fit decreasing)."""
+    rows, room = [], []
+    for i in sorted(range(len(encoded)), key=lambda i: item_tokens(encoded[i]), reverse=True):
+        need = item_tokens(encoded[i])
+        r = next((r for r, free in enumerate(room) if free >= need), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(length)
+        rows[r].append(i)
+        room[r] -= need
+    return rows
+
+
+def packed_arrays(encoded: list[Encoded], rows: list[list[int]], length: int, n_rows: int):
+    """Rows of packed items (missing rows all padding): tokens, positions (-1: padding), the
+    item each token belongs to (its place in the row, -1: padding) and its branch (0: the
+    context, k + 1: continuation k), each (R, L); then per continuation token, the index of the
+    token that predicts it (the context's last for a first token) and the token, (R, P), and
+    whose it is: item index and choice (R, P), -1 for padding."""
+    grid = np.zeros((4, n_rows, length), np.int32)  # tokens, positions, items, branches
+    grid[1:3] = -1
+    predictions = [[] for _ in range(n_rows)]  # (predicting index, token, item, choice)
+    for r, row in enumerate(rows):
+        at = 0
+        for j, i in enumerate(row):
+            e = encoded[i]
+            n = len(e.context)
+            for layer, values in enumerate((e.context, np.arange(n), j, 0)):
+                grid[layer, r, at : at + n] = values
+            last, at = at + n - 1, at + n
+            for k, continuation in enumerate(e.continuations):
+                m = len(continuation)
+                for layer, values in enumerate((continuation, n + np.arange(m), j, k + 1)):
+                    grid[layer, r, at : at + m] = values
+                predicting = [last, *range(at, at + m - 1)]  # each token's predictor
+                predictions[r] += [(p, continuation[q], i, k) for q, p in enumerate(predicting)]
+                at += m
+    targets = np.zeros((4, n_rows, padded(max(map(len, predictions)))), np.int32)
+    targets[2:] = -1  # predicting index, token, item, choice
+    for r, p in enumerate(predictions):
+        if p:
+            targets[:, r, : len(p)] = np.array(p, np.int32).T
+    return (*grid, *targets)
+
+
+@partial(jax.jit, static_argnames="cfg")
+def score_packed_rows(params, tokens, positions, segments, branches, predicting, targets, cfg):
+    """Packed rows (R, L) through the plain forward, each token seeing its own item's context and
+    its own continuation -> each target's log-probability (R, P) and whether it is the likeliest
+    token (R, P), from the hidden states at `predicting` (R, P)."""
+    same_item = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
+    own_branch = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    h = models.hidden_packed(params, tokens, positions, same_item & own_branch, cfg)  # (R, L, D)
+    h = jnp.take_along_axis(h, predicting[..., None], axis=1)  # (R, P, D)
+    return token_logprobs(params, h, targets)
+
+
+def score_packed(
+    params: dict,
+    cfg,
+    encoded: list[Encoded],
+    *,
+    rows: int = 2,
+    progress: Callable | None = None,
+) -> Scores:
+    """Every item's choices scored in packed rows of ROW_TOKENS (longer where an item needs
+    more), `rows` at a time (`pack`, `score_packed_rows`): the FLOPs of every real token once,
+    and only the predicting positions through the head. `progress(n)` is told of every n items
+    done."""
+    length = max(ROW_TOKENS, -(-max(map(item_tokens, encoded)) // 128) * 128)
+    packed = pack(encoded, length)
+    counts = np.cumsum([0] + [len(e.continuations) for e in encoded])  # item i's choices start
+    loglik, greedy = np.zeros(counts[-1], np.float32), np.ones(counts[-1], bool)
+    for first in range(0, len(packed), rows):
+        chunk = packed[first : first + rows]
+        *inputs, items, choices = packed_arrays(encoded, chunk, length, rows)
+        ll, g = (np.asarray(x) for x in score_packed_rows(params, *inputs, cfg))
+        real = items >= 0
+        at = counts[items[real]] + choices[real]
+        np.add.at(loglik, at, ll[real])
+        np.logical_and.at(greedy, at, g[real])
+        if progress is not None:
+            progress(sum(map(len, chunk)))
+    split = lambda a: np.split(a, counts[1:-1])  # noqa: E731
+    return Scores(split(loglik), split(greedy))
 
 
 def accuracy(items: list[Choice], loglik: list[np.ndarray]) -> tuple[float, float]:

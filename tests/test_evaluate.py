@@ -13,7 +13,7 @@ from gptflax import benchmarks, decoding, files, models, sources
 from gptflax import evaluate as ev
 from gptflax.benchmarks import Choice
 from gptflax.cli.eval import eval_main
-from gptflax.config import LLAMA_TINY
+from gptflax.config import LLAMA_TINY, TINY
 from gptflax.decoding import decoding_params
 from gptflax.evaluate import Encoded
 
@@ -27,19 +27,50 @@ RAGGED = [
 ]
 
 
-@pytest.mark.parametrize("layout", ["stacked", "decoding"])
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-def test_the_cached_scores_equal_the_plain_forward_choice_by_choice(name, layout):
-    """Context prefilled once and its cache shared by the choices (Gemma 3: sliding windows of
-    4, so the cache is a ring) gives the plain forward's log-likelihoods, and so its choices;
-    from the model's own params or the decoding layout (`evaluate` scores from that)."""
-    model = sources.load_model(name)
-    params = decoding_params(model.params) if layout == "decoding" else model.params
-    cached = ev.score(params, model.cfg, RAGGED, batch_size=2)  # rows 2 + 1, then 5 x 2
-    plain = ev.score_uncached(model.params, model.cfg, RAGGED)
-    for a, b, ga, gb in zip(cached.loglik, plain.loglik, cached.greedy, plain.greedy, strict=True):
+def assert_same_scores(got: ev.Scores, expected: ev.Scores) -> None:
+    for a, b, ga, gb in zip(got.loglik, expected.loglik, got.greedy, expected.greedy, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
         assert np.argmax(a) == np.argmax(b) and (ga == gb).all()
+
+
+@pytest.mark.parametrize("layout", ["stacked", "decoding"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-gpt"])
+def test_the_cached_and_packed_scores_equal_the_plain_forward_choice_by_choice(name, layout):
+    """Context prefilled once and its cache shared by the choices (Gemma 3: sliding windows of
+    4, so the cache is a ring), or every item packed into one row with its continuations
+    branching from its context (GPT: learned positions, restarting at each item), gives the
+    plain forward's log-likelihoods, and so its choices; from the model's own params or the
+    decoding layout (`evaluate` scores from that)."""
+    model = sources.load_model(name)
+    params = decoding_params(model.params) if layout == "decoding" else model.params
+    plain = ev.score_uncached(model.params, model.cfg, RAGGED)
+    assert_same_scores(ev.score_cached(params, model.cfg, RAGGED, batch_size=2), plain)
+    assert ev.pack(RAGGED, ev.ROW_TOKENS) == [[1, 2, 0]]  # largest first, all in one row
+    assert_same_scores(ev.score_packed(params, model.cfg, RAGGED), plain)
+
+
+def test_packed_rows_hold_items_side_by_side_and_pad_the_rest():
+    """15 items in rows of 64 tokens, 3 rows a call (the last call's rows partly empty): each
+    item's scores as the plain forward's, whatever shares its row."""
+    model = sources.load_model("tiny-llama")
+    items = RAGGED * 5  # 3, 43 and 8 tokens
+    rows = ev.pack(items, 64)
+    assert sorted(i for row in rows for i in row) == list(range(15))
+    assert all(sum(ev.item_tokens(items[i]) for i in row) <= 64 for row in rows)
+    assert len(rows) == 5 and max(map(len, rows)) > 1
+    packed = ev.score_packed(model.params, model.cfg, items, rows=3)
+    assert_same_scores(packed, ev.score_uncached(model.params, model.cfg, items))
+
+
+def test_a_model_whose_attention_takes_no_mask_is_scored_through_the_cache():
+    """MLA's layers take no packed row's mask: `score` goes through the KV cache, and the packed
+    forward refuses such a model in a sentence."""
+    cfg = TINY.replace(latent_dim=16)
+    params = models.init_params(jax.random.key(0), cfg)
+    assert_same_scores(ev.score(params, cfg, RAGGED), ev.score_uncached(params, cfg, RAGGED))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="packed rows need plain softmax attention"):
+        models.hidden_packed(params, tokens, jnp.arange(4)[None], jnp.ones((1, 4, 4), bool), cfg)
 
 
 def repeating_model():
@@ -90,8 +121,10 @@ def test_items_are_encoded_as_the_harness_encodes_them():
 def test_lengths_within_a_bucket_compile_the_scorer_once(compiles):
     cfg, params = repeating_model()
     for context in (list(range(1, 11)), list(range(1, 14)), list(range(1, 17))):  # prefix 9-15
-        ev.score(params, cfg, [Encoded(context, [[2], [3, 4, 5]])], batch_size=1)
+        ev.score_cached(params, cfg, [Encoded(context, [[2], [3, 4, 5]])], batch_size=1)
+        ev.score_packed(params, cfg, [Encoded(context, [[2], [3, 4, 5]])], rows=1)
     assert compiles("prefill_contexts") == compiles("score_choices") == 1
+    assert compiles("score_packed_rows") == 1
 
 
 def test_scoring_a_stacked_model_copies_one_layer_at_a_time_not_the_model():

@@ -17,6 +17,7 @@ from gptflax.models.transformer import (
     head_kernel,
     hidden,
     hidden_cached,
+    hidden_packed,
     init_cache,
     run_blocks,
 )
@@ -34,6 +35,6 @@ def init_params(key, cfg) -> dict:
 
 __all__ = [
     "check_context", "config_from_dict", "config_to_dict", "family", "family_name", "forward",
-    "head", "head_kernel", "hidden", "hidden_cached", "init_cache", "init_params", "register",
-    "run_blocks",
+    "head", "head_kernel", "hidden", "hidden_cached", "hidden_packed", "init_cache", "init_params",
+    "register", "run_blocks",
 ]  # fmt: skip

@@ -72,8 +72,12 @@ def layer_window(cfg: Gemma3Config, layer):
     return jnp.where(cfg.is_global(layer), jnp.iinfo(jnp.int32).max, cfg.sliding_window)
 
 
-def block(params: dict, x: jax.Array, cfg: Gemma3Config, *, layer, positions, cache=None, key=None):
-    """A Gemma 3 block: (B, T, D) -> (B, T, D), and the layer's updated cache."""
+def block(
+    params: dict, x: jax.Array, cfg: Gemma3Config, *, layer, positions, cache=None, key=None,
+    keep=None,
+):  # fmt: skip
+    """A Gemma 3 block: (B, T, D) -> (B, T, D), and the layer's updated cache (`keep`: a packed
+    row's mask, see `llama.attention`)."""
     inv_freq = jnp.where(
         cfg.is_global(layer),
         rope_frequencies(cfg.head_dim, cfg.rope_base),
@@ -84,7 +88,7 @@ def block(params: dict, x: jax.Array, cfg: Gemma3Config, *, layer, positions, ca
             params["att"], rms_norm(params["norm1"], x, cfg.rms_eps), cfg, positions=positions,
             cache=cache, inv_freq=inv_freq, window=layer_window(cfg, layer),
             scale=cfg.query_pre_attn_scalar**-0.5,
-            qk_norm=lambda p, y: rms_norm(p, y, cfg.rms_eps),
+            qk_norm=lambda p, y: rms_norm(p, y, cfg.rms_eps), keep=keep,
         )  # fmt: skip
         x = x + rms_norm(params["post_att_norm"], att, cfg.rms_eps)
     with jax.named_scope("feed_forward"):

@@ -145,12 +145,25 @@ def layer_window(cfg: GPTConfig, layer):
     return cfg.kv_window(layer)
 
 
+def plain_attention(cfg: GPTConfig) -> bool:
+    """Whether every layer is softmax attention over its own keys and values (no DeltaNet, sparse,
+    latent or shared-KV layers): what packed rows (`transformer.hidden_packed`) need."""
+    return not (cfg.gated_deltanet or cfg.dsa_top_k or cfg.latent_dim or cfg.kv_shared_layers)
+
+
 def attention(
-    params: dict, x: jax.Array, cfg: GPTConfig, *, layer, positions, cache=None, key=None
-) -> tuple[jax.Array, object]:
+    params: dict, x: jax.Array, cfg: GPTConfig, *, layer, positions, cache=None, key=None,
+    keep=None,
+) -> tuple[jax.Array, object]:  # fmt: skip
     """The block's attention, as the config chooses: (B, T, D) -> (B, T, D), and the updated
     cache. MLA runs as the book writes it in training, with its up-projections absorbed when it
-    decodes from a cache. A block's params say whether it is a DeltaNet layer."""
+    decodes from a cache. A block's params say whether it is a DeltaNet layer. `keep` (B, T, T)
+    limits what each token sees (packed rows), in softmax attention only."""
+    if keep is not None and not plain_attention(cfg):
+        raise ValueError(
+            "packed rows need plain softmax attention in every layer; this model has DeltaNet, "
+            "sparse, latent or shared-KV layers: score it through the KV cache instead"
+        )
     if "A_log" in params:
         return deltanet.gated_deltanet(params, x, cfg, positions=positions, cache=cache)
     if "indexer" in params:
@@ -168,7 +181,7 @@ def attention(
         return mla.absorbed(params, x, cfg, positions=positions, cache=cache, window=window)
     return self_attention(
         params, x, cfg.n_heads, positions=positions, cache=cache, drop_rate=cfg.drop_rate,
-        key=key, fused=cfg.fused_attention, n_kv_heads=cfg.n_kv_heads, window=window,
+        key=key, fused=cfg.fused_attention, n_kv_heads=cfg.n_kv_heads, window=window, keep=keep,
     )  # fmt: skip
 
 
@@ -197,16 +210,19 @@ def block(
     positions: jax.Array,
     cache=None,
     key: jax.Array | None = None,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, object]:
     """Pre-norm transformer block with shortcut connections: (B, T, D) -> (B, T, D) (Book §4.5);
-    with a layer cache, the attention reads earlier positions from it (returned updated)."""
+    with a layer cache, the attention reads earlier positions from it (returned updated). `keep`
+    (B, T, T): which earlier tokens each token may see (packed rows; `attention`)."""
     k_att, k_drop1, k_drop2 = nn.split_key(key, 3)
     with jax.named_scope("attention"):
         shortcut = x
         x = nn.layer_norm(params["norm1"], x)
         x, cache = attention(
-            params["att"], x, cfg, layer=layer, positions=positions, cache=cache, key=k_att
-        )
+            params["att"], x, cfg, layer=layer, positions=positions, cache=cache, key=k_att,
+            keep=keep,
+        )  # fmt: skip
         x = nn.dropout(x, cfg.drop_rate, k_drop1) + shortcut
     with jax.named_scope("feed_forward"):
         shortcut = x

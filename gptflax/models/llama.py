@@ -102,6 +102,7 @@ def attention(
     window=None,
     scale: float | None = None,
     qk_norm=None,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, object]:
     """Grouped-query attention of x (B, T, D) at `positions` (B or 1, T): queries (B, H, T, Dh),
     keys and values (B, G, T, Dh), queries and keys rotated by their positions (rotary speeds
@@ -109,7 +110,8 @@ def attention(
 
     The later families' changes are options: `qk_norm(params, q_or_k)` normalises each head's
     queries and keys before the rotation, `window` limits how far back a query sees, `scale`
-    replaces 1/sqrt(Dh); biases are used when the params have them."""
+    replaces 1/sqrt(Dh); biases are used when the params have them; `keep` (B, T, T) limits what
+    each token sees further (packed rows)."""
     q, k, v = qkv(params, x)
     q = split_heads(q, cfg.n_heads)  # (B, H, T, Dh)
     k, v = (split_heads(y, cfg.n_kv_heads) for y in (k, v))  # (B, G, T, Dh)
@@ -122,7 +124,7 @@ def attention(
     k, v, k_pos, cache = with_cache(cache, k, v, positions, window)
     context = attend(
         q, k, v, positions, k_pos, window=window, scale=scale,
-        causal=cache is None, fused=cfg.fused_attention,
+        causal=cache is None, fused=cfg.fused_attention, keep=keep,
     )  # (B, T, H * Dh)  # fmt: skip
     return nn.linear(params["out_proj"], context), cache
 
@@ -164,15 +166,16 @@ def embed(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, positions, key=N
 
 def block(
     params: dict, x: jax.Array, cfg: LlamaConfig, *, layer, positions, cache=None, key=None,
-    qk_norm=None,
+    qk_norm=None, keep=None,
 ):  # fmt: skip
     """A pre-norm Llama block: (B, T, D) -> (B, T, D), and the layer's updated cache. (`qk_norm`
-    is Qwen3's, see `attention`.)"""
+    is Qwen3's, `keep` a packed row's mask, see `attention`.)"""
     with jax.named_scope("attention"):
         normed = rms_norm(params["norm1"], x, cfg.rms_eps)
         att, cache = attention(
-            params["att"], normed, cfg, positions=positions, cache=cache, qk_norm=qk_norm
-        )
+            params["att"], normed, cfg, positions=positions, cache=cache, qk_norm=qk_norm,
+            keep=keep,
+        )  # fmt: skip
         x = x + att
     with jax.named_scope("feed_forward"):
         return x + feed_forward(params["ff"], rms_norm(params["norm2"], x, cfg.rms_eps)), cache

@@ -40,8 +40,11 @@ embed = llama.embed
 final_norm = llama.final_norm
 
 
-def block(params: dict, x: jax.Array, cfg: QwenConfig, *, layer, positions, cache=None, key=None):
+def block(
+    params: dict, x: jax.Array, cfg: QwenConfig, *, layer, positions, cache=None, key=None,
+    keep=None,
+):  # fmt: skip
     """Llama's block, its attention with QK-norm when the config asks for it (Qwen3)."""
     qk_norm = (lambda p, y: llama.rms_norm(p, y, cfg.rms_eps)) if cfg.qk_norm else None
     return llama.block(params, x, cfg, layer=layer, positions=positions, cache=cache,
-                       qk_norm=qk_norm)  # fmt: skip
+                       qk_norm=qk_norm, keep=keep)  # fmt: skip

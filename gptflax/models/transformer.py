@@ -186,6 +186,23 @@ def hidden_cached(
     return fam.final_norm(params, x, cfg), tuple(new_cache)
 
 
+def hidden_packed(
+    params: dict | DecodingParams, tokens: jax.Array, positions: jax.Array, keep: jax.Array, cfg
+) -> jax.Array:
+    """Eval-mode `hidden` of packed rows: tokens (B, T) at `positions` (B, T), -1 for padding,
+    each seeing the earlier tokens that `keep` (B, T, T) allows at positions not after its own.
+    Several sequences share a row, or a tree of them: a context and the continuations that
+    branch from it (`gptflax.evaluate`). -> (B, T, D) final hidden states. The families' plain
+    softmax attention only (`gpt.plain_attention`)."""
+    fam = family(cfg)
+    params = params_dict(params)
+    x = fam.embed(params, tokens, cfg, positions=positions)  # (B, T, D)
+    for i in range(cfg.n_layers):
+        layer_params = _layer(params["trf_blocks"], i, x)
+        x, _ = fam.block(layer_params, x, cfg, layer=i, positions=positions, keep=keep)
+    return fam.final_norm(params, x, cfg)
+
+
 def _layer(blocks, i: int, x: jax.Array) -> dict:
     """Layer i's params from listed or stacked blocks, for input x. A stacked layer is sliced at an
     index that reads x (always i: min(i, i + isnan(x[0]))), so the slice cannot be taken before
