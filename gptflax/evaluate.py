@@ -204,11 +204,14 @@ def score(
     batch_size: int = 8,
     progress: Callable | None = None,
 ) -> Scores:
-    """Every item's choices scored: in packed rows (`score_packed`, batch_size // 4 rows of
+    """Every item's choices scored: in packed rows (`score_packed`, batch_size // 8 rows of
     ROW_TOKENS at a time) where the model's attention takes a mask, else through the KV cache
-    (`score_cached`, batch_size rows at a time). `progress(n)` is told of every n items done."""
+    (`score_cached`, batch_size rows at a time). `progress(n)` is told of every n items done.
+
+    HellaSwag, SmolLM2, 120 items in turn in one process: packed 35.2-36.2 s (one row of 512 a
+    call; two 35.7-38.2, four 40.6), through the cache 42.2-44.2 s."""
     if getattr(models.family(cfg), "plain_attention", lambda cfg: True)(cfg):
-        return score_packed(params, cfg, encoded, rows=max(1, batch_size // 4), progress=progress)
+        return score_packed(params, cfg, encoded, rows=max(1, batch_size // 8), progress=progress)
     return score_cached(params, cfg, encoded, batch_size=batch_size, progress=progress)
 
 
@@ -334,7 +337,7 @@ def score_packed(
     cfg,
     encoded: list[Encoded],
     *,
-    rows: int = 2,
+    rows: int = 1,
     progress: Callable | None = None,
 ) -> Scores:
     """Every item's choices scored in packed rows of ROW_TOKENS (longer where an item needs

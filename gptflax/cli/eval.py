@@ -41,8 +41,9 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="comma-separated task names, e.g. hellaswag,arc_easy")  # fmt: skip
     p.add_argument("--limit", type=POSITIVE, help="score N of each task's items, spread evenly "
                    "over it (every MMLU subject, both of HellaSwag's sources)")  # fmt: skip
-    p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows run together: "
-                   "contexts or choices, or answers decoded (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows run together: answers "
+                   "decoded, or choices through the KV cache; packed rows of 512 tokens go "
+                   "batch-size / 8 at a time (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=POSITIVE, help="generative tasks: tokens an answer "
                    "may have (default: gsm8k 256, math500 512)")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
