@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import matmul_gflops  # noqa: E402
@@ -26,21 +28,6 @@ from gptflax.decoding import decoding_params  # noqa: E402
 
 FULL = 10_042  # HellaSwag validation items
 WARMUP = 16  # items scored first, to compile
-
-
-class Progress:
-    """Prints items done and items/s about every 30 s."""
-
-    def __init__(self, total: int, t0: float):
-        self.total, self.t0, self.done, self.shown = total, t0, 0, t0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.shown >= 30 or self.done == self.total:
-            self.shown = now
-            rate = self.done / (now - self.t0)
-            print(f"  {self.done:,}/{self.total:,} items, {rate:.2f} items/s", flush=True)
 
 
 def item_flops(cfg, e: ev.Encoded) -> float:
@@ -69,8 +56,9 @@ def main() -> None:
     ev.score(params, model.cfg, encoded[:WARMUP], batch_size=args.batch_size)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = ev.score(params, model.cfg, encoded, batch_size=args.batch_size,
-                      progress=Progress(len(encoded), t0))  # fmt: skip
+    with tqdm(total=len(encoded), unit="item", mininterval=30) as bar:  # items/s, every 30 s
+        scores = ev.score(params, model.cfg, encoded, batch_size=args.batch_size,
+                          progress=bar.update)  # fmt: skip
     steady = time.perf_counter() - t0
     after = matmul_gflops(2048)["jax"]
     acc, acc_norm = ev.accuracy(items, scores.loglik)
