@@ -28,7 +28,7 @@ decoder (`generate.generate_cached`), and the answer cut at the task's stop text
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -196,6 +196,11 @@ def score_uncached(params: dict, cfg, encoded: list[Encoded]) -> Scores:
     return Scores(loglik, greedy)
 
 
+def packs(cfg) -> bool:
+    """Whether `score` packs items into rows: where the model's attention takes a mask."""
+    return getattr(models.family(cfg), "plain_attention", lambda cfg: True)(cfg)
+
+
 def score(
     params: dict,
     cfg,
@@ -210,7 +215,7 @@ def score(
 
     HellaSwag, SmolLM2, 120 items in turn in one process: packed 35.2-36.2 s (one row of 512 a
     call; two 35.7-38.2, four 40.6), through the cache 42.2-44.2 s."""
-    if getattr(models.family(cfg), "plain_attention", lambda cfg: True)(cfg):
+    if packs(cfg):
         return score_packed(params, cfg, encoded, rows=max(1, batch_size // 8), progress=progress)
     return score_cached(params, cfg, encoded, batch_size=batch_size, progress=progress)
 
@@ -332,6 +337,16 @@ def score_packed_rows(params, tokens, positions, segments, branches, predicting,
     return token_logprobs(params, h, targets)
 
 
+def packed_batches(encoded: list[Encoded], rows: int = 1) -> Iterator[tuple[list, tuple]]:
+    """The items packed (`pack`) in rows of ROW_TOKENS (longer where an item needs more), `rows`
+    at a time: each time the items' indices per row and their `packed_arrays`."""
+    length = max(ROW_TOKENS, -(-max(map(item_tokens, encoded)) // 128) * 128)
+    packed = pack(encoded, length)
+    for first in range(0, len(packed), rows):
+        chunk = packed[first : first + rows]
+        yield chunk, packed_arrays(encoded, chunk, length, rows)
+
+
 def score_packed(
     params: dict,
     cfg,
@@ -340,17 +355,13 @@ def score_packed(
     rows: int = 1,
     progress: Callable | None = None,
 ) -> Scores:
-    """Every item's choices scored in packed rows of ROW_TOKENS (longer where an item needs
-    more), `rows` at a time (`pack`, `score_packed_rows`): the FLOPs of every real token once,
+    """Every item's choices scored in packed rows, `rows` at a time (`packed_batches`,
+    `score_packed_rows`): the FLOPs of every real token once,
     and only the predicting positions through the head. `progress(n)` is told of every n items
     done."""
-    length = max(ROW_TOKENS, -(-max(map(item_tokens, encoded)) // 128) * 128)
-    packed = pack(encoded, length)
     counts = np.cumsum([0] + [len(e.continuations) for e in encoded])  # item i's choices start
     loglik, greedy = np.zeros(counts[-1], np.float32), np.ones(counts[-1], bool)
-    for first in range(0, len(packed), rows):
-        chunk = packed[first : first + rows]
-        *inputs, items, choices = packed_arrays(encoded, chunk, length, rows)
+    for chunk, (*inputs, items, choices) in packed_batches(encoded, rows):
         ll, g = (np.asarray(x) for x in score_packed_rows(params, *inputs, cfg))
         real = items >= 0
         at = counts[items[real]] + choices[real]
