@@ -67,7 +67,7 @@ def main() -> None:
     params = decoding_params(model.params)  # as `evaluate` lays it out
     t0 = time.perf_counter()
     if ev.packs(model.cfg):
-        shapes = compile_shapes(params, model.cfg, encoded, rows=max(1, args.batch_size // 8))
+        shapes = compile_shapes(params, model.cfg, encoded, ev.packed_rows(args.batch_size))
         warmup = f"compiling {shapes} packed row shapes"
     else:
         ev.score(params, model.cfg, encoded[:WARMUP], batch_size=args.batch_size)

@@ -201,6 +201,11 @@ def packs(cfg) -> bool:
     return getattr(models.family(cfg), "plain_attention", lambda cfg: True)(cfg)
 
 
+def packed_rows(batch_size: int) -> int:
+    """How many packed rows `score` puts in one call for a batch size (a row holds several)."""
+    return max(1, batch_size // 8)
+
+
 def score(
     params: dict,
     cfg,
@@ -209,14 +214,14 @@ def score(
     batch_size: int = 8,
     progress: Callable | None = None,
 ) -> Scores:
-    """Every item's choices scored: in packed rows (`score_packed`, batch_size // 8 rows of
+    """Every item's choices scored: in packed rows (`score_packed`, `packed_rows` rows of
     ROW_TOKENS at a time) where the model's attention takes a mask, else through the KV cache
     (`score_cached`, batch_size rows at a time). `progress(n)` is told of every n items done.
 
     HellaSwag, SmolLM2, 120 items in turn in one process: packed 35.2-36.2 s (one row of 512 a
     call; two 35.7-38.2, four 40.6), through the cache 42.2-44.2 s."""
     if packs(cfg):
-        return score_packed(params, cfg, encoded, rows=max(1, batch_size // 8), progress=progress)
+        return score_packed(params, cfg, encoded, rows=packed_rows(batch_size), progress=progress)
     return score_cached(params, cfg, encoded, batch_size=batch_size, progress=progress)
 
 
@@ -356,9 +361,8 @@ def score_packed(
     progress: Callable | None = None,
 ) -> Scores:
     """Every item's choices scored in packed rows, `rows` at a time (`packed_batches`,
-    `score_packed_rows`): the FLOPs of every real token once,
-    and only the predicting positions through the head. `progress(n)` is told of every n items
-    done."""
+    `score_packed_rows`): the FLOPs of every real token once, and only the predicting positions
+    through the head. `progress(n)` is told of every n items done."""
     counts = np.cumsum([0] + [len(e.continuations) for e in encoded])  # item i's choices start
     loglik, greedy = np.zeros(counts[-1], np.float32), np.ones(counts[-1], bool)
     for chunk, (*inputs, items, choices) in packed_batches(encoded, rows):
