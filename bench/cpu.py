@@ -40,7 +40,7 @@ from gptflax.training import init_train_state, make_optimizer, train_step
 
 # glibc settings the Makefile exports (see there): without them every XLA step page-faults its
 # scratch memory in again, and JAX's times here come out 15-35% slower; without huge pages
-# (GLIBC_TUNABLES) batch-1 decoding runs about 10% slower.
+# (GLIBC_TUNABLES) batch-1 decoding runs about 6% slower.
 MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
