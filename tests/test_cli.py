@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -285,6 +286,16 @@ def test_python_m_gptflax_runs_the_commands(run_dir):
     listing = gptflax("--help")
     out = listing.stdout.read()
     assert listing.wait() == 0 and "commands:" in out and "  train " in out and "  generate " in out
+
+
+@pytest.mark.parametrize("script, command", [("gptflax-generate", "generate"), ("gptflax", None)])
+def test_installed_scripts_run_their_command(script, command):
+    path = Path(sys.executable).parent / script
+    if not path.exists():
+        pytest.skip(f"{script} is not installed beside this Python")
+    out = subprocess.run([path, "--help"], capture_output=True, text=True, check=True).stdout
+    usage = out.splitlines()[0]
+    assert usage.startswith(f"usage: python -m gptflax {command or 'COMMAND'}"), usage
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
